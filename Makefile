@@ -1,0 +1,31 @@
+# Two commands: `make run` (the main job) and `make test`. Each sets up .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test assets lint clean-flwr
+
+# torch first, pinned: anything that pulls an unpinned torch first gets GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The embedded default federation (RCSR, 10 clients) as a Flower simulation;
+# exits non-zero when the run failed. Extra overrides: make run ARGS='-c "num-server-rounds=2"'
+run: $(STAMP)
+	$(PY) -m rcsr_flower.launch --app-dir . --flwr-home .flwr --num-supernodes 10 $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+assets: $(STAMP)
+	$(PY) -m rcsr_flower.assets build
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,175 @@
+"""The one model loader: a frozen Hugging Face ``CLIPModel`` + its tokenizer and processor.
+
+Every backbone — ``openai/clip-vit-base-patch32``, a local directory, or the project's
+embedded tiny CLIP — goes through ``CLIPModel.from_pretrained(name_or_path)`` and
+``AutoTokenizer``/``CLIPImageProcessor``. The loaded backbone is cached per process
+(Ray reuses actors across rounds in simulation), and everything here is frozen:
+trainable state lives in :class:`~rcsr_flower.backbones.adapters.AdapterSet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from rcsr_flower.backbones.adapters import AdapterSet, adapted
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+
+
+class BackboneNotFoundError(RuntimeError):
+    """The checkpoint is neither a local directory nor in the local Hugging Face cache."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP with the helpers every stage needs (tokenise, preprocess, embed)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    name: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def max_text_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def new_adapters(self, adapter_layers: str = "all", bottleneck: int = 64,
+                     init_std: float = 0.02) -> AdapterSet:
+        return AdapterSet.for_model(self.model, adapter_layers, bottleneck, init_std).to(
+            self.device
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pad to the batch's longest caption, not to 77: short captions cost less."""
+        tokens = self.tokenizer(
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The checkpoint's own image preprocessing (resize, crop, normalise)."""
+        out = self.image_processor(images=[im.convert("RGB") for im in images],
+                                   return_tensors="pt")
+        return out["pixel_values"]
+
+    # ------------------------------------------------------------------ towers
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       *adapters: AdapterSet | None) -> torch.Tensor:
+        """L2-normalised ``z_I`` with the given adapter sets applied (summed)."""
+        model = self.model
+        with adapted(model, *adapters), self._autocast():
+            pooled = model.vision_model(pixel_values=pixel_values.to(self.device)).pooler_output
+            z = model.visual_projection(pooled)
+        return torch.nn.functional.normalize(z.float(), dim=-1)
+
+    def text_features(self, tokens: dict[str, torch.Tensor],
+                      *adapters: AdapterSet | None) -> torch.Tensor:
+        """L2-normalised ``z_T`` with the given adapter sets applied (summed)."""
+        model = self.model
+        with adapted(model, *adapters), self._autocast():
+            out = model.text_model(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+            z = model.text_projection(out.pooler_output)
+        return torch.nn.functional.normalize(z.float(), dim=-1)
+
+
+_CACHE: dict[tuple[str, str], Backbone] = {}
+_LOCK = threading.Lock()
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """``"embedded"`` -> the project's built tiny CLIP; anything else passes through."""
+    if name_or_path == EMBEDDED:
+        from rcsr_flower.assets import ensure_assets
+
+        return str(ensure_assets(cache_dir).backbone_dir)
+    return name_or_path
+
+
+def load_backbone(
+    name_or_path: str = EMBEDDED,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Load (once per process) a frozen CLIP checkpoint by hub id or local directory."""
+    dev = torch.device(device) if device is not None else default_device()
+    path = resolve_model_path(name_or_path, cache_dir)
+    key = (str(Path(path).resolve()) if os.path.isdir(path) else path, str(dev))
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(path, dev, name_or_path)
+        return _CACHE[key]
+
+
+def _load(path: str, device: torch.device, name: str) -> Backbone:
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = _load_image_processor(path)
+    except OSError as exc:
+        if os.path.isdir(path):
+            raise BackboneNotFoundError(
+                f"'{path}' is a directory but not a complete CLIP checkpoint ({exc}); it needs "
+                "config.json, model.safetensors, tokenizer and preprocessor_config.json "
+                "(save_pretrained writes them)"
+            ) from None
+        raise BackboneNotFoundError(
+            f"could not fetch CLIP checkpoint '{path}': it is not a local directory and not in "
+            "the local Hugging Face cache (offline?). Download it on a machine with access "
+            "(`huggingface-cli download {path} --local-dir DIR`) and set "
+            "model-name to that DIR"
+        ) from None
+    model.requires_grad_(False).eval().to(device)
+    log.info("loaded backbone %s on %s", name, device)
+    return Backbone(model, tokenizer, processor, device, name)
+
+
+def _load_image_processor(path: str):
+    """The PIL/numpy CLIP processor: same numbers as the torchvision one, no torchvision."""
+    from transformers import CLIPImageProcessor
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
+        return CLIPImageProcessor.from_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CLIPImageProcessorPil.from_pretrained(path)
+
+
+def clear_cache() -> None:
+    """Forget cached backbones (tests)."""
+    with _LOCK:
+        _CACHE.clear()

@@ -1,0 +1,215 @@
+"""Pretrain the embedded tiny CLIP, a real Hugging Face CLIP checkpoint built here.
+
+No CLIP weights can be downloaded here, so the project pretrains its own small CLIP on a
+*pretrain* corpus whose attributes and phrasing are shifted from the *target* corpus the
+federation uses (see ``rcsr_flower.data.corpus``). The federation is then a real domain
+adaptation of a frozen pretrained backbone, as in the paper. The result is a standard
+model directory (``config.json``, ``model.safetensors``, tokenizer, preprocessor config)
+that loads through ``CLIPModel.from_pretrained`` exactly like ``openai/clip-vit-base-patch32``.
+
+Reproduce with ``python -m rcsr_flower.assets build`` (seeded; bit-identical on the same
+machine and thread count — float reductions differ across thread counts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcsr_flower.data.corpus import CorpusSpec
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|unk|>")
+
+
+@dataclass(frozen=True)
+class TinyClipRecipe:
+    """Architecture and pretraining schedule of the embedded backbone."""
+
+    seed: int = 0
+    corpus: CorpusSpec = field(
+        default_factory=lambda: CorpusSpec(domain="pretrain", n_train=20000, n_val=0,
+                                           n_test=1000, seed=1)
+    )
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    projection_dim: int = 128
+    vocab_size: int = 400
+    max_text_length: int = 32
+    steps: int = 700
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    threads: int = 2
+
+
+def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
+    """A CLIP-style lower-cased BPE (``</w>`` word ends) trained on the pretrain captions.
+
+    Words that occur only in the target corpus split into known sub-words, as unseen words
+    do with the real CLIP tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()")
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(captions, trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
+    )
+    return CLIPTokenizer(
+        tokenizer_object=bpe,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        model_max_length=recipe.max_text_length,
+    )
+
+
+def build_config(recipe: TinyClipRecipe, vocab_size: int):
+    from transformers import CLIPConfig
+
+    common = dict(hidden_size=recipe.width, intermediate_size=4 * recipe.width,
+                  num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads)
+    return CLIPConfig(
+        text_config=dict(
+            **common,
+            vocab_size=vocab_size,
+            max_position_embeddings=recipe.max_text_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(**common, image_size=recipe.image_size, patch_size=recipe.patch_size),
+        projection_dim=recipe.projection_dim,
+    )
+
+
+def build_image_processor(recipe: TinyClipRecipe):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": recipe.image_size},
+        crop_size={"height": recipe.image_size, "width": recipe.image_size},
+    )
+
+
+def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe) -> dict:
+    """Pretrain on the corpus at ``corpus_json`` and save a HF model directory to ``out_dir``."""
+    from transformers import CLIPModel
+
+    from rcsr_flower.backbones.clip import Backbone
+    from rcsr_flower.data.datasets import open_dataset
+    from rcsr_flower.metrics import retrieval_recall
+
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    try:
+        train = open_dataset(corpus_json, split="train")
+        test = open_dataset(corpus_json, split="test")
+        captions = [train.captions(i) for i in range(len(train))]
+        tokenizer = train_tokenizer([c for caps in captions for c in caps], recipe)
+        model = CLIPModel(build_config(recipe, len(tokenizer)))
+        processor = build_image_processor(recipe)
+        backbone = Backbone(model, tokenizer, processor, torch.device("cpu"), "tiny-clip")
+
+        pixels = _preprocess_all(backbone, train)
+        report = _train(backbone, pixels, captions, recipe)
+        model.eval()
+        with torch.no_grad():
+            test_pixels = _preprocess_all(backbone, test)
+            test_caps = [test.captions(i) for i in range(len(test))]
+            flat = [c for caps in test_caps for c in caps]
+            owner = torch.tensor([i for i, caps in enumerate(test_caps) for _ in caps])
+            z_i = torch.cat([backbone.image_features(b) for b in test_pixels.split(512)])
+            z_t = torch.cat([backbone.text_features(backbone.tokenize(flat[s:s + 512]))
+                             for s in range(0, len(flat), 512)])
+            report["pretrain_test"] = retrieval_recall(z_i, z_t, owner)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["recipe"] = asdict(recipe)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        (out_dir / "rcsr_pretrain.json").write_text(json.dumps(report, indent=2))
+        return report
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _preprocess_all(backbone, dataset, chunk: int = 512) -> torch.Tensor:
+    parts = []
+    for s in range(0, len(dataset), chunk):
+        images = [dataset.image(i) for i in range(s, min(s + chunk, len(dataset)))]
+        parts.append(backbone.preprocess(images))
+    return torch.cat(parts)
+
+
+def _train(backbone, pixels: torch.Tensor, captions: list[list[str]],
+           recipe: TinyClipRecipe) -> dict:
+    model = backbone.model
+    model.train()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+    )
+
+    def lr_lambda(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        progress = (step - recipe.warmup_steps) / max(recipe.steps - recipe.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    n = pixels.shape[0]
+    losses = []
+    for step in range(recipe.steps):
+        idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
+        pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen)
+        texts = [captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick)]
+        z_i = backbone.image_features(pixels[idx])
+        z_t = backbone.text_features(backbone.tokenize(texts))
+        logits = model.logit_scale.exp().clamp(max=100) * z_i @ z_t.T
+        target = torch.arange(len(idx))
+        loss = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                      + torch.nn.functional.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log.info("tiny-clip pretrain step %d/%d loss %.3f", step, recipe.steps, loss)
+    return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "steps": recipe.steps}

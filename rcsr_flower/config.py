@@ -1,0 +1,199 @@
+"""The one run-config schema: every hyperparameter of SPEC.md, typed and validated.
+
+Flower hands the app a flat ``run_config`` with kebab-case keys (``[tool.flwr.app.config]``
+in pyproject.toml, overridden with ``flwr run . -c "key=value"``). ``RunConfig.from_flower``
+turns it into a frozen dataclass and rejects bad input *before* any training, with one line
+that names the key and the allowed values. The dataclass defaults equal the pyproject table
+(a test keeps them in sync), so library users and the Flower app see the same defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, of the wrong type, or out of range."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    # data and backbone (SPEC §1, §2)
+    model_name: str = "embedded"
+    dataset: str = "embedded"
+    data_dir: str = ""
+    dataset_format: str = field(default="auto", metadata=_choice("auto", "karpathy", "hf"))
+    cache_dir: str = ""
+    eval_max_images: int = field(default=1000, metadata=_range(0))
+    # partition (SPEC §1)
+    partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
+    partition_clusters: int = field(default=50, metadata=_range(1))
+    alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    missing_rate: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    local_test_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    # federation (SPEC §1)
+    num_server_rounds: int = field(default=8, metadata=_range(1))
+    fraction_train: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    min_train_nodes: int = field(default=2, metadata=_range(1))
+    min_evaluate_nodes: int = field(default=2, metadata=_range(0))
+    min_available_nodes: int = field(default=2, metadata=_range(1))
+    round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    local_epochs: int = field(default=1, metadata=_range(1))
+    batch_size: int = field(default=64, metadata=_range(2))
+    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))
+    warmup_rounds: int = field(default=10, metadata=_range(0))
+    min_lr_ratio: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    # model (SPEC §2)
+    adapter_layers: str = "all"
+    adapter_bottleneck: int = field(default=64, metadata=_range(1))
+    adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
+    # prototypes (SPEC §3)
+    prototype_slots: int = field(default=32, metadata=_range(1))
+    prototype_momentum: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    prototype_samples: int = field(default=512, metadata=_range(1))
+    # client loss (SPEC §4)
+    temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
+    proto_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
+    lambda_anchor: float = field(default=1.0, metadata=_range(0.0))
+    lambda_align: float = field(default=0.1, metadata=_range(0.0))
+    lambda_stab: float = field(default=0.01, metadata=_range(0.0))
+    # server (SPEC §5)
+    strategy: str = field(default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper"))
+    router: bool = True
+    minimax: bool = True
+    anchoring: bool = True
+    personal_adapters: bool = False
+    prox: bool = True
+    proximal_mu: float = field(default=0.01, metadata=_range(0.0))
+    router_hidden: int = field(default=128, metadata=_range(1))
+    router_heads: int = field(default=4, metadata=_range(1))
+    router_blocks: int = field(default=2, metadata=_range(0))
+    router_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    router_lr: float = field(default=1e-3, metadata=_range(0.0))
+    beta_image: float = 1.0
+    beta_text: float = 1.0
+    beta_entropy: float = 0.1
+    beta_axis: float = 0.3
+    minimax_eta: float = field(default=0.1, metadata=_range(0.0))
+    minimax_tau: float = field(default=0.1, metadata=_range(0.0))
+    # evaluation and outputs (SPEC §6)
+    eval_every: int = field(default=1, metadata=_range(0))
+    eval_protocol: str = field(default="standard", metadata=_choice("standard", "paired"))
+    eval_batch_size: int = field(default=256, metadata=_range(1))
+    seed: int = 0
+    run_name: str = ""
+    output_dir: str = "outputs"
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's kebab-case ``run_config``; unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                close = [k.replace("_", "-") for k in fields if k.split("_")[0] == name.split("_")[0]]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown run-config key '{key}'{hint}; see docs/configuration.md")
+            values[name] = _coerce(key, value, fields[name])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case mapping, e.g. for ``resolved_config.json``."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check every choice and range; raise ``ConfigError`` naming the key."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                allowed = ", ".join(repr(c) for c in f.metadata["choices"])
+                raise ConfigError(f"run-config '{key}' = {value!r}: allowed values are {allowed}")
+            if "range" in f.metadata:
+                lo, hi, lo_open = f.metadata["range"]
+                bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+                bad_hi = hi is not None and value > hi
+                if bad_lo or bad_hi:
+                    left = "(" if lo_open else "["
+                    lo_s = "-inf" if lo is None else f"{lo:g}"
+                    hi_s = "inf)" if hi is None else f"{hi:g}]"
+                    raise ConfigError(
+                        f"run-config '{key}' = {value!r} is out of range: allowed {left}{lo_s}, {hi_s}"
+                    )
+        if self.adapter_layers != "all" and not (
+            self.adapter_layers.isdigit() and int(self.adapter_layers) > 0
+        ):
+            raise ConfigError(
+                f"run-config 'adapter-layers' = {self.adapter_layers!r}: "
+                "allowed values are 'all' or a positive number of last blocks, e.g. '4'"
+            )
+
+    # ------------------------------------------------------------- derived
+    @property
+    def embedded(self) -> bool:
+        """Whether the run uses the project's embedded offline benchmark."""
+        return self.dataset == "embedded"
+
+    def lr_at(self, server_round: int) -> float:
+        """SPEC §1 schedule: linear warm-up, then cosine to ``min_lr_ratio`` of the base lr.
+
+        Warm-up lasts ``warmup_rounds`` capped at a tenth of the rounds.
+        """
+        import math
+
+        total = self.num_server_rounds
+        warmup = min(self.warmup_rounds, total // 10)
+        if warmup > 0 and server_round <= warmup:
+            return self.lr * server_round / warmup
+        span = max(total - warmup, 1)
+        progress = min(max(server_round - warmup - 1, 0) / max(span - 1, 1), 1.0)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Accept TOML's types; ints for floats; reject anything else with a clear message."""
+    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
+                                                      "bool": bool}[f.type]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and f.name == "adapter_layers":
+            return str(value)
+    raise ConfigError(
+        f"run-config '{key}' = {value!r} has type {type(value).__name__}; "
+        f"expected {kind.__name__}"
+    )
