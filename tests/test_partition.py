@@ -1,0 +1,264 @@
+"""Semantic non-IID partition: k-means pseudo-labels, Dirichlet skew via Flower Datasets,
+missing-modality assignment, local test splits, determinism, JSON and problem reports."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from rcsr_flower.data.partition import (
+    ClientPartition,
+    Partition,
+    assign_modalities,
+    make_partition,
+    semantic_clusters,
+    split_by_label,
+    split_iid,
+)
+
+NUM_CLUSTERS = 20
+NUM_ITEMS = 2000
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    """20 well-separated Gaussian clusters in 32-D (a stand-in for caption embeddings)."""
+    rng = np.random.default_rng(123)
+    centers = rng.normal(size=(NUM_CLUSTERS, 32)) * 10
+    labels = rng.integers(0, NUM_CLUSTERS, NUM_ITEMS)
+    return (centers[labels] + rng.normal(size=(NUM_ITEMS, 32))).astype(np.float32), labels
+
+
+def _mean_top_share(splits: list[list[int]], labels: np.ndarray) -> float:
+    shares = [np.bincount(labels[s]).max() / len(s) for s in splits if len(s)]
+    return float(np.mean(shares))
+
+
+def _all_items(p: Partition) -> list[int]:
+    return sorted(i for c in p.clients for i in (*c.train, *c.test))
+
+
+# ---- clustering and skew ----------------------------------------------------------------------
+
+
+def test_semantic_clusters_recovers_separated_clusters(blobs):
+    emb, truth = blobs
+    labels = semantic_clusters(emb, NUM_CLUSTERS, seed=0)
+    assert labels.shape == (NUM_ITEMS,) and labels.dtype == np.int64
+    assert adjusted_rand_score(truth, labels) > 0.99
+    assert np.array_equal(labels, semantic_clusters(emb, NUM_CLUSTERS, seed=0))
+
+
+def test_semantic_clusters_clamps_without_warnings():
+    rng = np.random.default_rng(0)
+    few = rng.normal(size=(5, 8))
+    dup = np.repeat(rng.normal(size=(3, 8)), 4, axis=0)  # 12 rows, 3 distinct
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(np.unique(semantic_clusters(few, 50, seed=0))) <= 5
+        assert len(np.unique(semantic_clusters(dup, 50, seed=0))) == 3
+        assert semantic_clusters(np.ones((4, 3)), 50, seed=0).tolist() == [0, 0, 0, 0]
+
+
+def test_dirichlet_skew_visible_and_large_alpha_close_to_iid(blobs):
+    _, truth = blobs
+    iid = _mean_top_share(split_iid(NUM_ITEMS, 10, seed=0), truth)
+    skewed = _mean_top_share(split_by_label(truth, 10, alpha=0.1, seed=0), truth)
+    flat = _mean_top_share(split_by_label(truth, 10, alpha=100.0, seed=0), truth)
+    assert iid < 0.12  # ~1/20 plus sampling noise
+    assert skewed > 0.25 and skewed > 3 * iid  # ~0.34-0.45 over seeds 0-4
+    assert abs(flat - iid) < 0.04
+    for split in (split_by_label(truth, 10, 0.1, 0), split_iid(NUM_ITEMS, 10, 0)):
+        assert sorted(i for s in split for i in s) == list(range(NUM_ITEMS))
+
+
+def test_make_partition_dirichlet_end_to_end(blobs):
+    emb, truth = blobs
+    p = make_partition(emb, NUM_ITEMS, 10, num_clusters=NUM_CLUSTERS, alpha=0.1, seed=0)
+    q = make_partition(emb, NUM_ITEMS, 10, partitioning="iid", seed=0)
+    assert p.cluster_labels is not None and len(p.cluster_labels) == NUM_ITEMS
+    assert adjusted_rand_score(truth, p.cluster_labels) > 0.99
+    assert q.cluster_labels is None
+    labels = np.asarray(p.cluster_labels)
+    groups = lambda part: [[*c.train, *c.test] for c in part.clients]  # noqa: E731
+    assert _mean_top_share(groups(p), labels) > 3 * _mean_top_share(groups(q), labels)
+    assert p.settings["num_clusters_used"] == NUM_CLUSTERS
+    assert p.settings["seed"] == 0 and p.settings["alpha"] == 0.1
+    sizes = [c.size for c in q.clients]
+    assert max(sizes) - min(sizes) <= 1
+    table = p.summary()
+    assert "dirichlet" in table and "top cluster" in table and len(table.splitlines()) == 13
+
+
+# ---- modalities --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "rate", "expected"),  # (paired, image-only, text-only); the odd one is image-only
+    [
+        (10, 0.5, (5, 3, 2)),
+        (5, 0.5, (2, 2, 1)),  # 2.5 rounds half up to 3 missing
+        (4, 0.25, (3, 1, 0)),
+        (10, 0.3, (7, 2, 1)),
+        (10, 0.0, (10, 0, 0)),
+        (10, 1.0, (0, 5, 5)),
+        (7, 1.0, (0, 4, 3)),
+        (1, 0.5, (0, 1, 0)),
+    ],
+)
+def test_modality_counts(n, rate, expected):
+    mods = assign_modalities(n, rate, seed=0)
+    assert len(mods) == n
+    counts = tuple(mods.count(m) for m in ("paired", "image-only", "text-only"))
+    assert counts == expected
+
+
+def test_modality_assignment_depends_on_seed():
+    runs = {tuple(assign_modalities(10, 0.5, seed=s)) for s in range(6)}
+    assert len(runs) > 1
+    assert assign_modalities(10, 0.5, seed=3) == assign_modalities(10, 0.5, seed=3)
+
+
+# ---- determinism, JSON, coverage, local test ---------------------------------------------------
+
+
+def test_deterministic_json_and_round_trip(blobs, tmp_path):
+    emb, _ = blobs
+    kw = {"num_clusters": NUM_CLUSTERS, "seed": 7}
+    a = make_partition(emb, NUM_ITEMS, 8, **kw)
+    b = make_partition(emb, NUM_ITEMS, 8, **kw)
+    c = make_partition(emb, NUM_ITEMS, 8, num_clusters=NUM_CLUSTERS, seed=8)
+    a.to_json(tmp_path / "a.json")
+    b.to_json(tmp_path / "out" / "b.json")  # parent directory is created
+    c.to_json(tmp_path / "c.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "out" / "b.json").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() != (tmp_path / "c.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "c.json", "out"]  # no tmp
+    back = Partition.from_json(tmp_path / "a.json")
+    assert back == a
+    back.to_json(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+    text = (tmp_path / "a.json").read_text()
+    assert len(text.splitlines()) == 8 + 8  # one line per client: readable, diffable
+    assert json.loads(text)["clients"][3]["client_id"] == 3
+
+
+@pytest.mark.parametrize("partitioning", ["dirichlet", "iid"])
+def test_every_item_once_and_local_test_fraction(blobs, partitioning):
+    emb, _ = blobs
+    p = make_partition(emb, NUM_ITEMS, 12, partitioning=partitioning, local_test_fraction=0.2)
+    assert _all_items(p) == list(range(NUM_ITEMS))
+    for c in p.clients:
+        assert not set(c.train) & set(c.test)
+        assert list(c.train) == sorted(c.train) and list(c.test) == sorted(c.test)
+        n = c.size
+        if n >= 2:
+            assert len(c.test) == min(n - 1, max(1, int(np.floor(0.2 * n + 0.5))))
+        else:
+            assert len(c.test) == 0
+    assert {c.modality for c in p.clients} == {"paired", "image-only", "text-only"}
+
+
+def test_local_test_small_clients_and_zero_fraction():
+    p = make_partition(None, 7, 3, partitioning="iid", local_test_fraction=0.1)
+    assert [len(c.test) for c in p.clients] == [1, 1, 1]  # >= 1 when a client has >= 2 items
+    q = make_partition(None, 7, 3, partitioning="iid", local_test_fraction=0.0)
+    assert all(c.test == () for c in q.clients)
+    assert q.problems(batch_size=1) == []  # empty test split intended: not a problem
+
+
+# ---- empty and small clients -------------------------------------------------------------------
+
+
+def test_more_partitions_than_items_no_crash(blobs):
+    emb, _ = blobs
+    p = make_partition(emb[:5], 5, 12, seed=0)
+    assert len(p.clients) == 12 and _all_items(p) == [0, 1, 2, 3, 4]
+    empty = [c.client_id for c in p.clients if c.size == 0]
+    assert len(empty) >= 7
+    problems = p.problems(batch_size=2)
+    for cid in empty:
+        assert any(msg.startswith(f"client {cid} (") and "no data" in msg for msg in problems)
+    q = make_partition(None, 3, 5, partitioning="iid")
+    assert [c.size for c in q.clients] == [1, 1, 1, 0, 0]
+    assert make_partition(None, 0, 3, partitioning="iid").problems(1)[0].startswith("client 0")
+    z = make_partition(np.zeros((0, 4)), 0, 2)
+    assert all(c.size == 0 for c in z.clients) and z.cluster_labels == ()
+
+
+def test_extreme_alpha_and_small_clients_reported(blobs):
+    emb, truth = blobs
+    splits = split_by_label(truth[:60] % 3, 10, alpha=1e-3, seed=0)  # 3 labels, 10 clients
+    assert sum(len(s) for s in splits) == 60 and any(len(s) == 0 for s in splits)
+    p = make_partition(emb[:60], 60, 10, num_clusters=3, alpha=1e-3, seed=1)
+    problems = p.problems(batch_size=4)
+    for c in p.clients:
+        named = [m for m in problems if m.startswith(f"client {c.client_id} (")]
+        if c.size == 0:
+            assert named and "no data" in named[0]
+        elif 0 < len(c.train) < 4:
+            assert any("fewer than one batch (batch-size 4)" in m for m in named)
+        if c.size == 1:
+            assert any("empty local test split" in m for m in named)
+    big = make_partition(None, 40, 2, partitioning="iid", seed=0)
+    assert any("fewer than one batch (batch-size 64)" in m for m in big.problems(64))
+    with pytest.raises(ValueError, match="batch-size"):
+        big.problems(0)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"alpha": 0.0}, "alpha must be"),
+        ({"alpha": -1.0}, "alpha must be"),
+        ({"missing_rate": 1.5}, r"missing-rate must be a number in \[0, 1\]"),
+        ({"missing_rate": -0.1}, "missing-rate"),
+        ({"local_test_fraction": 1.0}, r"local-test-fraction must be a number in \[0, 1\)"),
+        ({"num_partitions": 0}, "num_partitions must be an integer >= 1"),
+        ({"partitioning": "pathological"}, "partitioning must be one of 'dirichlet', 'iid'"),
+        ({"num_clusters": 0}, "partition-clusters must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"num_items": 11}, "embeddings have 10 rows but num_items is 11"),
+        ({"embeddings": None}, "needs the caption embeddings"),
+    ],
+)
+def test_argument_validation(kwargs, pattern):
+    args = {"embeddings": np.ones((10, 4)), "num_items": 10, "num_partitions": 3, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        make_partition(**args)
+
+
+def test_from_json_rejects_malformed_files(tmp_path):
+    good = make_partition(None, 6, 2, partitioning="iid")
+    path = tmp_path / "p.json"
+    good.to_json(path)
+    data = json.loads(path.read_text())
+
+    def check(mutate, pattern):
+        broken = json.loads(json.dumps(data))
+        mutate(broken)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=pattern) as err:
+            Partition.from_json(path)
+        assert str(path) in str(err.value)
+
+    check(lambda d: d.pop("clients"), "'clients' is missing")
+    check(lambda d: d["clients"][1].update(modality="audio-only"), "modality 'audio-only'")
+    check(lambda d: d["clients"][1]["train"].append(99), r"clients\[1\].train must be")
+    check(lambda d: d["clients"][1]["train"].__setitem__(0, d["clients"][0]["train"][0]), "twice")
+    check(lambda d: d["clients"][1].update(num_test=9), "num_test is 9")
+    check(lambda d: d["clients"][0].update(client_id=5), "client_id 5, expected 0")
+    check(lambda d: d.update(version=99), "version")
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Partition.from_json(path)
+    with pytest.raises(FileNotFoundError):
+        Partition.from_json(tmp_path / "none.json")
+    assert isinstance(good.clients[0], ClientPartition)
