@@ -158,6 +158,26 @@ class RunConfig:
         """Whether the run uses the project's embedded offline benchmark."""
         return self.dataset == "embedded"
 
+    @property
+    def routed(self) -> bool:
+        """RCSR proper (router, minimax, prototypes) rather than a baseline."""
+        return self.strategy == "rcsr"
+
+    @property
+    def uses_anchoring(self) -> bool:
+        return self.routed and self.anchoring
+
+    @property
+    def uses_personal_adapters(self) -> bool:
+        return self.strategy == "fedper" or (self.routed and self.personal_adapters)
+
+    @property
+    def client_prox_mu(self) -> float:
+        """The proximal coefficient a client applies: λ_stab (RCSR), μ (FedProx), or 0."""
+        if self.strategy == "fedprox":
+            return self.proximal_mu
+        return self.lambda_stab if self.routed and self.prox else 0.0
+
     def lr_at(self, server_round: int) -> float:
         """SPEC §1 schedule: linear warm-up, then cosine to ``min_lr_ratio`` of the base lr.
 

@@ -39,17 +39,17 @@ class TinyClipRecipe:
                                            n_test=1000, seed=1)
     )
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     width: int = 128
     layers: int = 4
     heads: int = 4
     projection_dim: int = 128
     vocab_size: int = 400
     max_text_length: int = 32
-    steps: int = 700
-    batch_size: int = 256
+    steps: int = 400
+    batch_size: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     weight_decay: float = 0.1
     threads: int = 2
 
@@ -60,8 +60,15 @@ def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
     Words that occur only in the target corpus split into known sub-words, as unseen words
     do with the real CLIP tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import CLIPTokenizer
 
     bpe = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
@@ -198,7 +205,7 @@ def _train(backbone, pixels: torch.Tensor, captions: list[list[str]],
     for step in range(recipe.steps):
         idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
         pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen)
-        texts = [captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick)]
+        texts = [captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick, strict=False)]
         z_i = backbone.image_features(pixels[idx])
         z_t = backbone.text_features(backbone.tokenize(texts))
         logits = model.logit_scale.exp().clamp(max=100) * z_i @ z_t.T
@@ -209,7 +216,7 @@ def _train(backbone, pixels: torch.Tensor, captions: list[list[str]],
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == recipe.steps - 1:
             log.info("tiny-clip pretrain step %d/%d loss %.3f", step, recipe.steps, loss)
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "steps": recipe.steps}

@@ -1,0 +1,215 @@
+"""Run the app in a local Flower simulation and report success by exit code.
+
+``flwr run .`` alone has two traps (docs/development.md): it exits 0 even when the run
+failed, and its auto-started local SuperLink stays alive, is silently reused (also by
+other checkouts) and installs the app's dependencies from the network unless told not
+to. This launcher, used by ``make run`` and the tests, avoids both:
+
+1. starts its own ``flower-superlink --simulation`` on free loopback ports with its own
+   ``FLWR_HOME`` and runtime dependency installation disabled;
+2. submits the app with ``flwr run . <connection> --stream`` and a known run name;
+3. reads ``outputs/<run>/result.json`` (written last by the ServerApp) and exits
+   non-zero unless it says ``completed``;
+4. always stops the SuperLink and everything it spawned (by process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONNECTION = "rcsr-local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+@dataclass
+class SimulationLauncher:
+    """A private SuperLink in simulation mode and one ``flwr run`` against it."""
+
+    app_dir: Path
+    flwr_home: Path
+    num_supernodes: int = 10
+    cpus_per_client: int = 1
+    gpus_per_client: float = 0.0
+    run_config: dict[str, object] = field(default_factory=dict)
+    raw_run_config: list[str] = field(default_factory=list)  # e.g. ["alpha=1.0 seed=3"]
+    timeout: float = 1800.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.app_dir = Path(self.app_dir).resolve()
+        self.flwr_home = Path(self.flwr_home).resolve()
+        self.port = free_port()
+        self.control_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ environment
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("RAY_DEDUP_LOGS", "0")
+        # The SuperLink spawns the ServerApp with `python`: make it this interpreter's.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _write_config(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._write_config()
+        log_file = self.flwr_home / "superlink.log"
+        cmd = [
+            "flower-superlink", "--insecure", "--simulation",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--control-api-address", f"127.0.0.1:{self.control_port}",
+            "--database", str(self.flwr_home / "state.db"),
+            "--log-file", str(log_file),
+            "--disable-runtime-dependency-installation",
+        ]
+        exe = Path(sys.executable).parent / "flower-superlink"
+        if exe.exists():
+            cmd[0] = str(exe)
+        self.process = subprocess.Popen(
+            cmd, env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode};"
+                                   f" see {log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"flower-superlink did not become healthy in 60 s; see {log_file}")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and its whole process group (ServerApp, Ray)."""
+        if self.process is None:
+            return
+        try:
+            pgid = os.getpgid(self.process.pid)
+        except ProcessLookupError:
+            pgid = None
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if pgid is None:
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            time.sleep(0.5)
+        self.process = None
+
+    def run(self, run_name: str, output_dir: Path) -> dict:
+        """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
+        overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
+        cmd = [
+            sys.executable, "-m", "flwr.cli.app", "run", str(self.app_dir), CONNECTION,
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={self.num_supernodes} "
+            f"client-resources-num-cpus={self.cpus_per_client} "
+            f"client-resources-num-gpus={self.gpus_per_client}",
+            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()),
+        ]
+        for raw in self.raw_run_config:
+            cmd[-2:-2] = ["--run-config", raw]
+        print("$ " + shlex.join(cmd[2:]), flush=True)
+        try:
+            proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        result_path = output_dir / run_name / "result.json"
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+        else:
+            result = {"status": "failed", "error": "the ServerApp wrote no result.json"}
+        if code is None:
+            result = {**result, "status": "failed", "error": f"timed out after {self.timeout} s"}
+        elif code != 0 and result.get("status") == "completed":
+            result = {**result, "status": "failed", "error": f"flwr run exited {code}"}
+        if result.get("status") == "running":
+            result = {**result, "status": "failed",
+                      "error": "the run ended without finishing (see superlink.log)"}
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rcsr_flower.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--app-dir", default=".")
+    parser.add_argument("--flwr-home", default=".flwr")
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--run-name", default="")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("-c", "--run-config", action="append", default=[],
+                        help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"')
+    args = parser.parse_args(argv)
+
+    run_name = args.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    output_dir = Path(args.output_dir).resolve()
+    launcher = SimulationLauncher(
+        app_dir=Path(args.app_dir), flwr_home=Path(args.flwr_home),
+        num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client, raw_run_config=args.run_config,
+        timeout=args.timeout,
+    )
+    try:
+        launcher.start()
+        result = launcher.run(run_name, output_dir)
+    finally:
+        launcher.stop()
+    run_path = output_dir / run_name
+    if result.get("status") != "completed":
+        print(f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
+              f"SuperLink log: {launcher.flwr_home / 'superlink.log'}", file=sys.stderr)
+        return 1
+    print(f"\nrun completed in {result.get('seconds')} s: {run_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``outputs/<run-name>/``: what a run leaves for people to read and for tests to check.
+
+- ``config.json``: the resolved run config;
+- ``partition.json``: who holds what (clients, modalities, indices);
+- ``metrics.jsonl``: one JSON object per evaluated round (``{"round": r, "global": {...}}``,
+  recalls in percent), appended and flushed as the run goes, so nothing computed is lost;
+- ``result.json``: ``{"status": "completed" | "failed", ...}`` written last — ``flwr run``
+  exits 0 even when the ServerApp failed, so callers check this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rcsr_flower.metrics import RECALL_KEYS
+
+
+def run_dir(output_dir: str, run_name: str) -> Path:
+    """Resolve ``output-dir``/``run-name``; a relative output-dir is taken from
+    ``$RCSR_OUTPUT_ROOT`` (set by the Makefile to the project root) or the cwd."""
+    base = Path(output_dir).expanduser()
+    if not base.is_absolute():
+        base = Path(os.environ.get("RCSR_OUTPUT_ROOT", os.getcwd())) / base
+    name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Collects one round's record from several strategy hooks, then appends it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():
+            self.rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def add(self, server_round: int, **fields: Any) -> None:
+        self.pending.setdefault(server_round, {"round": server_round}).update(fields)
+
+    def flush(self, server_round: int) -> None:
+        row = self.pending.pop(server_round, None)
+        if row is None:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.append(row)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A short table of the global metrics per evaluated round."""
+    head = f"{'round':>5} " + " ".join(f"{k:>8}" for k in RECALL_KEYS) + f" {'rsum':>7}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        g = row.get("global")
+        if not g:
+            continue
+        vals = " ".join(f"{g[k]:8.2f}" for k in RECALL_KEYS)
+        lines.append(f"{row['round']:>5} {vals} {g['rsum']:7.2f}")
+    if len(lines) > 2:
+        lines.append(f"(global test split, protocol: {rows[-1].get('global', {}).get('protocol')})")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Image–text retrieval as a routed task: what RCSR's strategy needs from it (SPEC §3–§5).
+
+A client's ``"stats"`` record carries its prototypes ``p_I, p_T``, its update geometry,
+its modality mask and its per-slot embedding sums and counts. From these the task builds
+the router token ``[p_I, p_T, cos(p_I,p_T), geometry(4), mask(2), loss, r_k]``, the
+router objective of SPEC §5 step 7, and the prototype-bank update of §3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, RecordDict
+
+from rcsr_flower.prototypes import PrototypeBank, SlotStats
+from rcsr_flower.routing.router import entropy
+from rcsr_flower.routing.task import ClientReport, ReplyError
+
+STATS_KEY = "stats"
+GEOMETRY_DIM = 4
+
+
+@dataclass
+class RetrievalSummary:
+    p_image: torch.Tensor  # [d]
+    p_text: torch.Tensor  # [d]
+    geometry: torch.Tensor  # [4]: ‖Δ‖, ‖Δ_v‖/(‖Δ_t‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n
+    mask: torch.Tensor  # [2]: has image, has text
+    slots: SlotStats
+
+
+@dataclass
+class RouterBetas:
+    image: float = 1.0
+    text: float = 1.0
+    entropy: float = 0.1
+    axis: float = 0.3
+
+
+class RetrievalTask:
+    """Implements :class:`~rcsr_flower.routing.task.RoutedTask` for image–text retrieval."""
+
+    def __init__(self, bank: PrototypeBank, betas: RouterBetas | None = None,
+                 momentum: float = 0.95) -> None:
+        self.bank = bank
+        self.betas = betas or RouterBetas()
+        self.momentum = momentum
+
+    @property
+    def dim(self) -> int:
+        return int(self.bank.image.shape[1])
+
+    @property
+    def token_dim(self) -> int:
+        return 2 * self.dim + 1 + GEOMETRY_DIM + 2 + 1 + 1
+
+    # ------------------------------------------------------------------ step 1
+    def parse_reply(self, content: RecordDict) -> RetrievalSummary:
+        if STATS_KEY not in content.array_records:
+            raise ReplyError(f"missing ArrayRecord '{STATS_KEY}'")
+        try:
+            t = content.array_records[STATS_KEY].to_torch_state_dict()
+        except Exception as exc:  # malformed arrays
+            raise ReplyError(f"'{STATS_KEY}' does not decode: {exc}") from None
+        d, c = self.dim, self.bank.slots
+
+        def get(name: str, shape: tuple[int, ...], optional: bool = False):
+            if name not in t:
+                if optional:
+                    return None
+                raise ReplyError(f"'{STATS_KEY}' has no '{name}'")
+            x = t[name]
+            if tuple(x.shape) != shape:
+                raise ReplyError(f"'{name}' has shape {tuple(x.shape)}, expected {shape}")
+            if not x.is_floating_point():
+                raise ReplyError(f"'{name}' has dtype {x.dtype}, expected a float dtype")
+            if not torch.isfinite(x).all():
+                raise ReplyError(f"'{name}' has non-finite values")
+            return x.float()
+
+        mask = get("mask", (2,))
+        if not all(float(m) in (0.0, 1.0) for m in mask) or mask.sum() == 0:
+            raise ReplyError(f"'mask' must be two 0/1 flags with at least one set, got {mask}")
+        sides = {}
+        for i, side in enumerate(("image", "text")):
+            s = get(f"{side}_sum", (c, d), optional=True)
+            n = get(f"{side}_count", (c,), optional=True)
+            if bool(mask[i]) != (s is not None and n is not None):
+                raise ReplyError(f"mask says has-{side}={int(mask[i])} but {side} slot "
+                                 "statistics are " + ("missing" if mask[i] else "present"))
+            if n is not None and (n < 0).any():
+                raise ReplyError(f"'{side}_count' has negative counts")
+            sides[side] = (s, n)
+        return RetrievalSummary(
+            p_image=get("p_image", (d,)),
+            p_text=get("p_text", (d,)),
+            geometry=get("geometry", (GEOMETRY_DIM,)),
+            mask=mask,
+            slots=SlotStats(*sides["image"], *sides["text"]),
+        )
+
+    # ------------------------------------------------------------------ step 2
+    def token(self, report: ClientReport, update: dict[str, torch.Tensor]) -> torch.Tensor:
+        s: RetrievalSummary = report.summary
+        cos = F.cosine_similarity(s.p_image, s.p_text, dim=0).reshape(1)
+        r_k = torch.tensor([self.bank.retrieval_consistency(s.slots)])
+        loss = torch.tensor([report.loss])
+        return torch.cat([s.p_image, s.p_text, cos, s.geometry, s.mask, loss, r_k]).float()
+
+    # ------------------------------------------------------------------ step 6
+    def update_state(self, weights: torch.Tensor, reports: list[ClientReport]) -> None:
+        summaries: list[RetrievalSummary] = [r.summary for r in reports]
+        self.bank.update(
+            weights.detach().tolist(),
+            [s.slots for s in summaries],
+            [s.p_image if s.mask[0] else None for s in summaries],
+            [s.p_text if s.mask[1] else None for s in summaries],
+            momentum=self.momentum,
+        )
+
+    # ------------------------------------------------------------------ step 7
+    def router_objective(self, w_router: torch.Tensor,
+                         reports: list[ClientReport]) -> torch.Tensor:
+        p_i = torch.stack([r.summary.p_image for r in reports])
+        p_t = torch.stack([r.summary.p_text for r in reports])
+        return router_loss(w_router, p_i, p_t, self.bank.g_image, self.bank.g_text, self.betas)
+
+    def state_records(self) -> dict[str, ArrayRecord]:
+        return {"prototypes": ArrayRecord(
+            {k: v.contiguous() for k, v in self.bank.to_tensors().items()})}
+
+
+def router_loss(w: torch.Tensor, p_image: torch.Tensor, p_text: torch.Tensor,
+                g_image: torch.Tensor, g_text: torch.Tensor,
+                betas: RouterBetas) -> torch.Tensor:
+    """SPEC §5 step 7.
+
+    ``softplus(β1(1−cos(ĝ_I,g_I)) + β2(1−cos(ĝ_T,g_T)) − β4·H(w) + β5·A)`` with
+    ``ĝ = normalize(Σ w_k p_k)``, ``a_k = normalize(p_I,k − p_T,k)``,
+    ``â = normalize(Σ w_k a_k)``,
+    ``A = ½(1−cos(â, normalize(g_I − g_T))) + ½ Σ_k w_k (1−cos(a_k, â))``.
+    """
+    g_hat_i = F.normalize(w @ p_image, dim=0)
+    g_hat_t = F.normalize(w @ p_text, dim=0)
+    a = F.normalize(p_image - p_text, dim=1)
+    a_hat = F.normalize(w @ a, dim=0)
+    axis = F.normalize(g_image - g_text, dim=0)
+    align = 0.5 * (1 - a_hat @ axis) + 0.5 * (w * (1 - a @ a_hat)).sum()
+    inner = (betas.image * (1 - g_hat_i @ F.normalize(g_image, dim=0))
+             + betas.text * (1 - g_hat_t @ F.normalize(g_text, dim=0))
+             - betas.entropy * entropy(w)
+             + betas.axis * align)
+    return F.softplus(inner)

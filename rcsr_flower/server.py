@@ -1,0 +1,187 @@
+"""The ServerApp's work: set up the run, bootstrap, run the strategy, write results.
+
+``server_app.py`` only hands Flower's ``grid`` and ``context`` to :func:`run_server`.
+A run: resolve config -> run dir -> assets and backbone -> a QUERY round in which
+every node reports its partition and paired nodes their group centroids (SPEC §3
+bootstrap) -> partition and prototype bank -> ``strategy.start`` with centralised
+zero-shot evaluation at round 0 -> final adapters, bank, router and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.config import RunConfig
+from rcsr_flower.federation import global_test_set, load_partition
+from rcsr_flower.outputs import MetricsLog, run_dir, summary_table, write_json
+from rcsr_flower.prototypes import PrototypeBank
+from rcsr_flower.retrieval_task import RetrievalTask, RouterBetas
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, make_evaluate_fn
+from rcsr_flower.task import evaluate_retrieval, preprocess_split
+
+log = logging.getLogger(__name__)
+
+
+def query_nodes(grid: Grid, cfg: RunConfig, bootstrap: bool) -> list[dict]:
+    """One QUERY round to every connected node; failures are logged and skipped."""
+    node_ids = _wait_for_nodes(grid, cfg.min_available_nodes)
+    config = ConfigRecord({"kind": "bootstrap" if bootstrap else "describe",
+                           "prototype-slots": cfg.prototype_slots})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
+                        message_type=MessageType.QUERY) for node in node_ids]
+    info = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d failed the query round: %s", node, reply.error.reason)
+            continue
+        entry = {"node_id": node, **dict(reply.content["metrics"])}
+        if "groups" in reply.content.array_records:
+            entry["groups"] = reply.content["groups"].to_torch_state_dict()
+        info.append(entry)
+    return sorted(info, key=lambda d: d["partition-id"])
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+    start = time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"only {len(nodes)} nodes connected after {timeout:.0f} s; "
+                               f"min-available-nodes is {minimum}")
+        time.sleep(1.0)
+    return nodes
+
+
+def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
+    """SPEC §3: count-weighted k-means over the paired clients' group centroids."""
+    groups = [n["groups"] for n in nodes if "groups" in n]
+    return PrototypeBank.bootstrap(
+        [g["image_means"] for g in groups], [g["text_means"] for g in groups],
+        [g["counts"] for g in groups], cfg.prototype_slots, seed=cfg.seed,
+    )
+
+
+def run_server(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    out = run_dir(cfg.output_dir, cfg.run_name)
+    write_json(out / "config.json", cfg.to_flower())
+    write_json(out / "result.json", {"status": "running"})
+    started = time.time()
+    try:
+        _run(grid, cfg, out)
+    except BaseException as exc:
+        write_json(out / "result.json", {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+            "seconds": round(time.time() - started, 1),
+        })
+        raise
+    rows = MetricsLog(out / "metrics.jsonl").rows
+    final = next((r["global"] for r in reversed(rows) if "global" in r), None)
+    write_json(out / "result.json", {
+        "status": "completed",
+        "seconds": round(time.time() - started, 1),
+        "rounds": cfg.num_server_rounds,
+        "strategy": cfg.strategy,
+        "zero_shot_global": rows[0].get("global") if rows else None,
+        "final_global": final,
+    })
+    print(f"\nrcsr-flower run finished: {out}\n{summary_table(rows)}", flush=True)
+
+
+def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
+    random.seed(cfg.seed)  # Flower samples nodes with the global `random`
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    nodes = query_nodes(grid, cfg, bootstrap=cfg.routed)
+    if not nodes:
+        raise RuntimeError("no node answered the query round; nothing to train")
+    num_partitions = int(nodes[0]["num-partitions"])
+    partition = load_partition(cfg, backbone, num_partitions)
+    partition.to_json(out / "partition.json")
+    log.info("partition (%d clients):\n%s", num_partitions, partition.summary())
+    for problem in partition.problems(cfg.batch_size):
+        log.warning("partition: %s", problem)
+
+    task = None
+    if cfg.routed:
+        bank = bootstrap_bank(nodes, cfg)
+        log.info("prototype bank: %d slots from %d paired clients", bank.slots,
+                 sum("groups" in n for n in nodes))
+        task = RetrievalTask(bank, RouterBetas(cfg.beta_image, cfg.beta_text,
+                                               cfg.beta_entropy, cfg.beta_axis),
+                             momentum=cfg.prototype_momentum)
+
+    test = preprocess_split(backbone, global_test_set(cfg))
+    template = backbone.new_adapters(cfg.adapter_layers, cfg.adapter_bottleneck,
+                                     cfg.adapter_init_std)
+    initial = ArrayRecord({k: v.detach().cpu() for k, v in template.state_dict().items()})
+
+    def evaluate(arrays: ArrayRecord) -> dict:
+        template.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        return evaluate_retrieval(backbone, test, template, protocol=cfg.eval_protocol,
+                                  batch_size=cfg.eval_batch_size)
+
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    strategy = RCSRStrategy(
+        task,
+        RoutingOptions(
+            mode=cfg.strategy, router=cfg.router, minimax=cfg.minimax,
+            router_hidden=cfg.router_hidden, router_heads=cfg.router_heads,
+            router_blocks=cfg.router_blocks, router_dropout=cfg.router_dropout,
+            router_lr=cfg.router_lr, minimax_eta=cfg.minimax_eta,
+            minimax_tau=cfg.minimax_tau, min_valid_replies=cfg.min_train_nodes,
+            seed=cfg.seed, lr_schedule=cfg.lr_at,
+            client_config={
+                "anchoring": cfg.uses_anchoring, "prox-mu": cfg.client_prox_mu,
+                "lambda-anchor": cfg.lambda_anchor, "lambda-align": cfg.lambda_align,
+            },
+        ),
+        num_clients=num_partitions,
+        metrics_log=metrics_log,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log,
+                                     evaluate),
+    )
+    save_state(out, result.arrays or initial, strategy)
+
+
+def save_state(out: Path, arrays: ArrayRecord, strategy: RCSRStrategy) -> None:
+    """Final adapters, prototype bank and router (safetensors) + minimax state (JSON)."""
+    save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
+              str(out / "adapters.safetensors"))
+    if strategy.task is not None:
+        save_file({k: v.contiguous() for k, v in strategy.task.bank.to_tensors().items()},
+                  str(out / "prototypes.safetensors"))
+    if strategy.router is not None:
+        save_file({k: v.contiguous() for k, v in strategy.router.state_dict().items()},
+                  str(out / "router.safetensors"))
+    if strategy.minimax is not None:
+        write_json(out / "minimax.json", strategy.minimax.state())
+    write_json(out / "history.json", json.loads(json.dumps(strategy.history, default=float)))
+

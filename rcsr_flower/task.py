@@ -1,0 +1,333 @@
+"""The retrieval task: a client's data, local training, and the one evaluation function.
+
+Flower types stay out of this module: ``client_app.py`` turns messages into these calls
+and back, and the server's centralised evaluation calls :func:`evaluate_retrieval` too,
+so server, clients and benchmarks measure retrieval the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rcsr_flower import losses
+from rcsr_flower.backbones.adapters import AdapterSet
+from rcsr_flower.backbones.clip import Backbone
+from rcsr_flower.config import RunConfig
+from rcsr_flower.data.datasets import ImageCaptionDataset
+from rcsr_flower.metrics import retrieval_recall
+from rcsr_flower.prototypes import PrototypeBank
+
+log = logging.getLogger(__name__)
+
+
+class EmptyClientError(RuntimeError):
+    """The client's partition has nothing to train or evaluate on."""
+
+
+@dataclass
+class SplitTensors:
+    """A split ready for the towers: preprocessed pixels and caption lists (either may be None)."""
+
+    pixels: torch.Tensor | None
+    captions: list[list[str]] | None
+
+    def __len__(self) -> int:
+        if self.pixels is not None:
+            return int(self.pixels.shape[0])
+        return len(self.captions or [])
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    modality: str  # "paired" | "image-only" | "text-only"
+    train: SplitTensors
+    test: SplitTensors
+
+    @property
+    def has_image(self) -> bool:
+        return self.modality != "text-only"
+
+    @property
+    def has_text(self) -> bool:
+        return self.modality != "image-only"
+
+
+def preprocess_split(backbone: Backbone, dataset: ImageCaptionDataset, *, images: bool = True,
+                     texts: bool = True, chunk: int = 256) -> SplitTensors:
+    """Decode and preprocess only the modalities the holder has (a missing one stays None)."""
+    pixels = None
+    if images and len(dataset):
+        parts = []
+        for s in range(0, len(dataset), chunk):
+            batch = [dataset.image(i) for i in range(s, min(s + chunk, len(dataset)))]
+            parts.append(backbone.preprocess(batch))
+        pixels = torch.cat(parts)
+    captions = [dataset.captions(i) for i in range(len(dataset))] if texts else None
+    return SplitTensors(pixels, captions)
+
+
+_DATA_CACHE: dict[tuple, ClientData] = {}
+_DATA_LOCK = threading.Lock()
+
+
+def load_client_data(cfg: RunConfig, backbone: Backbone, partition_id: int,
+                     num_partitions: int) -> ClientData:
+    """The client's partition, preprocessed once per process (Ray reuses actors)."""
+    from rcsr_flower.federation import load_partition, open_split, partition_key
+
+    key = (partition_key(cfg, backbone, num_partitions), partition_id, str(backbone.device))
+    with _DATA_LOCK:
+        if key in _DATA_CACHE:
+            return _DATA_CACHE[key]
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"node_config partition-id={partition_id} is outside [0, {num_partitions}); "
+            "set partition-id and num-partitions consistently for every SuperNode"
+        )
+    train_set = open_split(cfg, "train")
+    partition = load_partition(cfg, backbone, num_partitions, train_set)
+    client = partition.clients[partition_id]
+    data = ClientData(
+        client_id=partition_id,
+        modality=client.modality,
+        train=preprocess_split(
+            backbone,
+            train_set.subset(client.train),
+            images=client.modality != "text-only",
+            texts=client.modality != "image-only",
+        ),
+        test=preprocess_split(backbone, train_set.subset(client.test)),
+    )
+    with _DATA_LOCK:
+        _DATA_CACHE[key] = data
+    return data
+
+
+# ---------------------------------------------------------------------------- embedding
+@torch.no_grad()
+def embed_split(backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None,
+                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z_I [N,d], z_T [M,d], caption->image index [M])`` of a paired split."""
+    if split.pixels is None or split.captions is None:
+        raise ValueError("retrieval evaluation needs both modalities of the split")
+    z_i = torch.cat([backbone.image_features(b, *adapters).cpu()
+                     for b in split.pixels.split(batch_size)])
+    flat = [c for caps in split.captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
+    z_t = torch.cat([backbone.text_features(backbone.tokenize(flat[s:s + batch_size]),
+                                            *adapters).cpu()
+                     for s in range(0, len(flat), batch_size)])
+    return z_i, z_t, owner
+
+
+def evaluate_retrieval(backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None,
+                       protocol: str = "standard", batch_size: int = 256) -> dict:
+    """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split."""
+    was_training = [a.training for a in adapters if a is not None]
+    for a in adapters:
+        if a is not None:
+            a.eval()
+    try:
+        z_i, z_t, owner = embed_split(backbone, split, *adapters, batch_size=batch_size)
+    finally:
+        for a, mode in zip([a for a in adapters if a is not None], was_training, strict=True):
+            a.train(mode)
+    return retrieval_recall(z_i, z_t, owner, protocol=protocol)
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainSettings:
+    """One round's client settings: the run config plus what the server sent."""
+
+    lr: float
+    epochs: int = 1
+    batch_size: int = 128
+    weight_decay: float = 0.01
+    temperature: float = 0.07
+    proto_temperature: float = 0.07
+    lambda_anchor: float = 1.0
+    lambda_align: float = 0.1
+    prox_mu: float = 0.0  # λ_stab (RCSR) or FedProx's μ; 0 = no proximal term
+    anchoring: bool = True
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled mini-batches; a trailing batch of one joins the previous one."""
+    order = torch.randperm(n, generator=generator)
+    out = list(order.split(batch_size))
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2] = torch.cat([out[-2], out.pop()])
+    return out
+
+
+def pick_captions(captions: Sequence[list[str]], idx: torch.Tensor,
+                  generator: torch.Generator) -> list[str]:
+    """One caption per image, drawn at random each epoch."""
+    draws = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
+    return [captions[i][d % len(captions[i])] for i, d in zip(idx.tolist(), draws, strict=True)]
+
+
+def client_loss(backbone: Backbone, data: ClientData, idx: torch.Tensor,
+                adapters: Sequence[AdapterSet | None], bank: PrototypeBank | None,
+                settings: TrainSettings, generator: torch.Generator) -> torch.Tensor | None:
+    """SPEC §4 loss of one batch by modality, without ``L_prox`` (added by the caller).
+
+    A missing modality's tower is never run. Returns None when the client has no loss
+    term (a unimodal client without anchoring).
+    """
+    anchor = settings.anchoring and bank is not None
+    if data.modality == "paired":
+        texts = pick_captions(data.train.captions, idx, generator)
+        z_i = backbone.image_features(data.train.pixels[idx], *adapters)
+        z_t = backbone.text_features(backbone.tokenize(texts), *adapters)
+        loss = losses.info_nce_sym(z_i, z_t, settings.temperature)
+        if anchor and settings.lambda_align > 0:
+            loss = loss + settings.lambda_align * losses.proto_alignment(
+                z_i, z_t, bank.image, bank.text, settings.proto_temperature)
+        return loss
+    if not anchor:
+        return None
+    if data.modality == "image-only":
+        z = backbone.image_features(data.train.pixels[idx], *adapters)
+        own, other = bank.image, bank.text
+    else:
+        texts = pick_captions(data.train.captions, idx, generator)
+        z = backbone.text_features(backbone.tokenize(texts), *adapters)
+        own, other = bank.text, bank.image
+    slots = losses.assign_slots(z.detach(), own)
+    return settings.lambda_anchor * losses.anchor_ce(z, other, slots,
+                                                     settings.proto_temperature)
+
+
+def local_train(backbone: Backbone, shared: AdapterSet, personal: AdapterSet | None,
+                data: ClientData, bank: PrototypeBank | None, settings: TrainSettings,
+                seed: int) -> dict:
+    """Train shared (+ personal) adapters for ``settings.epochs`` on the client's data.
+
+    ``L_prox = ½‖θ_k − θ‖²`` ties the shared adapters to the round's global ones; personal
+    adapters are never proximal-regularised (they are the client's own).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.train)
+    result = {"loss": 0.0, "steps": 0, "num_examples": n}
+    if n < 2:
+        return result
+    modules = [m for m in (shared, personal) if m is not None]
+    params = [p for m in modules for p in m.parameters()]
+    anchors = [p.detach().clone() for p in shared.parameters()]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    for m in modules:
+        m.train()
+    total = []
+    for _ in range(settings.epochs):
+        for idx in batches(n, settings.batch_size, gen):
+            loss = client_loss(backbone, data, idx, modules, bank, settings, gen)
+            if loss is None:  # nothing to learn from: Δ = 0, as naive FedAvg does
+                return result
+            if settings.prox_mu > 0:
+                loss = loss + settings.prox_mu * losses.prox(shared.parameters(), anchors)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total.append(float(loss))
+    return {"loss": sum(total) / max(len(total), 1), "steps": len(total), "num_examples": n}
+
+
+# ---------------------------------------------------------------------------- statistics
+def _sample(n: int, limit: int, seed: int) -> torch.Tensor:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:limit].sort().values
+
+
+@torch.no_grad()
+def local_embeddings(backbone: Backbone, data: ClientData, adapters: Sequence[AdapterSet | None],
+                     limit: int, seed: int, batch_size: int = 256
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(z_I, z_T)`` of up to ``limit`` training items (first caption), None if missing."""
+    idx = _sample(len(data.train), limit, seed)
+    z_i = z_t = None
+    if data.has_image:
+        z_i = torch.cat([backbone.image_features(data.train.pixels[b], *adapters).cpu()
+                         for b in idx.split(batch_size)])
+    if data.has_text:
+        caps = [data.train.captions[i][0] for i in idx.tolist()]
+        z_t = torch.cat([backbone.text_features(backbone.tokenize(caps[s:s + batch_size]),
+                                                *adapters).cpu()
+                         for s in range(0, len(caps), batch_size)])
+    return z_i, z_t
+
+
+def update_geometry(delta: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None,
+                    num_examples: int, eps: float = 1e-8) -> torch.Tensor:
+    """``[‖Δ‖, ‖Δ_vision‖/(‖Δ_text‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n]`` (cos = 0 without Δ_prev)."""
+    flat = torch.cat([v.flatten() for v in delta.values()])
+    vision = torch.cat([v.flatten() for k, v in delta.items() if k.startswith("adapters.vision")]
+                       or [torch.zeros(1)])
+    text = torch.cat([v.flatten() for k, v in delta.items() if k.startswith("adapters.text")]
+                     or [torch.zeros(1)])
+    norm = flat.norm()
+    cos = torch.zeros(())
+    if previous is not None:
+        prev = torch.cat([previous[k].flatten() for k in delta])
+        if norm > eps and prev.norm() > eps:
+            cos = torch.dot(flat, prev) / (norm * prev.norm())
+    return torch.stack([norm, vision.norm() / (text.norm() + eps), cos,
+                        norm / max(num_examples, 1) ** 0.5]).float()
+
+
+def client_statistics(backbone: Backbone, data: ClientData, shared: AdapterSet,
+                      bank: PrototypeBank, delta: dict[str, torch.Tensor],
+                      previous_delta: dict[str, torch.Tensor] | None, limit: int,
+                      seed: int) -> dict[str, torch.Tensor]:
+    """The reply's ``"stats"`` of SPEC §4: prototypes, geometry, mask, slot sums/counts.
+
+    Computed with the trained shared adapters (the global space). A missing modality's
+    prototype is the current global one, flagged by the mask. Slots come from the side
+    the client has (paired clients: the text side).
+    """
+    z_i, z_t = local_embeddings(backbone, data, [shared], limit, seed)
+    stats = {
+        "p_image": F.normalize(z_i.mean(0), dim=0) if z_i is not None else bank.g_image,
+        "p_text": F.normalize(z_t.mean(0), dim=0) if z_t is not None else bank.g_text,
+        "geometry": update_geometry(delta, previous_delta, len(data.train)),
+        "mask": torch.tensor([float(data.has_image), float(data.has_text)]),
+    }
+    slots = (losses.assign_slots(z_t, bank.text) if z_t is not None
+             else losses.assign_slots(z_i, bank.image))
+    for side, z in (("image", z_i), ("text", z_t)):
+        if z is None:
+            continue
+        stats[f"{side}_sum"] = torch.zeros(bank.slots, z.shape[1]).index_add_(0, slots, z)
+        stats[f"{side}_count"] = torch.bincount(slots, minlength=bank.slots).float()
+    return {k: v.detach().float().contiguous() for k, v in stats.items()}
+
+
+def bootstrap_groups(backbone: Backbone, data: ClientData, num_slots: int, limit: int,
+                     seed: int) -> dict[str, torch.Tensor] | None:
+    """SPEC §3 bootstrap reply of a paired client: k-means of ``normalize(z_I + z_T)``
+    into ``min(C, n/4)`` groups, each group's image mean, text mean and count."""
+    from sklearn.cluster import KMeans
+
+    if data.modality != "paired" or len(data.train) < 1:
+        return None
+    z_i, z_t = local_embeddings(backbone, data, [], limit, seed)
+    joint = F.normalize(z_i + z_t, dim=1).numpy()
+    k = max(1, min(num_slots, len(joint) // 4))
+    labels = torch.as_tensor(KMeans(n_clusters=k, n_init=3, random_state=seed).fit(joint).labels_)
+    counts = torch.bincount(labels, minlength=k).float()
+    sums_i = torch.zeros(k, z_i.shape[1]).index_add_(0, labels, z_i)
+    sums_t = torch.zeros(k, z_t.shape[1]).index_add_(0, labels, z_t)
+    keep = counts > 0
+    return {
+        "image_means": (sums_i[keep] / counts[keep, None]).contiguous(),
+        "text_means": (sums_t[keep] / counts[keep, None]).contiguous(),
+        "counts": counts[keep].contiguous(),
+    }

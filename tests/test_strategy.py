@@ -1,0 +1,196 @@
+"""The strategy on real Flower ``Message`` replies (no simulation): SPEC §5 steps 1–8."""
+
+from unittest.mock import Mock
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from rcsr_flower.prototypes import PrototypeBank
+from rcsr_flower.retrieval_task import RetrievalTask
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, personalized_summary
+
+D, C = 4, 3
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+def theta(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"adapters.vision_0.up.weight": torch.randn(3, 2, generator=g),
+            "adapters.text_0.up.weight": torch.randn(2, 2, generator=g)}
+
+
+def stats(seed: int, mask=(1.0, 1.0)) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + seed)
+    out = {
+        "p_image": torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0),
+        "p_text": torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0),
+        "geometry": torch.rand(4, generator=g),
+        "mask": torch.tensor(mask),
+    }
+    for i, side in enumerate(("image", "text")):
+        if mask[i]:
+            out[f"{side}_sum"] = torch.randn(C, D, generator=g)
+            out[f"{side}_count"] = torch.tensor([2.0, 0.0, 1.0])
+    return out
+
+
+def reply(node: int, params, n: int, loss: float = 1.0, st=None, metrics=None) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord(params),
+        "metrics": MetricRecord(metrics or {"num-examples": n, "train-loss": loss,
+                                            "partition-id": node - 1}),
+    })
+    if st is not None:
+        content["stats"] = ArrayRecord(st)
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node,
+                                             message_type=MessageType.TRAIN))
+
+
+def bank() -> PrototypeBank:
+    g = torch.Generator().manual_seed(5)
+    n = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa
+    return PrototypeBank(n(C, D), n(C, D), n(D), n(D))
+
+
+def rcsr(num_clients=4, **opts) -> RCSRStrategy:
+    s = RCSRStrategy(RetrievalTask(bank()), RoutingOptions(router_hidden=16, **opts),
+                     num_clients=num_clients)
+    s.current = ArrayRecord(theta(0))
+    return s
+
+
+def test_fedavg_mode_aggregates_exactly_like_flowers_fedavg():
+    replies = [reply(1, theta(1), 10), reply(2, theta(2), 30), reply(3, theta(3), 7)]
+    ours = RCSRStrategy(None, RoutingOptions(mode="fedavg"), num_clients=3)
+    ours.current = ArrayRecord(theta(0))
+    mine, _ = ours.aggregate_train(1, replies)
+    theirs, _ = FedAvg().aggregate_train(1, replies)
+    for key in theirs:
+        assert mine[key].numpy().tobytes() == theirs[key].numpy().tobytes(), key
+
+
+def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
+    s = rcsr()
+    router_before = [p.detach().clone() for p in s.router.parameters()]
+    bank_before = s.task.bank.image.clone()
+    replies = [reply(1, theta(1), 10, 0.5, stats(1)),
+               reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
+               reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0)))]
+    arrays, metrics = s.aggregate_train(1, replies)
+    rec = s.history[1]
+    fused = torch.tensor([rec["weights"][str(i)]["fused"] for i in range(3)])
+    assert fused.sum().item() == pytest.approx(1.0, abs=1e-6)
+    for kind in ("router", "minimax"):
+        assert sum(rec["weights"][str(i)][kind] for i in range(3)) == pytest.approx(1, abs=1e-6)
+    # step 5: θ + Σ w_k Δ_k
+    expected = {k: sum(fused[i] * theta(i + 1)[k] for i in range(3)) for k in theta(0)}
+    for k, v in expected.items():
+        assert torch.allclose(torch.from_numpy(arrays[k].numpy()), v, atol=1e-6)
+    assert not torch.equal(s.task.bank.image, bank_before)  # step 6
+    assert any(not torch.equal(a, b) for a, b in zip(router_before, s.router.parameters(),
+                                                       strict=True))  # step 7
+    assert rec["router_loss"] is not None and rec["weight_entropy"] > 0  # step 8
+    assert rec["skipped"] is False and metrics["num-clients"] == 3
+    # minimax: client 1 (partition 1) had the highest loss -> the largest minimax weight
+    assert max(range(3), key=lambda i: rec["weights"][str(i)]["minimax"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (lambda: Message(Error(code=1, reason="boom"), reply_to=Message(
+            RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN)), "error reply: boom"),
+        (lambda: reply(9, theta(9), 5, st=None), "missing ArrayRecord 'stats'"),
+        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.zeros(3, 3)}, 5,
+                       st=stats(9)), "expected float32[2, 2]"),
+        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.zeros(2, 2,
+                                                                                  dtype=torch.float64)},
+                       5, st=stats(9)), "expected float32"),
+        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.full((2, 2),
+                                                                                float("nan"))},
+                       5, st=stats(9)), "non-finite"),
+        (lambda: reply(9, theta(9), 5, st={**stats(9), "p_image": torch.full((D,),
+                                                                               float("inf"))}),
+         "'p_image' has non-finite"),
+        (lambda: reply(9, theta(9), 5, st={**stats(9), "geometry": torch.zeros(3)}),
+         "'geometry' has shape"),
+        (lambda: reply(9, theta(9), 5, st={**stats(9, (1.0, 0.0)), "mask": torch.ones(2)}),
+         "mask says has-text=1"),
+        (lambda: reply(9, theta(9), 5, st=stats(9), metrics={"num-examples": 5,
+                                                            "train-loss": 1.0}),
+         "no 'partition-id'"),
+        (lambda: reply(9, theta(9), 5, st=stats(9), metrics={
+            "num-examples": 5, "train-loss": float("nan"), "partition-id": 0}), "train-loss"),
+        (lambda: reply(9, {"other": torch.zeros(1)}, 5, st=stats(9)), "keys differ"),
+    ],
+)
+def test_malformed_replies_are_dropped_with_a_reason(bad, reason, caplog):
+    s = rcsr()
+    good = [reply(1, theta(1), 10, 0.5, stats(1)), reply(2, theta(2), 20, 1.0, stats(2))]
+    arrays, _ = s.aggregate_train(1, [*good, bad()])
+    assert arrays is not None
+    dropped = s.history[1]["dropped"]
+    assert list(dropped) == ["9"] and reason in dropped["9"], dropped
+    assert "node 9" in caplog.text and reason in caplog.text
+    assert set(s.history[1]["weights"]) == {"0", "1"}
+
+
+def test_too_few_valid_replies_skip_the_round_and_keep_the_global_state():
+    s = rcsr(min_valid_replies=2)
+    bank_before = s.task.bank.image.clone()
+    q_before = s.minimax.q.copy()
+    arrays, metrics = s.aggregate_train(3, [reply(1, theta(1), 10, 0.5, stats(1)),
+                                            reply(2, theta(2), 10, 0.5, st=None)])
+    assert arrays is None and metrics is None
+    assert s.history[3]["skipped"] is True
+    assert torch.equal(s.task.bank.image, bank_before) and (s.minimax.q == q_before).all()
+
+
+def test_ablations_router_and_minimax_off_reduce_to_sample_weights():
+    s = rcsr(router=False, minimax=False)
+    assert s.router is None and s.minimax is None
+    replies = [reply(1, theta(1), 10, 0.5, stats(1)), reply(2, theta(2), 30, 1.0, stats(2))]
+    s.aggregate_train(1, replies)
+    w = s.history[1]["weights"]
+    assert w["0"]["fused"] == pytest.approx(0.25) and w["1"]["fused"] == pytest.approx(0.75)
+    assert s.history[1]["router_loss"] is None
+
+
+def test_configure_train_ships_adapters_prototypes_and_round_config():
+    s = RCSRStrategy(RetrievalTask(bank()), RoutingOptions(
+        router_hidden=16, lr_schedule=lambda r: 0.5 / r, client_config={"anchoring": True}),
+        num_clients=4, fraction_train=0.5, min_train_nodes=2, min_available_nodes=2)
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [11, 12, 13, 14]
+    msgs = list(s.configure_train(2, ArrayRecord(theta(0)), ConfigRecord({}), grid))
+    assert len(msgs) == 2
+    content = msgs[0].content
+    assert set(content.array_records) == {"arrays", "prototypes"}
+    cfg = content["config"]
+    assert cfg["lr"] == pytest.approx(0.25) and cfg["server-round"] == 2 and cfg["anchoring"]
+    assert set(content["prototypes"]) == {"image", "text", "g_image", "g_text"}
+
+
+def test_personalized_summary_mean_std_worst_and_groups():
+    rows = [("paired", {"rsum": 300.0}), ("image-only", {"rsum": 100.0}),
+            ("text-only", {"rsum": 200.0})]
+    full = [(m, {k: v["rsum"] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                                        "t2i_r10", "rsum")}) for m, v in rows]
+    out = personalized_summary(full)
+    assert out["mean"]["rsum"] == pytest.approx(200.0)
+    assert out["std"]["rsum"] == pytest.approx((20000 / 3) ** 0.5)
+    assert out["worst10"]["rsum"] == 100.0  # ceil(10% of 3) = 1 client
+    assert out["by_group"]["image-only"]["mean"]["rsum"] == 100.0
+    assert set(out["by_group"]) == {"paired", "image-only", "text-only"}
