@@ -74,12 +74,14 @@ def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
 
 
 def run_server(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config)
-    out = run_dir(cfg.output_dir, cfg.run_name)
-    write_json(out / "config.json", cfg.to_flower())
+    raw = context.run_config
+    # the run dir comes first, so even a bad config leaves a result.json that says why
+    out = run_dir(str(raw.get("output-dir", "outputs")), str(raw.get("run-name", "")))
     write_json(out / "result.json", {"status": "running"})
     started = time.time()
     try:
+        cfg = RunConfig.from_flower(raw)
+        write_json(out / "config.json", cfg.to_flower())
         _run(grid, cfg, out)
     except BaseException as exc:
         write_json(out / "result.json", {
@@ -94,8 +96,8 @@ def run_server(grid: Grid, context: Context) -> None:
     write_json(out / "result.json", {
         "status": "completed",
         "seconds": round(time.time() - started, 1),
-        "rounds": cfg.num_server_rounds,
-        "strategy": cfg.strategy,
+        "rounds": int(raw["num-server-rounds"]),
+        "strategy": str(raw["strategy"]),
         "zero_shot_global": rows[0].get("global") if rows else None,
         "final_global": final,
     })

@@ -221,8 +221,12 @@ def local_train(backbone: Backbone, shared: AdapterSet, personal: AdapterSet | N
     if n < 2:
         return result
     modules = [m for m in (shared, personal) if m is not None]
-    params = [p for m in modules for p in m.parameters()]
-    anchors = [p.detach().clone() for p in shared.parameters()]
+    # only the towers of the modalities the client holds: a missing tower is never run,
+    # and its adapters must not drift (weight decay, prox) either
+    towers = [t for t, has in (("vision", data.has_image), ("text", data.has_text)) if has]
+    params = [p for m in modules for t in towers for p in m.tower_parameters(t)]
+    shared_params = [p for t in towers for p in shared.tower_parameters(t)]
+    anchors = [p.detach().clone() for p in shared_params]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     for m in modules:
         m.train()
@@ -233,11 +237,11 @@ def local_train(backbone: Backbone, shared: AdapterSet, personal: AdapterSet | N
             if loss is None:  # nothing to learn from: Δ = 0, as naive FedAvg does
                 return result
             if settings.prox_mu > 0:
-                loss = loss + settings.prox_mu * losses.prox(shared.parameters(), anchors)
+                loss = loss + settings.prox_mu * losses.prox(shared_params, anchors)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total.append(float(loss))
+            total.append(float(loss.detach()))
     return {"loss": sum(total) / max(len(total), 1), "steps": len(total), "num_examples": n}
 
 

@@ -35,7 +35,7 @@ class TinyClipRecipe:
 
     seed: int = 0
     corpus: CorpusSpec = field(
-        default_factory=lambda: CorpusSpec(domain="pretrain", n_train=20000, n_val=0,
+        default_factory=lambda: CorpusSpec(domain="pretrain", n_train=10000, n_val=0,
                                            n_test=1000, seed=1)
     )
     image_size: int = 64
@@ -46,7 +46,7 @@ class TinyClipRecipe:
     projection_dim: int = 128
     vocab_size: int = 400
     max_text_length: int = 32
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 40

@@ -1,0 +1,74 @@
+"""The real app through `flwr run` in a private local simulation (SuperLink + Ray)."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from rcsr_flower.launch import SimulationLauncher, main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def launch(tmp_path, embedded_assets, run_name, **run_config):
+    launcher = SimulationLauncher(
+        app_dir=ROOT, flwr_home=tmp_path / "flwr", num_supernodes=4, cpus_per_client=1,
+        run_config={"cache-dir": str(embedded_assets.root.parent), "eval-max-images": 200,
+                    "partition-clusters": 8, "batch-size": 32, **run_config},
+        timeout=900,
+    )
+    try:
+        launcher.start()
+        result = launcher.run(run_name, tmp_path / "outputs")
+    finally:
+        launcher.stop()
+    assert launcher.process is None and not port_open(launcher.port)
+    return result, tmp_path / "outputs" / run_name
+
+
+def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets):
+    result, out = launch(tmp_path, embedded_assets, "rcsr", **{"num-server-rounds": 2})
+    assert result["status"] == "completed", result.get("error")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    # round 0 is the frozen backbone: centralised zero-shot only
+    zero = rows[0]["global"]
+    assert set(rows[0]) == {"round", "global"} and zero["protocol"] == "standard"
+    assert 0 < zero["rsum"] < 600
+    for row in rows[1:]:
+        assert row["skipped"] is False
+        fused = [w["fused"] for w in row["weights"].values()]
+        assert len(fused) == 2 and abs(sum(fused) - 1) < 1e-5
+        assert row["router_loss"] is not None and row["weight_entropy"] > 0
+        assert set(row["global"]) >= {"i2t_r1", "t2i_r10", "rsum", "protocol"}
+        groups = row["personalized"]["by_group"]
+        assert {"paired", "image-only", "text-only"} <= set(groups)
+        assert row["personalized"]["clients"] == 4
+    partition = json.loads((out / "partition.json").read_text())
+    modalities = sorted(c["modality"] for c in partition["clients"])
+    assert modalities == ["image-only", "paired", "paired", "text-only"]
+    for name in ("config.json", "adapters.safetensors", "prototypes.safetensors",
+                 "router.safetensors", "minimax.json", "result.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["num-server-rounds"] == 2
+
+
+def test_a_failed_run_exits_non_zero(tmp_path, embedded_assets, capsys):
+    code = main([
+        "--app-dir", str(ROOT), "--flwr-home", str(tmp_path / "flwr"),
+        "--num-supernodes", "2", "--output-dir", str(tmp_path / "outputs"),
+        "--run-name", "bad", "--timeout", "300",
+        "-c", "alpha=0.0",
+        "-c", f'cache-dir="{embedded_assets.root.parent}"',
+    ])
+    assert code == 1
+    result = json.loads((tmp_path / "outputs" / "bad" / "result.json").read_text())
+    assert result["status"] == "failed" and "'alpha' = 0.0 is out of range" in result["error"]
+    assert "RUN FAILED" in capsys.readouterr().err
