@@ -22,10 +22,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     node = setup(context.run_config, context.node_config)
     prototypes = msg.content.array_records.get("prototypes")
-    out = handle_train(node, msg.content["arrays"], msg.content["config"], prototypes,
-                       context.state)
-    content = RecordDict({"arrays": ArrayRecord(out["arrays"]),
-                          "metrics": MetricRecord(out["metrics"])})
+    out = handle_train(
+        node, msg.content["arrays"], msg.content["config"], prototypes, context.state
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(out["arrays"]), "metrics": MetricRecord(out["metrics"])}
+    )
     if out["stats"] is not None:
         content["stats"] = ArrayRecord(out["stats"])
     return Message(content, reply_to=msg)

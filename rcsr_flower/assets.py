@@ -80,17 +80,44 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_assets(cache_dir: str | os.PathLike | None = None, *,
-                  force: bool = False) -> EmbeddedAssets:
-    """Return the embedded assets, building whatever is missing (under a lock)."""
+def ensure_assets(
+    cache_dir: str | os.PathLike | None = None, *, force: bool = False, in_process: bool = False
+) -> EmbeddedAssets:
+    """Return the embedded assets, building whatever is missing (under a lock).
+
+    The build runs in a child interpreter unless ``in_process`` (the CLI itself).
+    """
     assets = EmbeddedAssets(cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}")
     if assets.complete and not force:
+        return assets
+    if not in_process:
+        # Build in a fresh interpreter: the caller may be a ServerApp or a Ray actor whose
+        # threads, signal handlers and connections must not be forked by the build's pool.
+        _build_in_subprocess(assets.root.parent, force=force)
+        if not assets.complete:
+            raise RuntimeError(f"building the embedded assets in {assets.root} failed")
         return assets
     with file_lock(assets.root.parent / f"embedded-{ASSETS_VERSION}.lock"):
         if assets.complete and not force:  # another process built them while we waited
             return assets
         _build(assets, force=force)
     return assets
+
+
+def _build_in_subprocess(cache_dir: Path, *, force: bool) -> None:
+    import subprocess
+
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (package_parent, os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    cmd = [sys.executable, "-m", "rcsr_flower.assets", "build", "--cache-dir", str(cache_dir)]
+    if force:
+        cmd.append("--force")
+    subprocess.run(cmd, env=env, check=True)
 
 
 def _build(assets: EmbeddedAssets, *, force: bool) -> None:
@@ -117,11 +144,15 @@ def _build(assets: EmbeddedAssets, *, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rcsr_flower.assets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m rcsr_flower.assets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["build", "info", "path"])
-    parser.add_argument("--cache-dir", default=None, help="default: $RCSR_CACHE_DIR or "
-                        "~/.cache/rcsr-flower")
+    parser.add_argument(
+        "--cache-dir", default=None, help="default: $RCSR_CACHE_DIR or ~/.cache/rcsr-flower"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild from scratch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -129,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cache_root(args.cache_dir) / f"embedded-{ASSETS_VERSION}")
         return 0
     if args.command == "build":
-        assets = ensure_assets(args.cache_dir, force=args.force)
+        assets = ensure_assets(args.cache_dir, force=args.force, in_process=True)
     else:
         assets = EmbeddedAssets(cache_root(args.cache_dir) / f"embedded-{ASSETS_VERSION}")
         if not assets.complete:

@@ -47,11 +47,13 @@ class ClientNode:
     def adapters(self, state: dict[str, torch.Tensor] | None = None) -> AdapterSet:
         """A fresh adapter set on this backbone, loaded from ``state`` when given."""
         cfg = self.cfg
-        adapters = self.backbone.new_adapters(cfg.adapter_layers, cfg.adapter_bottleneck,
-                                              cfg.adapter_init_std)
+        adapters = self.backbone.new_adapters(
+            cfg.adapter_layers, cfg.adapter_bottleneck, cfg.adapter_init_std
+        )
         if state is not None:
-            adapters.load_state_dict({k: v.to(self.backbone.device) for k, v in state.items()},
-                                     strict=True)
+            adapters.load_state_dict(
+                {k: v.to(self.backbone.device) for k, v in state.items()}, strict=True
+            )
         return adapters
 
     def describe(self) -> dict[str, int]:
@@ -64,8 +66,7 @@ class ClientNode:
         }
 
     def seed(self, server_round: int, salt: int = 0) -> int:
-        return (self.cfg.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101
-                + salt)
+        return self.cfg.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
     # -------------------------------------------------------------- personal state
     def personal(self, state: RecordDict) -> AdapterSet | None:
@@ -87,14 +88,18 @@ def setup(run_config, node_config) -> ClientNode:
     except KeyError as exc:
         raise KeyError(
             f"node_config has no {exc}: start each SuperNode with "
-            "--node-config \"partition-id=<i> num-partitions=<N>\""
+            '--node-config "partition-id=<i> num-partitions=<N>"'
         ) from None
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
     data = load_client_data(cfg, backbone, partition_id, num_partitions)
     if len(data.train) < 2:
-        log.warning("client %d holds %d training examples: too few to train; it replies "
-                    "num-examples=%d and the server leaves it out", partition_id,
-                    len(data.train), len(data.train))
+        log.warning(
+            "client %d holds %d training examples: too few to train; it replies "
+            "num-examples=%d and the server leaves it out",
+            partition_id,
+            len(data.train),
+            len(data.train),
+        )
     return ClientNode(cfg, backbone, data, partition_id, num_partitions)
 
 
@@ -102,8 +107,13 @@ def handle_query(node: ClientNode, config: ConfigRecord) -> dict:
     """Bootstrap (SPEC §3): describe the node; paired nodes add their group centroids."""
     out: dict = {"describe": node.describe()}
     if config.get("kind") == "bootstrap":
-        groups = bootstrap_groups(node.backbone, node.data, int(config["prototype-slots"]),
-                                  node.cfg.prototype_samples, node.seed(0))
+        groups = bootstrap_groups(
+            node.backbone,
+            node.data,
+            int(config["prototype-slots"]),
+            node.cfg.prototype_samples,
+            node.seed(0),
+        )
         if groups is not None:
             out["groups"] = groups
     return out
@@ -125,8 +135,13 @@ def settings_from(node: ClientNode, config: ConfigRecord) -> TrainSettings:
     )
 
 
-def handle_train(node: ClientNode, arrays: ArrayRecord, config: ConfigRecord,
-                 prototypes: ArrayRecord | None, state: RecordDict) -> dict:
+def handle_train(
+    node: ClientNode,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    prototypes: ArrayRecord | None,
+    state: RecordDict,
+) -> dict:
     """One client round (SPEC §4): train, then the update's statistics.
 
     Returns ``{"arrays": θ_k, "metrics": {...}, "stats": {...} | None}``; personal
@@ -136,26 +151,52 @@ def handle_train(node: ClientNode, arrays: ArrayRecord, config: ConfigRecord,
     global_state = arrays.to_torch_state_dict()
     shared = node.adapters(global_state)
     personal = node.personal(state)
-    bank = (PrototypeBank.from_tensors(prototypes.to_torch_state_dict())
-            if prototypes is not None else None)
+    bank = (
+        PrototypeBank.from_tensors(prototypes.to_torch_state_dict())
+        if prototypes is not None
+        else None
+    )
     if bank is not None:
-        bank = PrototypeBank(*(t.to(node.backbone.device) for t in
-                               (bank.image, bank.text, bank.g_image, bank.g_text)))
-    result = local_train(node.backbone, shared, personal, node.data, bank,
-                         settings_from(node, config), seed=node.seed(server_round))
+        bank = PrototypeBank(
+            *(
+                t.to(node.backbone.device)
+                for t in (bank.image, bank.text, bank.g_image, bank.g_text)
+            )
+        )
+    result = local_train(
+        node.backbone,
+        shared,
+        personal,
+        node.data,
+        bank,
+        settings_from(node, config),
+        seed=node.seed(server_round),
+    )
     trained = {k: v.detach().cpu() for k, v in shared.state_dict().items()}
     delta = {k: trained[k] - global_state[k].cpu() for k in trained}
 
     stats = None
     if bank is not None:
-        previous = (state.array_records[PREVIOUS_DELTA_KEY].to_torch_state_dict()
-                    if PREVIOUS_DELTA_KEY in state.array_records else None)
-        stats = client_statistics(node.backbone, node.data, shared, bank, delta, previous,
-                                  node.cfg.prototype_samples, node.seed(server_round, 1))
+        previous = (
+            state.array_records[PREVIOUS_DELTA_KEY].to_torch_state_dict()
+            if PREVIOUS_DELTA_KEY in state.array_records
+            else None
+        )
+        stats = client_statistics(
+            node.backbone,
+            node.data,
+            shared,
+            bank,
+            delta,
+            previous,
+            node.cfg.prototype_samples,
+            node.seed(server_round, 1),
+        )
     state[PREVIOUS_DELTA_KEY] = ArrayRecord({k: v.contiguous() for k, v in delta.items()})
     if personal is not None:
         state[PERSONAL_KEY] = ArrayRecord(
-            {k: v.detach().cpu().contiguous() for k, v in personal.state_dict().items()})
+            {k: v.detach().cpu().contiguous() for k, v in personal.state_dict().items()}
+        )
     metrics = {
         "num-examples": int(result["num_examples"]),
         "train-loss": float(result["loss"]),
@@ -168,13 +209,20 @@ def handle_train(node: ClientNode, arrays: ArrayRecord, config: ConfigRecord,
 
 def handle_evaluate(node: ClientNode, arrays: ArrayRecord, state: RecordDict) -> dict:
     """Personalised retrieval (SPEC §6) on the local test split: shared + personal."""
-    metrics: dict = {"num-examples": len(node.data.test),
-                     "modality": MODALITY_CODES[node.data.modality],
-                     "partition-id": node.partition_id}
+    metrics: dict = {
+        "num-examples": len(node.data.test),
+        "modality": MODALITY_CODES[node.data.modality],
+        "partition-id": node.partition_id,
+    }
     if len(node.data.test) >= 2:
         shared = node.adapters(arrays.to_torch_state_dict())
-        recall = evaluate_retrieval(node.backbone, node.data.test, shared, node.personal(state),
-                                    protocol=node.cfg.eval_protocol,
-                                    batch_size=node.cfg.eval_batch_size)
+        recall = evaluate_retrieval(
+            node.backbone,
+            node.data.test,
+            shared,
+            node.personal(state),
+            protocol=node.cfg.eval_protocol,
+            batch_size=node.cfg.eval_batch_size,
+        )
         metrics.update({k: v for k, v in recall.items() if isinstance(v, float)})
     return metrics

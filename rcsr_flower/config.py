@@ -108,9 +108,13 @@ class RunConfig:
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name not in fields:
-                close = [k.replace("_", "-") for k in fields if k.split("_")[0] == name.split("_")[0]]
+                close = [
+                    k.replace("_", "-") for k in fields if k.split("_")[0] == name.split("_")[0]
+                ]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(f"unknown run-config key '{key}'{hint}; see docs/configuration.md")
+                raise ConfigError(
+                    f"unknown run-config key '{key}'{hint}; see docs/configuration.md"
+                )
             values[name] = _coerce(key, value, fields[name])
         config = cls(**values)
         config.validate()
@@ -142,7 +146,8 @@ class RunConfig:
                     lo_s = "-inf" if lo is None else f"{lo:g}"
                     hi_s = "inf)" if hi is None else f"{hi:g}]"
                     raise ConfigError(
-                        f"run-config '{key}' = {value!r} is out of range: allowed {left}{lo_s}, {hi_s}"
+                        f"run-config '{key}' = {value!r} is out of range: "
+                        f"allowed {left}{lo_s}, {hi_s}"
                     )
         if self.adapter_layers != "all" and not (
             self.adapter_layers.isdigit() and int(self.adapter_layers) > 0
@@ -197,8 +202,11 @@ class RunConfig:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Accept TOML's types; ints for floats; reject anything else with a clear message."""
-    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
-                                                      "bool": bool}[f.type]
+    kind = (
+        f.type
+        if isinstance(f.type, type)
+        else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    )
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -214,6 +222,5 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and f.name == "adapter_layers":
             return str(value)
     raise ConfigError(
-        f"run-config '{key}' = {value!r} has type {type(value).__name__}; "
-        f"expected {kind.__name__}"
+        f"run-config '{key}' = {value!r} has type {type(value).__name__}; expected {kind.__name__}"
     )

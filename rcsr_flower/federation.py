@@ -49,14 +49,19 @@ def global_test_set(cfg: RunConfig) -> ImageCaptionDataset:
 
 
 @torch.no_grad()
-def caption_embeddings(backbone: Backbone, dataset: ImageCaptionDataset,
-                       batch_size: int = 512) -> np.ndarray:
+def caption_embeddings(
+    backbone: Backbone, dataset: ImageCaptionDataset, batch_size: int = 512
+) -> np.ndarray:
     """Per item: the normalised mean of its frozen-backbone caption embeddings."""
     captions = [dataset.captions(i) for i in range(len(dataset))]
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    z = torch.cat([backbone.text_features(backbone.tokenize(flat[s:s + batch_size])).cpu()
-                   for s in range(0, len(flat), batch_size)])
+    z = torch.cat(
+        [
+            backbone.text_features(backbone.tokenize(flat[s : s + batch_size])).cpu()
+            for s in range(0, len(flat), batch_size)
+        ]
+    )
     sums = torch.zeros(len(captions), z.shape[1]).index_add_(0, owner, z)
     return torch.nn.functional.normalize(sums, dim=-1).numpy()
 
@@ -83,8 +88,12 @@ def partition_key(cfg: RunConfig, backbone: Backbone, num_partitions: int) -> st
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_partition(cfg: RunConfig, backbone: Backbone, num_partitions: int,
-                   train: ImageCaptionDataset | None = None) -> Partition:
+def load_partition(
+    cfg: RunConfig,
+    backbone: Backbone,
+    num_partitions: int,
+    train: ImageCaptionDataset | None = None,
+) -> Partition:
     """The run's partition: cached by key, computed once under a lock."""
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")

@@ -90,26 +90,39 @@ class SimulationLauncher:
         self._write_config()
         log_file = self.flwr_home / "superlink.log"
         cmd = [
-            "flower-superlink", "--insecure", "--simulation",
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
-            "--database", str(self.flwr_home / "state.db"),
-            "--log-file", str(log_file),
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--database",
+            str(self.flwr_home / "state.db"),
+            "--log-file",
+            str(log_file),
             "--disable-runtime-dependency-installation",
         ]
         exe = Path(sys.executable).parent / "flower-superlink"
         if exe.exists():
             cmd[0] = str(exe)
         self.process = subprocess.Popen(
-            cmd, env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cmd,
+            env=self._env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode};"
-                                   f" see {log_file}")
+                raise RuntimeError(
+                    f"flower-superlink exited with code {self.process.returncode}; see {log_file}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
                     return
@@ -143,13 +156,19 @@ class SimulationLauncher:
         """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
         overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
         cmd = [
-            sys.executable, "-m", "flwr.cli.app", "run", str(self.app_dir), CONNECTION,
+            sys.executable,
+            "-m",
+            "flwr.cli.app",
+            "run",
+            str(self.app_dir),
+            CONNECTION,
             "--stream",
             "--federation-config",
             f"num-supernodes={self.num_supernodes} "
             f"client-resources-num-cpus={self.cpus_per_client} "
             f"client-resources-num-gpus={self.gpus_per_client}",
-            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()),
+            "--run-config",
+            " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()),
         ]
         for raw in self.raw_run_config:
             cmd[-2:-2] = ["--run-config", raw]
@@ -169,14 +188,20 @@ class SimulationLauncher:
         elif code != 0 and result.get("status") == "completed":
             result = {**result, "status": "failed", "error": f"flwr run exited {code}"}
         if result.get("status") == "running":
-            result = {**result, "status": "failed",
-                      "error": "the run ended without finishing (see superlink.log)"}
+            result = {
+                **result,
+                "status": "failed",
+                "error": "the run ended without finishing (see superlink.log)",
+            }
         return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rcsr_flower.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m rcsr_flower.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--app-dir", default=".")
     parser.add_argument("--flwr-home", default=".flwr")
     parser.add_argument("--num-supernodes", type=int, default=10)
@@ -185,16 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="outputs")
     parser.add_argument("--run-name", default="")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument("-c", "--run-config", action="append", default=[],
-                        help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"')
+    parser.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"',
+    )
     args = parser.parse_args(argv)
 
     run_name = args.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     output_dir = Path(args.output_dir).resolve()
     launcher = SimulationLauncher(
-        app_dir=Path(args.app_dir), flwr_home=Path(args.flwr_home),
-        num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client,
-        gpus_per_client=args.gpus_per_client, raw_run_config=args.run_config,
+        app_dir=Path(args.app_dir),
+        flwr_home=Path(args.flwr_home),
+        num_supernodes=args.num_supernodes,
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        raw_run_config=args.run_config,
         timeout=args.timeout,
     )
     try:
@@ -204,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         launcher.stop()
     run_path = output_dir / run_name
     if result.get("status") != "completed":
-        print(f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
-              f"SuperLink log: {launcher.flwr_home / 'superlink.log'}", file=sys.stderr)
+        print(
+            f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
+            f"SuperLink log: {launcher.flwr_home / 'superlink.log'}",
+            file=sys.stderr,
+        )
         return 1
     print(f"\nrun completed in {result.get('seconds')} s: {run_path}")
     return 0

@@ -29,18 +29,23 @@ def assign_slots(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     return (z @ prototypes.T).argmax(dim=1)
 
 
-def anchor_ce(z: torch.Tensor, other_prototypes: torch.Tensor, slots: torch.Tensor,
-              temperature: float) -> torch.Tensor:
+def anchor_ce(
+    z: torch.Tensor, other_prototypes: torch.Tensor, slots: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Prototype anchoring: CE of ``softmax(z·P_otherᵀ/τ_p)`` against the sample's slot."""
     return F.cross_entropy(z @ other_prototypes.T / temperature, slots)
 
 
-def proto_alignment(z_i: torch.Tensor, z_t: torch.Tensor, p_image: torch.Tensor,
-                    p_text: torch.Tensor, temperature: float) -> torch.Tensor:
+def proto_alignment(
+    z_i: torch.Tensor,
+    z_t: torch.Tensor,
+    p_image: torch.Tensor,
+    p_text: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """``L_proto`` on a paired batch: both anchoring terms, slots from the text side."""
     slots = assign_slots(z_t, p_text)
-    return (anchor_ce(z_i, p_text, slots, temperature)
-            + anchor_ce(z_t, p_image, slots, temperature))
+    return anchor_ce(z_i, p_text, slots, temperature) + anchor_ce(z_t, p_image, slots, temperature)
 
 
 def prox(params: Iterable[torch.Tensor], anchors: Iterable[torch.Tensor]) -> torch.Tensor:

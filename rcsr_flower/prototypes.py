@@ -43,8 +43,14 @@ class PrototypeBank:
 
     # ------------------------------------------------------------------ bootstrap
     @classmethod
-    def bootstrap(cls, image_means: Sequence[torch.Tensor], text_means: Sequence[torch.Tensor],
-                  counts: Sequence[torch.Tensor], num_slots: int, seed: int = 0) -> PrototypeBank:
+    def bootstrap(
+        cls,
+        image_means: Sequence[torch.Tensor],
+        text_means: Sequence[torch.Tensor],
+        counts: Sequence[torch.Tensor],
+        num_slots: int,
+        seed: int = 0,
+    ) -> PrototypeBank:
         """Count-weighted k-means over the paired clients' joint group centroids.
 
         Each paired client sent, per local group, its image mean, text mean and count.
@@ -64,9 +70,11 @@ class PrototypeBank:
         img, txt, cnt = img[keep], txt[keep], cnt[keep]
         joint = normalize(img + txt).numpy()
         k = min(num_slots, len(joint))
-        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(
-            joint, sample_weight=cnt.numpy()
-        ).labels_
+        labels = (
+            KMeans(n_clusters=k, n_init=4, random_state=seed)
+            .fit(joint, sample_weight=cnt.numpy())
+            .labels_
+        )
         onehot = torch.zeros(len(joint), k, dtype=torch.float64)
         onehot[torch.arange(len(joint)), torch.as_tensor(labels)] = 1.0
         weighted = onehot * cnt[:, None]
@@ -81,9 +89,14 @@ class PrototypeBank:
         )
 
     # ------------------------------------------------------------------ server update
-    def update(self, weights: Sequence[float], stats: Sequence[SlotStats],
-               client_image: Sequence[torch.Tensor | None],
-               client_text: Sequence[torch.Tensor | None], momentum: float = 0.95) -> None:
+    def update(
+        self,
+        weights: Sequence[float],
+        stats: Sequence[SlotStats],
+        client_image: Sequence[torch.Tensor | None],
+        client_text: Sequence[torch.Tensor | None],
+        momentum: float = 0.95,
+    ) -> None:
         """SPEC §3 server update with the fused weights ``w``.
 
         Per modality and slot with mass: ``P[c] <- normalize(m·P[c] + (1-m)·mean_c)``,
@@ -96,8 +109,11 @@ class PrototypeBank:
         for side in ("image", "text"):
             sums = [getattr(s, f"{side}_sum") for s in stats]
             counts = [getattr(s, f"{side}_count") for s in stats]
-            holders = [i for i, (s, c) in enumerate(zip(sums, counts, strict=True))
-                       if s is not None and c is not None]
+            holders = [
+                i
+                for i, (s, c) in enumerate(zip(sums, counts, strict=True))
+                if s is not None and c is not None
+            ]
             if not holders:
                 continue
             num = sum(w[i] * sums[i].double() for i in holders)
@@ -135,13 +151,21 @@ class PrototypeBank:
 
     # ------------------------------------------------------------------ transport
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"image": self.image, "text": self.text, "g_image": self.g_image,
-                "g_text": self.g_text}
+        return {
+            "image": self.image,
+            "text": self.text,
+            "g_image": self.g_image,
+            "g_text": self.g_text,
+        }
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> PrototypeBank:
         missing = {"image", "text", "g_image", "g_text"} - set(t)
         if missing:
             raise ValueError(f"prototype bank is missing {sorted(missing)}")
-        return cls(image=t["image"].float(), text=t["text"].float(),
-                   g_image=t["g_image"].float(), g_text=t["g_text"].float())
+        return cls(
+            image=t["image"].float(),
+            text=t["text"].float(),
+            g_image=t["g_image"].float(),
+            g_text=t["g_text"].float(),
+        )

@@ -42,8 +42,9 @@ class RouterBetas:
 class RetrievalTask:
     """Implements :class:`~rcsr_flower.routing.task.RoutedTask` for image–text retrieval."""
 
-    def __init__(self, bank: PrototypeBank, betas: RouterBetas | None = None,
-                 momentum: float = 0.95) -> None:
+    def __init__(
+        self, bank: PrototypeBank, betas: RouterBetas | None = None, momentum: float = 0.95
+    ) -> None:
         self.bank = bank
         self.betas = betas or RouterBetas()
         self.momentum = momentum
@@ -88,8 +89,10 @@ class RetrievalTask:
             s = get(f"{side}_sum", (c, d), optional=True)
             n = get(f"{side}_count", (c,), optional=True)
             if bool(mask[i]) != (s is not None and n is not None):
-                raise ReplyError(f"mask says has-{side}={int(mask[i])} but {side} slot "
-                                 "statistics are " + ("missing" if mask[i] else "present"))
+                raise ReplyError(
+                    f"mask says has-{side}={int(mask[i])} but {side} slot "
+                    "statistics are " + ("missing" if mask[i] else "present")
+                )
             if n is not None and (n < 0).any():
                 raise ReplyError(f"'{side}_count' has negative counts")
             sides[side] = (s, n)
@@ -121,20 +124,27 @@ class RetrievalTask:
         )
 
     # ------------------------------------------------------------------ step 7
-    def router_objective(self, w_router: torch.Tensor,
-                         reports: list[ClientReport]) -> torch.Tensor:
+    def router_objective(self, w_router: torch.Tensor, reports: list[ClientReport]) -> torch.Tensor:
         p_i = torch.stack([r.summary.p_image for r in reports])
         p_t = torch.stack([r.summary.p_text for r in reports])
         return router_loss(w_router, p_i, p_t, self.bank.g_image, self.bank.g_text, self.betas)
 
     def state_records(self) -> dict[str, ArrayRecord]:
-        return {"prototypes": ArrayRecord(
-            {k: v.contiguous() for k, v in self.bank.to_tensors().items()})}
+        return {
+            "prototypes": ArrayRecord(
+                {k: v.contiguous() for k, v in self.bank.to_tensors().items()}
+            )
+        }
 
 
-def router_loss(w: torch.Tensor, p_image: torch.Tensor, p_text: torch.Tensor,
-                g_image: torch.Tensor, g_text: torch.Tensor,
-                betas: RouterBetas) -> torch.Tensor:
+def router_loss(
+    w: torch.Tensor,
+    p_image: torch.Tensor,
+    p_text: torch.Tensor,
+    g_image: torch.Tensor,
+    g_text: torch.Tensor,
+    betas: RouterBetas,
+) -> torch.Tensor:
     """SPEC §5 step 7.
 
     ``softplus(β1(1−cos(ĝ_I,g_I)) + β2(1−cos(ĝ_T,g_T)) − β4·H(w) + β5·A)`` with
@@ -148,8 +158,10 @@ def router_loss(w: torch.Tensor, p_image: torch.Tensor, p_text: torch.Tensor,
     a_hat = F.normalize(w @ a, dim=0)
     axis = F.normalize(g_image - g_text, dim=0)
     align = 0.5 * (1 - a_hat @ axis) + 0.5 * (w * (1 - a @ a_hat)).sum()
-    inner = (betas.image * (1 - g_hat_i @ F.normalize(g_image, dim=0))
-             + betas.text * (1 - g_hat_t @ F.normalize(g_text, dim=0))
-             - betas.entropy * entropy(w)
-             + betas.axis * align)
+    inner = (
+        betas.image * (1 - g_hat_i @ F.normalize(g_image, dim=0))
+        + betas.text * (1 - g_hat_t @ F.normalize(g_text, dim=0))
+        - betas.entropy * entropy(w)
+        + betas.axis * align
+    )
     return F.softplus(inner)

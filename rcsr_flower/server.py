@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 def query_nodes(grid: Grid, cfg: RunConfig, bootstrap: bool) -> list[dict]:
     """One QUERY round to every connected node; failures are logged and skipped."""
     node_ids = _wait_for_nodes(grid, cfg.min_available_nodes)
-    config = ConfigRecord({"kind": "bootstrap" if bootstrap else "describe",
-                           "prototype-slots": cfg.prototype_slots})
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
-                        message_type=MessageType.QUERY) for node in node_ids]
+    config = ConfigRecord(
+        {"kind": "bootstrap" if bootstrap else "describe", "prototype-slots": cfg.prototype_slots}
+    )
+    messages = [
+        Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in node_ids
+    ]
     info = []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
@@ -58,8 +61,10 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[in
     start = time.monotonic()
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() - start > timeout:
-            raise RuntimeError(f"only {len(nodes)} nodes connected after {timeout:.0f} s; "
-                               f"min-available-nodes is {minimum}")
+            raise RuntimeError(
+                f"only {len(nodes)} nodes connected after {timeout:.0f} s; "
+                f"min-available-nodes is {minimum}"
+            )
         time.sleep(1.0)
     return nodes
 
@@ -68,8 +73,11 @@ def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
     """SPEC §3: count-weighted k-means over the paired clients' group centroids."""
     groups = [n["groups"] for n in nodes if "groups" in n]
     return PrototypeBank.bootstrap(
-        [g["image_means"] for g in groups], [g["text_means"] for g in groups],
-        [g["counts"] for g in groups], cfg.prototype_slots, seed=cfg.seed,
+        [g["image_means"] for g in groups],
+        [g["text_means"] for g in groups],
+        [g["counts"] for g in groups],
+        cfg.prototype_slots,
+        seed=cfg.seed,
     )
 
 
@@ -84,23 +92,29 @@ def run_server(grid: Grid, context: Context) -> None:
         write_json(out / "config.json", cfg.to_flower())
         _run(grid, cfg, out)
     except BaseException as exc:
-        write_json(out / "result.json", {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-            "seconds": round(time.time() - started, 1),
-        })
+        write_json(
+            out / "result.json",
+            {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+                "seconds": round(time.time() - started, 1),
+            },
+        )
         raise
     rows = MetricsLog(out / "metrics.jsonl").rows
     final = next((r["global"] for r in reversed(rows) if "global" in r), None)
-    write_json(out / "result.json", {
-        "status": "completed",
-        "seconds": round(time.time() - started, 1),
-        "rounds": int(raw["num-server-rounds"]),
-        "strategy": str(raw["strategy"]),
-        "zero_shot_global": rows[0].get("global") if rows else None,
-        "final_global": final,
-    })
+    write_json(
+        out / "result.json",
+        {
+            "status": "completed",
+            "seconds": round(time.time() - started, 1),
+            "rounds": int(raw["num-server-rounds"]),
+            "strategy": str(raw["strategy"]),
+            "zero_shot_global": rows[0].get("global") if rows else None,
+            "final_global": final,
+        },
+    )
     print(f"\nrcsr-flower run finished: {out}\n{summary_table(rows)}", flush=True)
 
 
@@ -123,35 +137,51 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
     task = None
     if cfg.routed:
         bank = bootstrap_bank(nodes, cfg)
-        log.info("prototype bank: %d slots from %d paired clients", bank.slots,
-                 sum("groups" in n for n in nodes))
-        task = RetrievalTask(bank, RouterBetas(cfg.beta_image, cfg.beta_text,
-                                               cfg.beta_entropy, cfg.beta_axis),
-                             momentum=cfg.prototype_momentum)
+        log.info(
+            "prototype bank: %d slots from %d paired clients",
+            bank.slots,
+            sum("groups" in n for n in nodes),
+        )
+        task = RetrievalTask(
+            bank,
+            RouterBetas(cfg.beta_image, cfg.beta_text, cfg.beta_entropy, cfg.beta_axis),
+            momentum=cfg.prototype_momentum,
+        )
 
     test = preprocess_split(backbone, global_test_set(cfg))
-    template = backbone.new_adapters(cfg.adapter_layers, cfg.adapter_bottleneck,
-                                     cfg.adapter_init_std)
+    template = backbone.new_adapters(
+        cfg.adapter_layers, cfg.adapter_bottleneck, cfg.adapter_init_std
+    )
     initial = ArrayRecord({k: v.detach().cpu() for k, v in template.state_dict().items()})
 
     def evaluate(arrays: ArrayRecord) -> dict:
         template.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        return evaluate_retrieval(backbone, test, template, protocol=cfg.eval_protocol,
-                                  batch_size=cfg.eval_batch_size)
+        return evaluate_retrieval(
+            backbone, test, template, protocol=cfg.eval_protocol, batch_size=cfg.eval_batch_size
+        )
 
     metrics_log = MetricsLog(out / "metrics.jsonl")
     strategy = RCSRStrategy(
         task,
         RoutingOptions(
-            mode=cfg.strategy, router=cfg.router, minimax=cfg.minimax,
-            router_hidden=cfg.router_hidden, router_heads=cfg.router_heads,
-            router_blocks=cfg.router_blocks, router_dropout=cfg.router_dropout,
-            router_lr=cfg.router_lr, minimax_eta=cfg.minimax_eta,
-            minimax_tau=cfg.minimax_tau, min_valid_replies=cfg.min_train_nodes,
-            seed=cfg.seed, lr_schedule=cfg.lr_at,
+            mode=cfg.strategy,
+            router=cfg.router,
+            minimax=cfg.minimax,
+            router_hidden=cfg.router_hidden,
+            router_heads=cfg.router_heads,
+            router_blocks=cfg.router_blocks,
+            router_dropout=cfg.router_dropout,
+            router_lr=cfg.router_lr,
+            minimax_eta=cfg.minimax_eta,
+            minimax_tau=cfg.minimax_tau,
+            min_valid_replies=cfg.min_train_nodes,
+            seed=cfg.seed,
+            lr_schedule=cfg.lr_at,
             client_config={
-                "anchoring": cfg.uses_anchoring, "prox-mu": cfg.client_prox_mu,
-                "lambda-anchor": cfg.lambda_anchor, "lambda-align": cfg.lambda_align,
+                "anchoring": cfg.uses_anchoring,
+                "prox-mu": cfg.client_prox_mu,
+                "lambda-anchor": cfg.lambda_anchor,
+                "lambda-align": cfg.lambda_align,
             },
         ),
         num_clients=num_partitions,
@@ -167,23 +197,27 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log,
-                                     evaluate),
+        evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate),
     )
     save_state(out, result.arrays or initial, strategy)
 
 
 def save_state(out: Path, arrays: ArrayRecord, strategy: RCSRStrategy) -> None:
     """Final adapters, prototype bank and router (safetensors) + minimax state (JSON)."""
-    save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
-              str(out / "adapters.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
+        str(out / "adapters.safetensors"),
+    )
     if strategy.task is not None:
-        save_file({k: v.contiguous() for k, v in strategy.task.bank.to_tensors().items()},
-                  str(out / "prototypes.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in strategy.task.bank.to_tensors().items()},
+            str(out / "prototypes.safetensors"),
+        )
     if strategy.router is not None:
-        save_file({k: v.contiguous() for k, v in strategy.router.state_dict().items()},
-                  str(out / "router.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in strategy.router.state_dict().items()},
+            str(out / "router.safetensors"),
+        )
     if strategy.minimax is not None:
         write_json(out / "minimax.json", strategy.minimax.state())
     write_json(out / "history.json", json.loads(json.dumps(strategy.history, default=float)))
-

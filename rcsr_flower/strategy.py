@@ -45,7 +45,9 @@ SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 # ============================================================================ pure steps
 def validate_replies(
-    replies: Iterable[Message], template: ArrayRecord, task: RoutedTask | None,
+    replies: Iterable[Message],
+    template: ArrayRecord,
+    task: RoutedTask | None,
     min_examples: int = 1,
 ) -> tuple[list[ClientReport], list[tuple[int, str]]]:
     """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``."""
@@ -68,8 +70,10 @@ def validate_replies(
                 raise ReplyError(f"'arrays' keys differ from the global adapters: {diff}")
             for k, (shape, dtype) in expected.items():
                 if got[k] != (shape, dtype):
-                    raise ReplyError(f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
-                                     f"expected {dtype}{list(shape)}")
+                    raise ReplyError(
+                        f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
+                        f"expected {dtype}{list(shape)}"
+                    )
                 if not np.isfinite(arrays[k].numpy()).all():
                     raise ReplyError(f"'arrays.{k}' has non-finite values")
             for key in ("num-examples", "train-loss", "partition-id"):
@@ -81,20 +85,21 @@ def validate_replies(
             if not isinstance(n, int) or n < min_examples:
                 raise ReplyError(f"num-examples is {n}: nothing trained")
             summary = task.parse_reply(content) if task is not None else None
-            reports.append(ClientReport(node, int(metrics["partition-id"]), n, loss, arrays,
-                                        summary))
+            reports.append(
+                ClientReport(node, int(metrics["partition-id"]), n, loss, arrays, summary)
+            )
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
             dropped.append((node, str(exc)))
     return reports, dropped
 
 
-def updates_of(reports: list[ClientReport], global_arrays: ArrayRecord
-               ) -> list[dict[str, torch.Tensor]]:
+def updates_of(
+    reports: list[ClientReport], global_arrays: ArrayRecord
+) -> list[dict[str, torch.Tensor]]:
     """``Δ_k = θ_k − θ`` per client, as tensors."""
     theta = global_arrays.to_torch_state_dict()
-    return [{k: v - theta[k] for k, v in r.arrays.to_torch_state_dict().items()}
-            for r in reports]
+    return [{k: v - theta[k] for k, v in r.arrays.to_torch_state_dict().items()} for r in reports]
 
 
 def sample_weights(reports: list[ClientReport]) -> torch.Tensor:
@@ -106,8 +111,14 @@ def aggregate(reports: list[ClientReport], weights: torch.Tensor | None) -> Arra
     """Step 5: ``θ <- θ + Σ_k w_k Δ_k`` = ``Σ_k w_k θ_k`` (Σ w = 1), with Flower's own
     ``aggregate_arrayrecords``; ``weights=None`` means FedAvg's ``num-examples``."""
     records = [
-        RecordDict({"arrays": r.arrays, "metrics": MetricRecord(
-            {"w": r.num_examples if weights is None else float(weights[i])})})
+        RecordDict(
+            {
+                "arrays": r.arrays,
+                "metrics": MetricRecord(
+                    {"w": r.num_examples if weights is None else float(weights[i])}
+                ),
+            }
+        )
         for i, r in enumerate(reports)
     ]
     return aggregate_arrayrecords(records, "w")
@@ -131,7 +142,8 @@ def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict
 
     out = stats([m for _, m in per_client])
     out["by_group"] = {
-        name: group for name in MODALITY_NAMES
+        name: group
+        for name in MODALITY_NAMES
         if (group := stats([m for mod, m in per_client if mod == name]))
     }
     return out
@@ -165,8 +177,14 @@ class RoutingOptions:
 class RCSRStrategy(FedAvg):
     """RCSR on Flower's message API; also FedAvg / FedProx / FedPer via ``options.mode``."""
 
-    def __init__(self, task: RoutedTask | None, options: RoutingOptions, num_clients: int,
-                 metrics_log: MetricsLog | None = None, **fedavg_kwargs) -> None:
+    def __init__(
+        self,
+        task: RoutedTask | None,
+        options: RoutingOptions,
+        num_clients: int,
+        metrics_log: MetricsLog | None = None,
+        **fedavg_kwargs,
+    ) -> None:
         super().__init__(**fedavg_kwargs)
         self.task = task if options.routed else None
         self.options = options
@@ -175,19 +193,27 @@ class RCSRStrategy(FedAvg):
         self.current: ArrayRecord | None = None
         self.router: SemanticRouter | None = None
         self.router_opt: torch.optim.Optimizer | None = None
-        self.minimax = (MinimaxWeights(num_clients, options.minimax_eta, options.minimax_tau)
-                        if options.routed and options.minimax else None)
+        self.minimax = (
+            MinimaxWeights(num_clients, options.minimax_eta, options.minimax_tau)
+            if options.routed and options.minimax
+            else None
+        )
         if self.task is not None and options.router:
             torch.manual_seed(options.seed)
-            self.router = SemanticRouter(self.task.token_dim, options.router_hidden,
-                                         options.router_heads, options.router_blocks,
-                                         options.router_dropout)
+            self.router = SemanticRouter(
+                self.task.token_dim,
+                options.router_hidden,
+                options.router_heads,
+                options.router_blocks,
+                options.router_dropout,
+            )
             self.router_opt = torch.optim.Adam(self.router.parameters(), lr=options.router_lr)
         self.history: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ configure
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays
         config = ConfigRecord({**dict(config), **self.options.client_config})
         if self.options.lr_schedule is not None:
@@ -200,16 +226,21 @@ class RCSRStrategy(FedAvg):
         return messages
 
     # ------------------------------------------------------------------ aggregate
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         # 1. validate
         reports, dropped = validate_replies(replies, self.current, self.task)
         record: dict = {"dropped": {str(n): why for n, why in dropped}}
         if len(reports) < max(self.options.min_valid_replies, 1):
-            log.warning("round %d skipped: %d valid replies (minimum %d); global adapters "
-                        "unchanged", server_round, len(reports), self.options.min_valid_replies)
+            log.warning(
+                "round %d skipped: %d valid replies (minimum %d); global adapters unchanged",
+                server_round,
+                len(reports),
+                self.options.min_valid_replies,
+            )
             self._record(server_round, {**record, "skipped": True})
             return None, None
 
@@ -237,24 +268,26 @@ class RCSRStrategy(FedAvg):
         # 8. record
         record.update(
             skipped=False,
-            weights={str(r.client_id): {k: float(v[i]) for k, v in weights.items()}
-                     for i, r in enumerate(reports)},
+            weights={
+                str(r.client_id): {k: float(v[i]) for k, v in weights.items()}
+                for i, r in enumerate(reports)
+            },
             router_loss=router_loss,
             weight_entropy=float(entropy(weights["fused"])),
-            train_loss=float(sum(r.loss * r.num_examples for r in reports)
-                             / sum(r.num_examples for r in reports)),
+            train_loss=float(
+                sum(r.loss * r.num_examples for r in reports) / sum(r.num_examples for r in reports)
+            ),
         )
         self._record(server_round, record)
-        metrics = MetricRecord({"train-loss": record["train_loss"],
-                                "num-clients": len(reports)})
+        metrics = MetricRecord({"train-loss": record["train_loss"], "num-clients": len(reports)})
         return arrays, metrics
 
-    def _router_weights(self, reports: list[ClientReport],
-                        updates: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _router_weights(
+        self, reports: list[ClientReport], updates: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
         if self.router is None:
             return sample_weights(reports)
-        tokens = torch.stack([self.task.token(r, u) for r, u in zip(reports, updates,
-                                                                       strict=True)])
+        tokens = torch.stack([self.task.token(r, u) for r, u in zip(reports, updates, strict=True)])
         self.router.train()
         return self.router(tokens)
 
@@ -279,13 +312,15 @@ class RCSRStrategy(FedAvg):
             self.metrics_log.add(server_round, **record)
 
     # ------------------------------------------------------------------ evaluate
-    def aggregate_evaluate(self, server_round: int,
-                           replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         per_client = []
         for msg in replies:
             if msg.has_error():
-                log.warning("evaluate: node %d failed: %s", msg.metadata.src_node_id,
-                            msg.error.reason)
+                log.warning(
+                    "evaluate: node %d failed: %s", msg.metadata.src_node_id, msg.error.reason
+                )
                 continue
             m = msg.content.metric_records.get("metrics")
             if m is None or "rsum" not in m:
@@ -299,15 +334,18 @@ class RCSRStrategy(FedAvg):
         return MetricRecord({f"personalized-{k}": v for k, v in summary["mean"].items()})
 
 
-def make_evaluate_fn(num_rounds: int, eval_every: int, metrics_log: MetricsLog,
-                     evaluate: Callable[[ArrayRecord], dict]) -> Callable:
+def make_evaluate_fn(
+    num_rounds: int,
+    eval_every: int,
+    metrics_log: MetricsLog,
+    evaluate: Callable[[ArrayRecord], dict],
+) -> Callable:
     """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
 
     It is the last hook of each round, so it also writes the round's record."""
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        due = server_round in (0, num_rounds) or (eval_every > 0
-                                                  and server_round % eval_every == 0)
+        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
         result = None
         if due:
             metrics = evaluate(arrays)

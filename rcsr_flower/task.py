@@ -59,8 +59,14 @@ class ClientData:
         return self.modality != "image-only"
 
 
-def preprocess_split(backbone: Backbone, dataset: ImageCaptionDataset, *, images: bool = True,
-                     texts: bool = True, chunk: int = 256) -> SplitTensors:
+def preprocess_split(
+    backbone: Backbone,
+    dataset: ImageCaptionDataset,
+    *,
+    images: bool = True,
+    texts: bool = True,
+    chunk: int = 256,
+) -> SplitTensors:
     """Decode and preprocess only the modalities the holder has (a missing one stays None)."""
     pixels = None
     if images and len(dataset):
@@ -77,8 +83,9 @@ _DATA_CACHE: dict[tuple, ClientData] = {}
 _DATA_LOCK = threading.Lock()
 
 
-def load_client_data(cfg: RunConfig, backbone: Backbone, partition_id: int,
-                     num_partitions: int) -> ClientData:
+def load_client_data(
+    cfg: RunConfig, backbone: Backbone, partition_id: int, num_partitions: int
+) -> ClientData:
     """The client's partition, preprocessed once per process (Ray reuses actors)."""
     from rcsr_flower.federation import load_partition, open_split, partition_key
 
@@ -112,23 +119,33 @@ def load_client_data(cfg: RunConfig, backbone: Backbone, partition_id: int,
 
 # ---------------------------------------------------------------------------- embedding
 @torch.no_grad()
-def embed_split(backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None,
-                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def embed_split(
+    backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z_I [N,d], z_T [M,d], caption->image index [M])`` of a paired split."""
     if split.pixels is None or split.captions is None:
         raise ValueError("retrieval evaluation needs both modalities of the split")
-    z_i = torch.cat([backbone.image_features(b, *adapters).cpu()
-                     for b in split.pixels.split(batch_size)])
+    z_i = torch.cat(
+        [backbone.image_features(b, *adapters).cpu() for b in split.pixels.split(batch_size)]
+    )
     flat = [c for caps in split.captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
-    z_t = torch.cat([backbone.text_features(backbone.tokenize(flat[s:s + batch_size]),
-                                            *adapters).cpu()
-                     for s in range(0, len(flat), batch_size)])
+    z_t = torch.cat(
+        [
+            backbone.text_features(backbone.tokenize(flat[s : s + batch_size]), *adapters).cpu()
+            for s in range(0, len(flat), batch_size)
+        ]
+    )
     return z_i, z_t, owner
 
 
-def evaluate_retrieval(backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None,
-                       protocol: str = "standard", batch_size: int = 256) -> dict:
+def evaluate_retrieval(
+    backbone: Backbone,
+    split: SplitTensors,
+    *adapters: AdapterSet | None,
+    protocol: str = "standard",
+    batch_size: int = 256,
+) -> dict:
     """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split."""
     was_training = [a.training for a in adapters if a is not None]
     for a in adapters:
@@ -168,16 +185,23 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     return out
 
 
-def pick_captions(captions: Sequence[list[str]], idx: torch.Tensor,
-                  generator: torch.Generator) -> list[str]:
+def pick_captions(
+    captions: Sequence[list[str]], idx: torch.Tensor, generator: torch.Generator
+) -> list[str]:
     """One caption per image, drawn at random each epoch."""
     draws = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
     return [captions[i][d % len(captions[i])] for i, d in zip(idx.tolist(), draws, strict=True)]
 
 
-def client_loss(backbone: Backbone, data: ClientData, idx: torch.Tensor,
-                adapters: Sequence[AdapterSet | None], bank: PrototypeBank | None,
-                settings: TrainSettings, generator: torch.Generator) -> torch.Tensor | None:
+def client_loss(
+    backbone: Backbone,
+    data: ClientData,
+    idx: torch.Tensor,
+    adapters: Sequence[AdapterSet | None],
+    bank: PrototypeBank | None,
+    settings: TrainSettings,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
     """SPEC §4 loss of one batch by modality, without ``L_prox`` (added by the caller).
 
     A missing modality's tower is never run. Returns None when the client has no loss
@@ -191,7 +215,8 @@ def client_loss(backbone: Backbone, data: ClientData, idx: torch.Tensor,
         loss = losses.info_nce_sym(z_i, z_t, settings.temperature)
         if anchor and settings.lambda_align > 0:
             loss = loss + settings.lambda_align * losses.proto_alignment(
-                z_i, z_t, bank.image, bank.text, settings.proto_temperature)
+                z_i, z_t, bank.image, bank.text, settings.proto_temperature
+            )
         return loss
     if not anchor:
         return None
@@ -203,13 +228,18 @@ def client_loss(backbone: Backbone, data: ClientData, idx: torch.Tensor,
         z = backbone.text_features(backbone.tokenize(texts), *adapters)
         own, other = bank.text, bank.image
     slots = losses.assign_slots(z.detach(), own)
-    return settings.lambda_anchor * losses.anchor_ce(z, other, slots,
-                                                     settings.proto_temperature)
+    return settings.lambda_anchor * losses.anchor_ce(z, other, slots, settings.proto_temperature)
 
 
-def local_train(backbone: Backbone, shared: AdapterSet, personal: AdapterSet | None,
-                data: ClientData, bank: PrototypeBank | None, settings: TrainSettings,
-                seed: int) -> dict:
+def local_train(
+    backbone: Backbone,
+    shared: AdapterSet,
+    personal: AdapterSet | None,
+    data: ClientData,
+    bank: PrototypeBank | None,
+    settings: TrainSettings,
+    seed: int,
+) -> dict:
     """Train shared (+ personal) adapters for ``settings.epochs`` on the client's data.
 
     ``L_prox = ½‖θ_k − θ‖²`` ties the shared adapters to the round's global ones; personal
@@ -252,45 +282,71 @@ def _sample(n: int, limit: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def local_embeddings(backbone: Backbone, data: ClientData, adapters: Sequence[AdapterSet | None],
-                     limit: int, seed: int, batch_size: int = 256
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def local_embeddings(
+    backbone: Backbone,
+    data: ClientData,
+    adapters: Sequence[AdapterSet | None],
+    limit: int,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(z_I, z_T)`` of up to ``limit`` training items (first caption), None if missing."""
     idx = _sample(len(data.train), limit, seed)
     z_i = z_t = None
     if data.has_image:
-        z_i = torch.cat([backbone.image_features(data.train.pixels[b], *adapters).cpu()
-                         for b in idx.split(batch_size)])
+        z_i = torch.cat(
+            [
+                backbone.image_features(data.train.pixels[b], *adapters).cpu()
+                for b in idx.split(batch_size)
+            ]
+        )
     if data.has_text:
         caps = [data.train.captions[i][0] for i in idx.tolist()]
-        z_t = torch.cat([backbone.text_features(backbone.tokenize(caps[s:s + batch_size]),
-                                                *adapters).cpu()
-                         for s in range(0, len(caps), batch_size)])
+        z_t = torch.cat(
+            [
+                backbone.text_features(backbone.tokenize(caps[s : s + batch_size]), *adapters).cpu()
+                for s in range(0, len(caps), batch_size)
+            ]
+        )
     return z_i, z_t
 
 
-def update_geometry(delta: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None,
-                    num_examples: int, eps: float = 1e-8) -> torch.Tensor:
+def update_geometry(
+    delta: dict[str, torch.Tensor],
+    previous: dict[str, torch.Tensor] | None,
+    num_examples: int,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """``[‖Δ‖, ‖Δ_vision‖/(‖Δ_text‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n]`` (cos = 0 without Δ_prev)."""
     flat = torch.cat([v.flatten() for v in delta.values()])
-    vision = torch.cat([v.flatten() for k, v in delta.items() if k.startswith("adapters.vision")]
-                       or [torch.zeros(1)])
-    text = torch.cat([v.flatten() for k, v in delta.items() if k.startswith("adapters.text")]
-                     or [torch.zeros(1)])
+    vision = torch.cat(
+        [v.flatten() for k, v in delta.items() if k.startswith("adapters.vision")]
+        or [torch.zeros(1)]
+    )
+    text = torch.cat(
+        [v.flatten() for k, v in delta.items() if k.startswith("adapters.text")] or [torch.zeros(1)]
+    )
     norm = flat.norm()
     cos = torch.zeros(())
     if previous is not None:
         prev = torch.cat([previous[k].flatten() for k in delta])
         if norm > eps and prev.norm() > eps:
             cos = torch.dot(flat, prev) / (norm * prev.norm())
-    return torch.stack([norm, vision.norm() / (text.norm() + eps), cos,
-                        norm / max(num_examples, 1) ** 0.5]).float()
+    return torch.stack(
+        [norm, vision.norm() / (text.norm() + eps), cos, norm / max(num_examples, 1) ** 0.5]
+    ).float()
 
 
-def client_statistics(backbone: Backbone, data: ClientData, shared: AdapterSet,
-                      bank: PrototypeBank, delta: dict[str, torch.Tensor],
-                      previous_delta: dict[str, torch.Tensor] | None, limit: int,
-                      seed: int) -> dict[str, torch.Tensor]:
+def client_statistics(
+    backbone: Backbone,
+    data: ClientData,
+    shared: AdapterSet,
+    bank: PrototypeBank,
+    delta: dict[str, torch.Tensor],
+    previous_delta: dict[str, torch.Tensor] | None,
+    limit: int,
+    seed: int,
+) -> dict[str, torch.Tensor]:
     """The reply's ``"stats"`` of SPEC §4: prototypes, geometry, mask, slot sums/counts.
 
     Computed with the trained shared adapters (the global space). A missing modality's
@@ -304,8 +360,11 @@ def client_statistics(backbone: Backbone, data: ClientData, shared: AdapterSet,
         "geometry": update_geometry(delta, previous_delta, len(data.train)),
         "mask": torch.tensor([float(data.has_image), float(data.has_text)]),
     }
-    slots = (losses.assign_slots(z_t, bank.text) if z_t is not None
-             else losses.assign_slots(z_i, bank.image))
+    slots = (
+        losses.assign_slots(z_t, bank.text)
+        if z_t is not None
+        else losses.assign_slots(z_i, bank.image)
+    )
     for side, z in (("image", z_i), ("text", z_t)):
         if z is None:
             continue
@@ -314,8 +373,9 @@ def client_statistics(backbone: Backbone, data: ClientData, shared: AdapterSet,
     return {k: v.detach().float().contiguous() for k, v in stats.items()}
 
 
-def bootstrap_groups(backbone: Backbone, data: ClientData, num_slots: int, limit: int,
-                     seed: int) -> dict[str, torch.Tensor] | None:
+def bootstrap_groups(
+    backbone: Backbone, data: ClientData, num_slots: int, limit: int, seed: int
+) -> dict[str, torch.Tensor] | None:
     """SPEC §3 bootstrap reply of a paired client: k-means of ``normalize(z_I + z_T)``
     into ``min(C, n/4)`` groups, each group's image mean, text mean and count."""
     from sklearn.cluster import KMeans

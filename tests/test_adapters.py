@@ -10,8 +10,14 @@ def tiny_model():
     torch.manual_seed(0)
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
     cfg = CLIPConfig(
-        text_config=dict(**common, vocab_size=50, max_position_embeddings=16, eos_token_id=1,
-                         bos_token_id=0, pad_token_id=1),
+        text_config=dict(
+            **common,
+            vocab_size=50,
+            max_position_embeddings=16,
+            eos_token_id=1,
+            bos_token_id=0,
+            pad_token_id=1,
+        ),
         vision_config=dict(**common, image_size=16, patch_size=8),
         projection_dim=24,
     )

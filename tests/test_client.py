@@ -4,8 +4,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from rcsr_flower.client import PERSONAL_KEY, PREVIOUS_DELTA_KEY, ClientNode, handle_train
-from rcsr_flower.client import handle_evaluate, handle_query
+from rcsr_flower.client import (
+    PERSONAL_KEY,
+    PREVIOUS_DELTA_KEY,
+    ClientNode,
+    handle_evaluate,
+    handle_query,
+    handle_train,
+)
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
 from rcsr_flower.prototypes import PrototypeBank
@@ -21,8 +27,10 @@ def splits(embedded_assets, backbone):
 
 def node_for(backbone, splits, modality, **cfg) -> ClientNode:
     train, test = splits
-    train = SplitTensors(train.pixels if modality != "text-only" else None,
-                         train.captions if modality != "image-only" else None)
+    train = SplitTensors(
+        train.pixels if modality != "text-only" else None,
+        train.captions if modality != "image-only" else None,
+    )
     config = RunConfig(batch_size=16, prototype_samples=32, **cfg)
     return ClientNode(config, backbone, ClientData(0, modality, train, test), 0, 4)
 
@@ -35,8 +43,9 @@ def bank(backbone, splits):
 
 
 def round_config(**extra):
-    return ConfigRecord({"server-round": 1, "lr": 1e-3, "anchoring": True, "prox-mu": 0.01,
-                         **extra})
+    return ConfigRecord(
+        {"server-round": 1, "lr": 1e-3, "anchoring": True, "prox-mu": 0.01, **extra}
+    )
 
 
 class TowerCounter:
@@ -48,17 +57,21 @@ class TowerCounter:
         self.calls += 1
 
 
-@pytest.mark.parametrize(("modality", "trained", "absent"),
-                         [("image-only", "vision", "text"), ("text-only", "text", "vision")])
+@pytest.mark.parametrize(
+    ("modality", "trained", "absent"),
+    [("image-only", "vision", "text"), ("text-only", "text", "vision")],
+)
 def test_unimodal_client_never_runs_the_missing_tower_and_only_adapts_its_own(
-        backbone, splits, bank, modality, trained, absent):
+    backbone, splits, bank, modality, trained, absent
+):
     node = node_for(backbone, splits, modality)
     theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
     missing = backbone.model.text_model if absent == "text" else backbone.model.vision_model
     counter = TowerCounter(missing)
     try:
-        out = handle_train(node, ArrayRecord(theta), round_config(),
-                           ArrayRecord(bank.to_tensors()), RecordDict())
+        out = handle_train(
+            node, ArrayRecord(theta), round_config(), ArrayRecord(bank.to_tensors()), RecordDict()
+        )
     finally:
         counter.handle.remove()
     assert counter.calls == 0
@@ -87,8 +100,13 @@ def test_anchoring_lowers_the_anchor_loss_of_an_image_only_client(backbone, spli
 
     before = anchor_loss(shared)
     theta = {k: v.detach().cpu() for k, v in shared.state_dict().items()}
-    out = handle_train(node, ArrayRecord(theta), round_config(server_round=1, lr=3e-3),
-                       ArrayRecord(bank.to_tensors()), RecordDict())
+    out = handle_train(
+        node,
+        ArrayRecord(theta),
+        round_config(server_round=1, lr=3e-3),
+        ArrayRecord(bank.to_tensors()),
+        RecordDict(),
+    )
     assert anchor_loss(node.adapters(out["arrays"])) < before
 
 
@@ -96,18 +114,23 @@ def test_personal_adapters_persist_in_state_and_never_travel(backbone, splits, b
     node = node_for(backbone, splits, "paired", personal_adapters=True)
     state = RecordDict()
     theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
-    out1 = handle_train(node, ArrayRecord(theta), round_config(),
-                        ArrayRecord(bank.to_tensors()), state)
+    out1 = handle_train(
+        node, ArrayRecord(theta), round_config(), ArrayRecord(bank.to_tensors()), state
+    )
     assert PERSONAL_KEY in state.array_records and PREVIOUS_DELTA_KEY in state.array_records
     personal1 = state[PERSONAL_KEY].to_torch_state_dict()
-    out2 = handle_train(node, ArrayRecord(out1["arrays"]), round_config(**{"server-round": 2}),
-                        ArrayRecord(bank.to_tensors()), state)
+    out2 = handle_train(
+        node,
+        ArrayRecord(out1["arrays"]),
+        round_config(**{"server-round": 2}),
+        ArrayRecord(bank.to_tensors()),
+        state,
+    )
     personal2 = state[PERSONAL_KEY].to_torch_state_dict()
     assert any(not torch.equal(personal1[k], personal2[k]) for k in personal1)
     # the reply carries exactly the shared adapters, nothing personal
     assert set(out2["arrays"]) == set(theta)
-    assert all(not torch.equal(out2["arrays"][k], personal2[k]) for k in theta
-               if ".up." in k)
+    assert all(not torch.equal(out2["arrays"][k], personal2[k]) for k in theta if ".up." in k)
     # geometry's cos(Δ, Δ_prev) is defined from round 2 on
     assert out1["stats"]["geometry"][2] == 0.0 and out2["stats"]["geometry"][2] != 0.0
     # the node's personal adapters are the stored ones and change its embeddings
@@ -116,8 +139,10 @@ def test_personal_adapters_persist_in_state_and_never_travel(backbone, splits, b
     shared = node.adapters(out2["arrays"])
     pixels = node.data.test.pixels
     with torch.no_grad():
-        assert not torch.allclose(backbone.image_features(pixels, shared, restored),
-                                  backbone.image_features(pixels, shared))
+        assert not torch.allclose(
+            backbone.image_features(pixels, shared, restored),
+            backbone.image_features(pixels, shared),
+        )
     assert "rsum" in handle_evaluate(node, ArrayRecord(out2["arrays"]), state)
 
 
@@ -139,5 +164,6 @@ def test_bootstrap_query_reply(backbone, splits):
     assert g["image_means"].shape[0] == g["counts"].shape[0] <= 8
     assert g["counts"].sum().item() == 32
     unimodal = node_for(backbone, splits, "text-only")
-    assert "groups" not in handle_query(unimodal, ConfigRecord({"kind": "bootstrap",
-                                                                "prototype-slots": 32}))
+    assert "groups" not in handle_query(
+        unimodal, ConfigRecord({"kind": "bootstrap", "prototype-slots": 32})
+    )

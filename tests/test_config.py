@@ -31,13 +31,42 @@ def test_no_federations_table_in_pyproject():
 def test_every_spec_hyperparameter_is_configurable():
     keys = set(app_config())
     spec_keys = {
-        "num-server-rounds", "fraction-train", "local-epochs", "batch-size", "lr",
-        "weight-decay", "warmup-rounds", "min-lr-ratio", "partition-clusters", "alpha",
-        "missing-rate", "local-test-fraction", "adapter-layers", "adapter-bottleneck",
-        "prototype-slots", "temperature", "proto-temperature", "lambda-anchor",
-        "lambda-align", "lambda-stab", "router", "minimax", "anchoring", "personal-adapters",
-        "prox", "router-lr", "minimax-eta", "minimax-tau", "beta-image", "beta-text",
-        "beta-entropy", "beta-axis", "eval-every", "eval-protocol", "strategy", "model-name",
+        "num-server-rounds",
+        "fraction-train",
+        "local-epochs",
+        "batch-size",
+        "lr",
+        "weight-decay",
+        "warmup-rounds",
+        "min-lr-ratio",
+        "partition-clusters",
+        "alpha",
+        "missing-rate",
+        "local-test-fraction",
+        "adapter-layers",
+        "adapter-bottleneck",
+        "prototype-slots",
+        "temperature",
+        "proto-temperature",
+        "lambda-anchor",
+        "lambda-align",
+        "lambda-stab",
+        "router",
+        "minimax",
+        "anchoring",
+        "personal-adapters",
+        "prox",
+        "router-lr",
+        "minimax-eta",
+        "minimax-tau",
+        "beta-image",
+        "beta-text",
+        "beta-entropy",
+        "beta-axis",
+        "eval-every",
+        "eval-protocol",
+        "strategy",
+        "model-name",
     }
     assert spec_keys <= keys, spec_keys - keys
 
@@ -82,3 +111,9 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().alpha = 3  # type: ignore[misc]
+
+
+def test_every_key_is_documented():
+    doc = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
+    missing = [k for k in app_config() if f"`{k}`" not in doc]
+    assert not missing, f"document these keys in docs/configuration.md: {missing}"

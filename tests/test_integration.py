@@ -19,9 +19,17 @@ def port_open(port: int) -> bool:
 
 def launch(tmp_path, embedded_assets, run_name, **run_config):
     launcher = SimulationLauncher(
-        app_dir=ROOT, flwr_home=tmp_path / "flwr", num_supernodes=4, cpus_per_client=1,
-        run_config={"cache-dir": str(embedded_assets.root.parent), "eval-max-images": 200,
-                    "partition-clusters": 8, "batch-size": 32, **run_config},
+        app_dir=ROOT,
+        flwr_home=tmp_path / "flwr",
+        num_supernodes=4,
+        cpus_per_client=1,
+        run_config={
+            "cache-dir": str(embedded_assets.root.parent),
+            "eval-max-images": 200,
+            "partition-clusters": 8,
+            "batch-size": 32,
+            **run_config,
+        },
         timeout=900,
     )
     try:
@@ -54,20 +62,39 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     partition = json.loads((out / "partition.json").read_text())
     modalities = sorted(c["modality"] for c in partition["clients"])
     assert modalities == ["image-only", "paired", "paired", "text-only"]
-    for name in ("config.json", "adapters.safetensors", "prototypes.safetensors",
-                 "router.safetensors", "minimax.json", "result.json"):
+    for name in (
+        "config.json",
+        "adapters.safetensors",
+        "prototypes.safetensors",
+        "router.safetensors",
+        "minimax.json",
+        "result.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["num-server-rounds"] == 2
 
 
 def test_a_failed_run_exits_non_zero(tmp_path, embedded_assets, capsys):
-    code = main([
-        "--app-dir", str(ROOT), "--flwr-home", str(tmp_path / "flwr"),
-        "--num-supernodes", "2", "--output-dir", str(tmp_path / "outputs"),
-        "--run-name", "bad", "--timeout", "300",
-        "-c", "alpha=0.0",
-        "-c", f'cache-dir="{embedded_assets.root.parent}"',
-    ])
+    code = main(
+        [
+            "--app-dir",
+            str(ROOT),
+            "--flwr-home",
+            str(tmp_path / "flwr"),
+            "--num-supernodes",
+            "2",
+            "--output-dir",
+            str(tmp_path / "outputs"),
+            "--run-name",
+            "bad",
+            "--timeout",
+            "300",
+            "-c",
+            "alpha=0.0",
+            "-c",
+            f'cache-dir="{embedded_assets.root.parent}"',
+        ]
+    )
     assert code == 1
     result = json.loads((tmp_path / "outputs" / "bad" / "result.json").read_text())
     assert result["status"] == "failed" and "'alpha' = 0.0 is out of range" in result["error"]

@@ -71,8 +71,11 @@ def test_entropy_and_fuse():
 def test_minimax_update_hand_computed():
     m = MinimaxWeights(3, eta=0.1, tau=0.1)
     w = m.step([0, 2], [1.0, 2.0])
-    q = [(1 / 3 * math.exp(0.1)) ** (1 / 1.1), (1 / 3) ** (1 / 1.1),
-         (1 / 3 * math.exp(0.2)) ** (1 / 1.1)]
+    q = [
+        (1 / 3 * math.exp(0.1)) ** (1 / 1.1),
+        (1 / 3) ** (1 / 1.1),
+        (1 / 3 * math.exp(0.2)) ** (1 / 1.1),
+    ]
     q = [x / sum(q) for x in q]
     assert m.q.tolist() == pytest.approx(q)
     assert w.tolist() == pytest.approx([q[0] / (q[0] + q[2]), q[2] / (q[0] + q[2])])
@@ -99,8 +102,9 @@ def test_bank_bootstrap_count_weighted_slots():
     rows = sorted(range(2), key=lambda c: -bank.image[c, 0].item())
     big, small = rows
     # big slot: count-weighted image mean (3·e0 + 1·(0.8e0+0.2e1))/4 = (3.8, 0.2, 0, 0)/4
-    assert bank.image[big].tolist() == pytest.approx(F.normalize(torch.tensor(
-        [3.8, 0.2, 0.0, 0.0]), dim=0).tolist(), abs=1e-6)
+    assert bank.image[big].tolist() == pytest.approx(
+        F.normalize(torch.tensor([3.8, 0.2, 0.0, 0.0]), dim=0).tolist(), abs=1e-6
+    )
     assert bank.text[big].tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0], abs=1e-6)
     assert bank.image[small].tolist() == pytest.approx([0.0, 0.0, 1.0, 0.0], abs=1e-6)
     # g = normalize(count-weighted mean of the slots): 4 in the big slot, 1 in the small
@@ -109,33 +113,43 @@ def test_bank_bootstrap_count_weighted_slots():
 
 
 def test_bank_bootstrap_fewer_groups_than_slots_and_no_paired_client():
-    bank = PrototypeBank.bootstrap([torch.eye(3)[:1]], [torch.eye(3)[1:2]], [torch.tensor([5.])],
-                                   num_slots=32)
+    bank = PrototypeBank.bootstrap(
+        [torch.eye(3)[:1]], [torch.eye(3)[1:2]], [torch.tensor([5.0])], num_slots=32
+    )
     assert bank.slots == 1
     with pytest.raises(ValueError, match="at least one paired client"):
         PrototypeBank.bootstrap([], [], [], num_slots=4)
 
 
 def make_bank():
-    return PrototypeBank(image=torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
-                         text=torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
-                         g_image=torch.tensor([1.0, 0.0]), g_text=torch.tensor([0.0, 1.0]))
+    return PrototypeBank(
+        image=torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        text=torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        g_image=torch.tensor([1.0, 0.0]),
+        g_text=torch.tensor([0.0, 1.0]),
+    )
 
 
 def test_bank_ema_update_only_from_holders_and_slots_with_mass():
     bank = make_bank()
     # one image-only client: slot 0 holds two images summing to (0, 2); slot 1 empty
-    stats = SlotStats(image_sum=torch.tensor([[0.0, 2.0], [0.0, 0.0]]),
-                      image_count=torch.tensor([2.0, 0.0]), text_sum=None, text_count=None)
+    stats = SlotStats(
+        image_sum=torch.tensor([[0.0, 2.0], [0.0, 0.0]]),
+        image_count=torch.tensor([2.0, 0.0]),
+        text_sum=None,
+        text_count=None,
+    )
     p_i = torch.tensor([0.0, 1.0])
     bank.update([1.0], [stats], [p_i], [None], momentum=0.95)
     assert bank.image[0].tolist() == pytest.approx(
-        F.normalize(torch.tensor([0.95, 0.05]), dim=0).tolist())
+        F.normalize(torch.tensor([0.95, 0.05]), dim=0).tolist()
+    )
     assert bank.image[1].tolist() == [0.0, 1.0]  # no mass: unchanged
     assert bank.text.tolist() == make_bank().text.tolist()  # nobody has text
     assert bank.g_text.tolist() == [0.0, 1.0]
     assert bank.g_image.tolist() == pytest.approx(
-        F.normalize(torch.tensor([0.95, 0.05]), dim=0).tolist())
+        F.normalize(torch.tensor([0.95, 0.05]), dim=0).tolist()
+    )
 
 
 def test_bank_update_weights_clients_by_w_and_count():
@@ -145,7 +159,8 @@ def test_bank_update_weights_clients_by_w_and_count():
     bank.update([0.5, 0.5], [a, b], [None, None], [None, None], momentum=0.0)
     # mean_0 = (0.5·(1,0) + 0.5·(0,3)) / (0.5·1 + 0.5·3) = (0.25, 0.75)
     assert bank.image[0].tolist() == pytest.approx(
-        F.normalize(torch.tensor([0.25, 0.75]), dim=0).tolist())
+        F.normalize(torch.tensor([0.25, 0.75]), dim=0).tolist()
+    )
 
 
 def test_retrieval_consistency():
@@ -195,5 +210,6 @@ def test_proto_alignment_uses_text_side_slots():
     z_t = torch.tensor([[0.0, 1.0]])  # text picks slot 1
     value = losses.proto_alignment(z_i, z_t, p_img, p_txt, temperature=1.0)
     ce = lambda z, target: (torch.logsumexp(z, 0) - z[target]).item()  # noqa: E731
-    assert value.item() == pytest.approx(ce(torch.tensor([1.0, 0.0]), 1)
-                                         + ce(torch.tensor([0.0, 1.0]), 1))
+    assert value.item() == pytest.approx(
+        ce(torch.tensor([1.0, 0.0]), 1) + ce(torch.tensor([0.0, 1.0]), 1)
+    )

@@ -4,8 +4,15 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -27,8 +34,10 @@ def task_identity():
 
 def theta(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"adapters.vision_0.up.weight": torch.randn(3, 2, generator=g),
-            "adapters.text_0.up.weight": torch.randn(2, 2, generator=g)}
+    return {
+        "adapters.vision_0.up.weight": torch.randn(3, 2, generator=g),
+        "adapters.text_0.up.weight": torch.randn(2, 2, generator=g),
+    }
 
 
 def stats(seed: int, mask=(1.0, 1.0)) -> dict[str, torch.Tensor]:
@@ -47,15 +56,19 @@ def stats(seed: int, mask=(1.0, 1.0)) -> dict[str, torch.Tensor]:
 
 
 def reply(node: int, params, n: int, loss: float = 1.0, st=None, metrics=None) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord(params),
-        "metrics": MetricRecord(metrics or {"num-examples": n, "train-loss": loss,
-                                            "partition-id": node - 1}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(params),
+            "metrics": MetricRecord(
+                metrics or {"num-examples": n, "train-loss": loss, "partition-id": node - 1}
+            ),
+        }
+    )
     if st is not None:
         content["stats"] = ArrayRecord(st)
-    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node,
-                                             message_type=MessageType.TRAIN))
+    return Message(
+        content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    )
 
 
 def bank() -> PrototypeBank:
@@ -65,8 +78,9 @@ def bank() -> PrototypeBank:
 
 
 def rcsr(num_clients=4, **opts) -> RCSRStrategy:
-    s = RCSRStrategy(RetrievalTask(bank()), RoutingOptions(router_hidden=16, **opts),
-                     num_clients=num_clients)
+    s = RCSRStrategy(
+        RetrievalTask(bank()), RoutingOptions(router_hidden=16, **opts), num_clients=num_clients
+    )
     s.current = ArrayRecord(theta(0))
     return s
 
@@ -85,9 +99,11 @@ def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
     s = rcsr()
     router_before = [p.detach().clone() for p in s.router.parameters()]
     bank_before = s.task.bank.image.clone()
-    replies = [reply(1, theta(1), 10, 0.5, stats(1)),
-               reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
-               reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0)))]
+    replies = [
+        reply(1, theta(1), 10, 0.5, stats(1)),
+        reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
+        reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0))),
+    ]
     arrays, metrics = s.aggregate_train(1, replies)
     rec = s.history[1]
     fused = torch.tensor([rec["weights"][str(i)]["fused"] for i in range(3)])
@@ -99,8 +115,9 @@ def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
     for k, v in expected.items():
         assert torch.allclose(torch.from_numpy(arrays[k].numpy()), v, atol=1e-6)
     assert not torch.equal(s.task.bank.image, bank_before)  # step 6
-    assert any(not torch.equal(a, b) for a, b in zip(router_before, s.router.parameters(),
-                                                       strict=True))  # step 7
+    assert any(
+        not torch.equal(a, b) for a, b in zip(router_before, s.router.parameters(), strict=True)
+    )  # step 7
     assert rec["router_loss"] is not None and rec["weight_entropy"] > 0  # step 8
     assert rec["skipped"] is False and metrics["num-clients"] == 3
     # minimax: client 1 (partition 1) had the highest loss -> the largest minimax weight
@@ -110,29 +127,68 @@ def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        (lambda: Message(Error(code=1, reason="boom"), reply_to=Message(
-            RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN)), "error reply: boom"),
+        (
+            lambda: Message(
+                Error(code=1, reason="boom"),
+                reply_to=Message(RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN),
+            ),
+            "error reply: boom",
+        ),
         (lambda: reply(9, theta(9), 5, st=None), "missing ArrayRecord 'stats'"),
-        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.zeros(3, 3)}, 5,
-                       st=stats(9)), "expected float32[2, 2]"),
-        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.zeros(2, 2,
-                                                                                  dtype=torch.float64)},
-                       5, st=stats(9)), "expected float32"),
-        (lambda: reply(9, {**theta(9), "adapters.text_0.up.weight": torch.full((2, 2),
-                                                                                float("nan"))},
-                       5, st=stats(9)), "non-finite"),
-        (lambda: reply(9, theta(9), 5, st={**stats(9), "p_image": torch.full((D,),
-                                                                               float("inf"))}),
-         "'p_image' has non-finite"),
-        (lambda: reply(9, theta(9), 5, st={**stats(9), "geometry": torch.zeros(3)}),
-         "'geometry' has shape"),
-        (lambda: reply(9, theta(9), 5, st={**stats(9, (1.0, 0.0)), "mask": torch.ones(2)}),
-         "mask says has-text=1"),
-        (lambda: reply(9, theta(9), 5, st=stats(9), metrics={"num-examples": 5,
-                                                            "train-loss": 1.0}),
-         "no 'partition-id'"),
-        (lambda: reply(9, theta(9), 5, st=stats(9), metrics={
-            "num-examples": 5, "train-loss": float("nan"), "partition-id": 0}), "train-loss"),
+        (
+            lambda: reply(
+                9, {**theta(9), "adapters.text_0.up.weight": torch.zeros(3, 3)}, 5, st=stats(9)
+            ),
+            "expected float32[2, 2]",
+        ),
+        (
+            lambda: reply(
+                9,
+                {**theta(9), "adapters.text_0.up.weight": torch.zeros(2, 2, dtype=torch.float64)},
+                5,
+                st=stats(9),
+            ),
+            "expected float32",
+        ),
+        (
+            lambda: reply(
+                9,
+                {**theta(9), "adapters.text_0.up.weight": torch.full((2, 2), float("nan"))},
+                5,
+                st=stats(9),
+            ),
+            "non-finite",
+        ),
+        (
+            lambda: reply(
+                9, theta(9), 5, st={**stats(9), "p_image": torch.full((D,), float("inf"))}
+            ),
+            "'p_image' has non-finite",
+        ),
+        (
+            lambda: reply(9, theta(9), 5, st={**stats(9), "geometry": torch.zeros(3)}),
+            "'geometry' has shape",
+        ),
+        (
+            lambda: reply(9, theta(9), 5, st={**stats(9, (1.0, 0.0)), "mask": torch.ones(2)}),
+            "mask says has-text=1",
+        ),
+        (
+            lambda: reply(
+                9, theta(9), 5, st=stats(9), metrics={"num-examples": 5, "train-loss": 1.0}
+            ),
+            "no 'partition-id'",
+        ),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5, "train-loss": float("nan"), "partition-id": 0},
+            ),
+            "train-loss",
+        ),
         (lambda: reply(9, {"other": torch.zeros(1)}, 5, st=stats(9)), "keys differ"),
     ],
 )
@@ -151,8 +207,9 @@ def test_too_few_valid_replies_skip_the_round_and_keep_the_global_state():
     s = rcsr(min_valid_replies=2)
     bank_before = s.task.bank.image.clone()
     q_before = s.minimax.q.copy()
-    arrays, metrics = s.aggregate_train(3, [reply(1, theta(1), 10, 0.5, stats(1)),
-                                            reply(2, theta(2), 10, 0.5, st=None)])
+    arrays, metrics = s.aggregate_train(
+        3, [reply(1, theta(1), 10, 0.5, stats(1)), reply(2, theta(2), 10, 0.5, st=None)]
+    )
     assert arrays is None and metrics is None
     assert s.history[3]["skipped"] is True
     assert torch.equal(s.task.bank.image, bank_before) and (s.minimax.q == q_before).all()
@@ -169,9 +226,16 @@ def test_ablations_router_and_minimax_off_reduce_to_sample_weights():
 
 
 def test_configure_train_ships_adapters_prototypes_and_round_config():
-    s = RCSRStrategy(RetrievalTask(bank()), RoutingOptions(
-        router_hidden=16, lr_schedule=lambda r: 0.5 / r, client_config={"anchoring": True}),
-        num_clients=4, fraction_train=0.5, min_train_nodes=2, min_available_nodes=2)
+    s = RCSRStrategy(
+        RetrievalTask(bank()),
+        RoutingOptions(
+            router_hidden=16, lr_schedule=lambda r: 0.5 / r, client_config={"anchoring": True}
+        ),
+        num_clients=4,
+        fraction_train=0.5,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = [11, 12, 13, 14]
     msgs = list(s.configure_train(2, ArrayRecord(theta(0)), ConfigRecord({}), grid))
@@ -184,10 +248,21 @@ def test_configure_train_ships_adapters_prototypes_and_round_config():
 
 
 def test_personalized_summary_mean_std_worst_and_groups():
-    rows = [("paired", {"rsum": 300.0}), ("image-only", {"rsum": 100.0}),
-            ("text-only", {"rsum": 200.0})]
-    full = [(m, {k: v["rsum"] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                                        "t2i_r10", "rsum")}) for m, v in rows]
+    rows = [
+        ("paired", {"rsum": 300.0}),
+        ("image-only", {"rsum": 100.0}),
+        ("text-only", {"rsum": 200.0}),
+    ]
+    full = [
+        (
+            m,
+            {
+                k: v["rsum"]
+                for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+            },
+        )
+        for m, v in rows
+    ]
     out = personalized_summary(full)
     assert out["mean"]["rsum"] == pytest.approx(200.0)
     assert out["std"]["rsum"] == pytest.approx((20000 / 3) ** 0.5)

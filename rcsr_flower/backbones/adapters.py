@@ -94,7 +94,8 @@ class AdapterSet(nn.Module):
 
     def get(self, tower: str, block: int) -> BottleneckAdapter | None:
         key = f"{tower}_{block}"
-        return self.adapters[key] if key in self.adapters else None  # type: ignore[return-value]
+        # nn.ModuleDict has no .get()
+        return self.adapters[key] if key in self.adapters else None  # noqa: SIM401
 
     def tower_parameters(self, tower: str) -> Iterator[nn.Parameter]:
         for name, p in self.adapters.named_parameters():

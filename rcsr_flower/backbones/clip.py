@@ -53,8 +53,9 @@ class Backbone:
     def max_text_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
-    def new_adapters(self, adapter_layers: str = "all", bottleneck: int = 64,
-                     init_std: float = 0.02) -> AdapterSet:
+    def new_adapters(
+        self, adapter_layers: str = "all", bottleneck: int = 64, init_std: float = 0.02
+    ) -> AdapterSet:
         return AdapterSet.for_model(self.model, adapter_layers, bottleneck, init_std).to(
             self.device
         )
@@ -73,16 +74,16 @@ class Backbone:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The checkpoint's own image preprocessing (resize, crop, normalise)."""
-        out = self.image_processor(images=[im.convert("RGB") for im in images],
-                                   return_tensors="pt")
+        out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         return out["pixel_values"]
 
     # ------------------------------------------------------------------ towers
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def image_features(self, pixel_values: torch.Tensor,
-                       *adapters: AdapterSet | None) -> torch.Tensor:
+    def image_features(
+        self, pixel_values: torch.Tensor, *adapters: AdapterSet | None
+    ) -> torch.Tensor:
         """L2-normalised ``z_I`` with the given adapter sets applied (summed)."""
         model = self.model
         with adapted(model, *adapters), self._autocast():
@@ -90,8 +91,9 @@ class Backbone:
             z = model.visual_projection(pooled)
         return torch.nn.functional.normalize(z.float(), dim=-1)
 
-    def text_features(self, tokens: dict[str, torch.Tensor],
-                      *adapters: AdapterSet | None) -> torch.Tensor:
+    def text_features(
+        self, tokens: dict[str, torch.Tensor], *adapters: AdapterSet | None
+    ) -> torch.Tensor:
         """L2-normalised ``z_T`` with the given adapter sets applied (summed)."""
         model = self.model
         with adapted(model, *adapters), self._autocast():

@@ -35,8 +35,9 @@ class TinyClipRecipe:
 
     seed: int = 0
     corpus: CorpusSpec = field(
-        default_factory=lambda: CorpusSpec(domain="pretrain", n_train=10000, n_val=0,
-                                           n_test=1000, seed=1)
+        default_factory=lambda: CorpusSpec(
+            domain="pretrain", n_train=10000, n_val=0, n_test=1000, seed=1
+        )
     )
     image_size: int = 64
     patch_size: int = 16
@@ -101,8 +102,12 @@ def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
 def build_config(recipe: TinyClipRecipe, vocab_size: int):
     from transformers import CLIPConfig
 
-    common = dict(hidden_size=recipe.width, intermediate_size=4 * recipe.width,
-                  num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads)
+    common = dict(
+        hidden_size=recipe.width,
+        intermediate_size=4 * recipe.width,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+    )
     return CLIPConfig(
         text_config=dict(
             **common,
@@ -156,8 +161,12 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
             flat = [c for caps in test_caps for c in caps]
             owner = torch.tensor([i for i, caps in enumerate(test_caps) for _ in caps])
             z_i = torch.cat([backbone.image_features(b) for b in test_pixels.split(512)])
-            z_t = torch.cat([backbone.text_features(backbone.tokenize(flat[s:s + 512]))
-                             for s in range(0, len(flat), 512)])
+            z_t = torch.cat(
+                [
+                    backbone.text_features(backbone.tokenize(flat[s : s + 512]))
+                    for s in range(0, len(flat), 512)
+                ]
+            )
             report["pretrain_test"] = retrieval_recall(z_i, z_t, owner)
         report["seconds"] = round(time.perf_counter() - start, 1)
         report["recipe"] = asdict(recipe)
@@ -180,16 +189,19 @@ def _preprocess_all(backbone, dataset, chunk: int = 512) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _train(backbone, pixels: torch.Tensor, captions: list[list[str]],
-           recipe: TinyClipRecipe) -> dict:
+def _train(
+    backbone, pixels: torch.Tensor, captions: list[list[str]], recipe: TinyClipRecipe
+) -> dict:
     model = backbone.model
     model.train()
     gen = torch.Generator().manual_seed(recipe.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=recipe.lr,
     )
 
@@ -205,13 +217,17 @@ def _train(backbone, pixels: torch.Tensor, captions: list[list[str]],
     for step in range(recipe.steps):
         idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
         pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen)
-        texts = [captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick, strict=False)]
+        texts = [
+            captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick, strict=False)
+        ]
         z_i = backbone.image_features(pixels[idx])
         z_t = backbone.text_features(backbone.tokenize(texts))
         logits = model.logit_scale.exp().clamp(max=100) * z_i @ z_t.T
         target = torch.arange(len(idx))
-        loss = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
-                      + torch.nn.functional.cross_entropy(logits.T, target))
+        loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, target)
+            + torch.nn.functional.cross_entropy(logits.T, target)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

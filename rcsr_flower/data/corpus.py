@@ -388,8 +388,11 @@ def _template_weights(domain: str) -> np.ndarray | None:
     if domain == "pretrain":
         return None
     w = np.ones(len(_TEMPLATES))
-    w[:_N_PRETRAIN_TEMPLATES] = _TARGET_FAMILIAR / (1 - _TARGET_FAMILIAR) * (
-        (len(_TEMPLATES) - _N_PRETRAIN_TEMPLATES) / _N_PRETRAIN_TEMPLATES)
+    w[:_N_PRETRAIN_TEMPLATES] = (
+        _TARGET_FAMILIAR
+        / (1 - _TARGET_FAMILIAR)
+        * ((len(_TEMPLATES) - _N_PRETRAIN_TEMPLATES) / _N_PRETRAIN_TEMPLATES)
+    )
     return w / w.sum()
 
 
@@ -634,6 +637,15 @@ def _make_chunk(args: tuple[CorpusSpec, int, int, str]) -> list[dict[str, Any]]:
     return [_make_item(spec, i, Path(images_dir)) for i in range(start, stop)]
 
 
+def _default_signals() -> None:
+    """Forked workers must not run the parent's SIGTERM/SIGINT handlers: a host framework's
+    handler (Flower's ServerApp reports its task as finished) would fire when the pool ends."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _records(spec: CorpusSpec, images_dir: Path, workers: int) -> Iterator[dict[str, Any]]:
     n, workers = spec.n_total, max(1, workers)
     chunk = min(64, max(8, -(-n // (4 * workers))))  # several chunks per worker; any size works
@@ -644,7 +656,7 @@ def _records(spec: CorpusSpec, images_dir: Path, workers: int) -> Iterator[dict[
         # re-run of an unguarded __main__); they only use numpy and PIL.
         method = "fork" if "fork" in mp.get_all_start_methods() else None
         try:
-            pool = mp.get_context(method).Pool(workers)
+            pool = mp.get_context(method).Pool(workers, initializer=_default_signals)
         except (AssertionError, OSError):  # e.g. inside a daemonic process: go serial
             pool = None
         if pool is not None:

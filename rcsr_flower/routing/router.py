@@ -13,18 +13,32 @@ from torch import nn
 
 
 class SemanticRouter(nn.Module):
-    def __init__(self, token_dim: int, hidden: int = 128, heads: int = 4, blocks: int = 2,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        token_dim: int,
+        hidden: int = 128,
+        heads: int = 4,
+        blocks: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.token_dim = token_dim
         self.embed = nn.Sequential(
-            nn.Linear(token_dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
+            nn.Linear(token_dim, hidden),
+            nn.LayerNorm(hidden),
+            nn.GELU(),
             nn.Linear(hidden, hidden),
         )
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden,
-                                       dropout=dropout, activation="gelu", batch_first=True,
-                                       norm_first=True)
+            nn.TransformerEncoderLayer(
+                hidden,
+                heads,
+                dim_feedforward=4 * hidden,
+                dropout=dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(blocks)
         )
         self.head = nn.Linear(hidden, 1)
@@ -32,8 +46,9 @@ class SemanticRouter(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [K, F]`` of the round's K clients -> weights ``[K]`` on the simplex."""
         if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
-            raise ValueError(f"router tokens must be [K, {self.token_dim}], "
-                             f"got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"router tokens must be [K, {self.token_dim}], got {tuple(tokens.shape)}"
+            )
         h = self.embed(tokens).unsqueeze(0)
         for block in self.blocks:
             h = block(h)

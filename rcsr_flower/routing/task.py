@@ -54,8 +54,7 @@ class RoutedTask(Protocol):
     def token(self, report: ClientReport, update: dict[str, torch.Tensor]) -> torch.Tensor:
         """The router's feature vector for one client (``update`` is ``θ_k − θ``)."""
 
-    def router_objective(self, w_router: torch.Tensor,
-                         reports: list[ClientReport]) -> torch.Tensor:
+    def router_objective(self, w_router: torch.Tensor, reports: list[ClientReport]) -> torch.Tensor:
         """A differentiable scalar the router minimises over its weights."""
 
     def update_state(self, weights: torch.Tensor, reports: list[ClientReport]) -> None:
