@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     )
     print(f"{'zero-shot':>12}: {format_recall(rows['zero-shot'])}", flush=True)
     adapters = backbone.new_adapters()
-    settings = TrainSettings(lr=args.lr, batch_size=args.batch_size)
+    settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, temperature=args.temperature)
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         result = local_train(backbone, adapters, None, data, None, settings, seed=epoch)

@@ -269,3 +269,32 @@ def test_personalized_summary_mean_std_worst_and_groups():
     assert out["worst10"]["rsum"] == 100.0  # ceil(10% of 3) = 1 client
     assert out["by_group"]["image-only"]["mean"]["rsum"] == 100.0
     assert set(out["by_group"]) == {"paired", "image-only", "text-only"}
+
+
+def test_the_routing_core_runs_a_task_that_is_not_retrieval():
+    """docs/extending.md's minimal task: the strategy needs only the RoutedTask protocol."""
+
+    class LossRoutedTask:
+        token_dim = 2
+
+        def parse_reply(self, content):
+            return None
+
+        def token(self, report, update):
+            norm = torch.sqrt(sum((u.float() ** 2).sum() for u in update.values()))
+            return torch.stack([torch.tensor(report.loss), norm])
+
+        def router_objective(self, w, reports):
+            return (w * torch.tensor([r.loss for r in reports])).sum()
+
+        def update_state(self, weights, reports):
+            self.seen = weights.tolist()
+
+        def state_records(self):
+            return {}
+
+    task = LossRoutedTask()
+    s = RCSRStrategy(task, RoutingOptions(router_hidden=8, router_heads=2), num_clients=3)
+    s.current = ArrayRecord(theta(0))
+    arrays, _ = s.aggregate_train(1, [reply(1, theta(1), 10, 0.5), reply(2, theta(2), 10, 3.0)])
+    assert arrays is not None and sum(task.seen) == pytest.approx(1.0, abs=1e-6)

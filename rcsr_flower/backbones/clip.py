@@ -135,7 +135,9 @@ def load_backbone(
 
 def _load(path: str, device: torch.device, name: str) -> Backbone:
     from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per Ray actor and round is only noise
     try:
         model = CLIPModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,66 @@
+"""The embedded backbone is a real Hugging Face CLIP directory, loaded like any checkpoint."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPModel
+
+from rcsr_flower.backbones.clip import BackboneNotFoundError, load_backbone
+from rcsr_flower.data.datasets import open_dataset
+from rcsr_flower.task import evaluate_retrieval, preprocess_split
+
+
+def test_embedded_backbone_is_a_standard_hf_model_directory(embedded_assets):
+    d = embedded_assets.backbone_dir
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ):
+        assert (d / name).is_file(), name
+    model = CLIPModel.from_pretrained(d)
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    assert type(tokenizer).__name__ == "CLIPTokenizer"
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
+    report = embedded_assets.pretrain_report()
+    assert report["recipe"]["seed"] == 0 and report["pretrain_test"]["rsum"] > 0
+
+
+def test_load_backbone_is_frozen_and_cached_per_process(embedded_assets, backbone):
+    again = load_backbone(str(embedded_assets.backbone_dir), device="cpu")
+    assert again is backbone
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+def test_zero_shot_is_clearly_above_chance(embedded_assets, backbone):
+    test = open_dataset(embedded_assets.corpus_json, "test").subset(range(200))
+    metrics = evaluate_retrieval(backbone, preprocess_split(backbone, test), None)
+    chance = 2 * sum(100 * k / 200 for k in (1, 5, 10))  # 16 for 200 images
+    assert metrics["rsum"] > 3 * chance, metrics
+
+
+def test_dynamic_padding_gives_the_same_embeddings_as_fixed_padding(backbone):
+    captions = ["a red star", "two small blue circles in the top left on a striped background"]
+    dynamic = backbone.tokenize(captions)
+    assert dynamic["input_ids"].shape[1] < backbone.max_text_length
+    fixed = backbone.tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=backbone.max_text_length,
+        return_tensors="pt",
+    )
+    fixed = {"input_ids": fixed["input_ids"], "attention_mask": fixed["attention_mask"]}
+    with torch.no_grad():
+        a, b = backbone.text_features(dynamic), backbone.text_features(fixed)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbone("openai/clip-vit-base-patch32-not-cached", device="cpu")
+    message = str(info.value)
+    assert "openai/clip-vit-base-patch32-not-cached" in message and "local" in message
+    assert "\n" not in message
