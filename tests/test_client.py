@@ -103,7 +103,7 @@ def test_anchoring_lowers_the_anchor_loss_of_an_image_only_client(backbone, spli
     out = handle_train(
         node,
         ArrayRecord(theta),
-        round_config(server_round=1, lr=3e-3),
+        round_config(lr=1e-4),
         ArrayRecord(bank.to_tensors()),
         RecordDict(),
     )
