@@ -30,7 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ASSETS_VERSION = "v1"
+ASSETS_VERSION = "v2"  # v2: deterministic BPE; corpus v2 phrasing
 _DONE = "rcsr_pretrain.json"
 
 

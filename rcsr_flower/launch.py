@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_run_config=args.run_config,
         timeout=args.timeout,
     )
+    # SIGTERM (CI timeouts, `kill`) must unwind through `finally` and stop the SuperLink
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         launcher.start()
         result = launcher.run(run_name, output_dir)

@@ -13,10 +13,13 @@ machine and thread count — float reductions differ across thread counts).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,36 +58,63 @@ class TinyClipRecipe:
     threads: int = 2
 
 
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()"
+_WORD_RE = re.compile(r"\w+|[^\w\s]+")  # what pre_tokenizers.Whitespace() splits on
+
+
+def learn_bpe(captions: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple]]:
+    """A deterministic BPE with CLIP's ``</w>`` word ends.
+
+    ``tokenizers``' BpeTrainer breaks ties between equally frequent pairs in hash order,
+    so two trainings on the same text can differ; here ties go to the lexicographically
+    smallest pair, and the same captions always give the same vocabulary.
+    """
+    words = Counter(w for c in captions for w in _WORD_RE.findall(c.lower()))
+    symbols = [*SPECIAL_TOKENS, *ALPHABET, *(ch + "</w>" for ch in ALPHABET)]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(symbols))}
+    split = {w: [*w[:-1], w[-1] + "</w>"] for w in sorted(words)}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for w, parts in split.items():
+            for pair in itertools.pairwise(parts):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for w, parts in split.items():
+            out, k = [], 0
+            while k < len(parts):
+                if k + 1 < len(parts) and (parts[k], parts[k + 1]) == best:
+                    out.append(parts[k] + parts[k + 1])
+                    k += 2
+                else:
+                    out.append(parts[k])
+                    k += 1
+            split[w] = out
+    return vocab, merges
+
+
 def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
-    """A CLIP-style lower-cased BPE (``</w>`` word ends) trained on the pretrain captions.
+    """A CLIP-style lower-cased BPE (``</w>`` word ends) learned from the pretrain captions.
 
     Words that occur only in the target corpus split into known sub-words, as unseen words
     do with the real CLIP tokenizer.
     """
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    vocab, merges = learn_bpe(captions, recipe.vocab_size)
+    bpe = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>")
+    )
     bpe.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     bpe.decoder = decoders.BPEDecoder(suffix="</w>")
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()")
-    trainer = trainers.BpeTrainer(
-        vocab_size=recipe.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(captions, trainer)
     bpe.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>",
         special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
@@ -137,7 +167,7 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
 
     from rcsr_flower.backbones.clip import Backbone
     from rcsr_flower.data.datasets import open_dataset
-    from rcsr_flower.metrics import retrieval_recall
+    from rcsr_flower.task import evaluate_retrieval, preprocess_split
 
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -152,22 +182,12 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
         processor = build_image_processor(recipe)
         backbone = Backbone(model, tokenizer, processor, torch.device("cpu"), "tiny-clip")
 
-        pixels = _preprocess_all(backbone, train)
+        pixels = preprocess_split(backbone, train, texts=False).pixels
         report = _train(backbone, pixels, captions, recipe)
         model.eval()
-        with torch.no_grad():
-            test_pixels = _preprocess_all(backbone, test)
-            test_caps = [test.captions(i) for i in range(len(test))]
-            flat = [c for caps in test_caps for c in caps]
-            owner = torch.tensor([i for i, caps in enumerate(test_caps) for _ in caps])
-            z_i = torch.cat([backbone.image_features(b) for b in test_pixels.split(512)])
-            z_t = torch.cat(
-                [
-                    backbone.text_features(backbone.tokenize(flat[s : s + 512]))
-                    for s in range(0, len(flat), 512)
-                ]
-            )
-            report["pretrain_test"] = retrieval_recall(z_i, z_t, owner)
+        report["pretrain_test"] = evaluate_retrieval(
+            backbone, preprocess_split(backbone, test), None, batch_size=512
+        )
         report["seconds"] = round(time.perf_counter() - start, 1)
         report["recipe"] = asdict(recipe)
 
@@ -179,14 +199,6 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
         return report
     finally:
         torch.set_num_threads(threads)
-
-
-def _preprocess_all(backbone, dataset, chunk: int = 512) -> torch.Tensor:
-    parts = []
-    for s in range(0, len(dataset), chunk):
-        images = [dataset.image(i) for i in range(s, min(s + chunk, len(dataset)))]
-        parts.append(backbone.preprocess(images))
-    return torch.cat(parts)
 
 
 def _train(
@@ -235,4 +247,5 @@ def _train(
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == recipe.steps - 1:
             log.info("tiny-clip pretrain step %d/%d loss %.3f", step, recipe.steps, loss)
-    return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "steps": recipe.steps}
+    tail = losses[-20:] or [float("nan")]
+    return {"final_loss": sum(tail) / len(tail), "steps": recipe.steps}
