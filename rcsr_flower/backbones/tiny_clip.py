@@ -52,7 +52,7 @@ class TinyClipRecipe:
     max_text_length: int = 32
     steps: int = 300
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 40
     weight_decay: float = 0.1
     threads: int = 2
