@@ -151,18 +151,9 @@ def handle_train(
     global_state = arrays.to_torch_state_dict()
     shared = node.adapters(global_state)
     personal = node.personal(state)
-    bank = (
-        PrototypeBank.from_tensors(prototypes.to_torch_state_dict())
-        if prototypes is not None
-        else None
-    )
-    if bank is not None:
-        bank = PrototypeBank(
-            *(
-                t.to(node.backbone.device)
-                for t in (bank.image, bank.text, bank.g_image, bank.g_text)
-            )
-        )
+    bank = None
+    if prototypes is not None:
+        bank = PrototypeBank.from_tensors(prototypes.to_torch_state_dict()).to(node.backbone.device)
     result = local_train(
         node.backbone,
         shared,

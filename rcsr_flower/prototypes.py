@@ -150,6 +150,14 @@ class PrototypeBank:
         return float(np.mean(scores)) if scores else 0.0
 
     # ------------------------------------------------------------------ transport
+    def to(self, device: torch.device | str) -> PrototypeBank:
+        return PrototypeBank(
+            self.image.to(device),
+            self.text.to(device),
+            self.g_image.to(device),
+            self.g_text.to(device),
+        )
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
             "image": self.image,

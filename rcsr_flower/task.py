@@ -26,10 +26,6 @@ from rcsr_flower.prototypes import PrototypeBank
 log = logging.getLogger(__name__)
 
 
-class EmptyClientError(RuntimeError):
-    """The client's partition has nothing to train or evaluate on."""
-
-
 @dataclass
 class SplitTensors:
     """A split ready for the towers: preprocessed pixels and caption lists (either may be None)."""

@@ -171,9 +171,3 @@ def _load_image_processor(path: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return CLIPImageProcessorPil.from_pretrained(path)
-
-
-def clear_cache() -> None:
-    """Forget cached backbones (tests)."""
-    with _LOCK:
-        _CACHE.clear()
