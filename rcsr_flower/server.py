@@ -69,6 +69,28 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[in
     return nodes
 
 
+class PartitionOrderedGrid:
+    """The run's grid, listing nodes in partition order.
+
+    SuperNode ids are random per launch and Flower samples with ``random.sample`` over
+    ``get_node_ids()``: ordered by partition id, the seeded sample picks the same clients
+    in every launch. Everything else is delegated to the real grid.
+    """
+
+    def __init__(self, grid: Grid, partition_of: dict[int, int]) -> None:
+        self._grid = grid
+        self._partition_of = partition_of
+
+    def get_node_ids(self) -> list[int]:
+        unknown = 1 << 62  # nodes that joined after the query round go last
+        return sorted(
+            self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, unknown), n)
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
     """SPEC §3: count-weighted k-means over the paired clients' group centroids."""
     groups = [n["groups"] for n in nodes if "groups" in n]
@@ -193,7 +215,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
         min_available_nodes=cfg.min_available_nodes,
     )
     result = strategy.start(
-        grid=grid,
+        grid=PartitionOrderedGrid(grid, {n["node_id"]: int(n["partition-id"]) for n in nodes}),
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,

@@ -91,6 +91,8 @@ def validate_replies(
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
             dropped.append((node, str(exc)))
+    # replies arrive in completion order; a fixed order makes the float sums repeatable
+    reports.sort(key=lambda r: (r.client_id, r.node_id))
     return reports, dropped
 
 

@@ -298,3 +298,27 @@ def test_the_routing_core_runs_a_task_that_is_not_retrieval():
     s.current = ArrayRecord(theta(0))
     arrays, _ = s.aggregate_train(1, [reply(1, theta(1), 10, 0.5), reply(2, theta(2), 10, 3.0)])
     assert arrays is not None and sum(task.seen) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions():
+    import random
+
+    from rcsr_flower.server import PartitionOrderedGrid
+
+    def sampled_partitions(node_of_partition: dict[int, int]) -> list[int]:
+        grid = Mock(spec=Grid)
+        grid.get_node_ids.return_value = list(reversed(node_of_partition.values()))
+        ordered = PartitionOrderedGrid(grid, {n: p for p, n in node_of_partition.items()})
+        random.seed(7)
+        partition_of = {n: p for p, n in node_of_partition.items()}
+        return [partition_of[n] for n in random.sample(ordered.get_node_ids(), 3)]
+
+    # the same partitions under two launches' random node ids
+    first = sampled_partitions({0: 9001, 1: 17, 2: 4242, 3: 5, 4: 77, 5: 123456})
+    second = sampled_partitions({0: 3, 1: 999, 2: 12, 3: 88888, 4: 41, 5: 7})
+    assert first == second
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [30, 10, 20, 40]
+    ordered = PartitionOrderedGrid(grid, {30: 0, 10: 2, 20: 1})
+    assert ordered.get_node_ids() == [30, 20, 10, 40]  # unknown nodes last
+    assert ordered.send_and_receive is grid.send_and_receive  # everything else delegated
