@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -220,12 +221,24 @@ class RCSRStrategy(FedAvg):
         config = ConfigRecord({**dict(config), **self.options.client_config})
         if self.options.lr_schedule is not None:
             config["lr"] = float(self.options.lr_schedule(server_round))
+        self._seed_sampling(server_round, 0)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.task is not None:
             for msg in messages:
                 for key, record in self.task.state_records().items():
                     msg.content[key] = record
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._seed_sampling(server_round, 1)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _seed_sampling(self, server_round: int, phase: int) -> None:
+        """Flower samples nodes with the global ``random``, which other libraries also
+        draw from: reseed it so a round's sample depends on (seed, round, phase) only."""
+        random.seed(self.options.seed * 1_000_003 + server_round * 2 + phase)
 
     # ------------------------------------------------------------------ aggregate
     def aggregate_train(
