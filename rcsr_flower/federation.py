@@ -48,20 +48,12 @@ def global_test_set(cfg: RunConfig) -> ImageCaptionDataset:
     return test
 
 
-@torch.no_grad()
 def caption_embeddings(
     backbone: Backbone, dataset: ImageCaptionDataset, batch_size: int = 512
 ) -> np.ndarray:
     """Per item: the normalised mean of its frozen-backbone caption embeddings."""
     captions = [dataset.captions(i) for i in range(len(dataset))]
-    flat = [c for caps in captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    z = torch.cat(
-        [
-            backbone.text_features(backbone.tokenize(flat[s : s + batch_size])).cpu()
-            for s in range(0, len(flat), batch_size)
-        ]
-    )
+    z, owner = backbone.embed_caption_lists(captions, batch_size=batch_size)
     sums = torch.zeros(len(captions), z.shape[1]).index_add_(0, owner, z)
     return torch.nn.functional.normalize(sums, dim=-1).numpy()
 

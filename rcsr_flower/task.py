@@ -114,24 +114,14 @@ def load_client_data(
 
 
 # ---------------------------------------------------------------------------- embedding
-@torch.no_grad()
 def embed_split(
     backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None, batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z_I [N,d], z_T [M,d], caption->image index [M])`` of a paired split."""
     if split.pixels is None or split.captions is None:
         raise ValueError("retrieval evaluation needs both modalities of the split")
-    z_i = torch.cat(
-        [backbone.image_features(b, *adapters).cpu() for b in split.pixels.split(batch_size)]
-    )
-    flat = [c for caps in split.captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
-    z_t = torch.cat(
-        [
-            backbone.text_features(backbone.tokenize(flat[s : s + batch_size]), *adapters).cpu()
-            for s in range(0, len(flat), batch_size)
-        ]
-    )
+    z_i = backbone.embed_images(split.pixels, *adapters, batch_size=batch_size)
+    z_t, owner = backbone.embed_caption_lists(split.captions, *adapters, batch_size=batch_size)
     return z_i, z_t, owner
 
 
@@ -277,7 +267,6 @@ def _sample(n: int, limit: int, seed: int) -> torch.Tensor:
     return order[:limit].sort().values
 
 
-@torch.no_grad()
 def local_embeddings(
     backbone: Backbone,
     data: ClientData,
@@ -290,20 +279,10 @@ def local_embeddings(
     idx = _sample(len(data.train), limit, seed)
     z_i = z_t = None
     if data.has_image:
-        z_i = torch.cat(
-            [
-                backbone.image_features(data.train.pixels[b], *adapters).cpu()
-                for b in idx.split(batch_size)
-            ]
-        )
+        z_i = backbone.embed_images(data.train.pixels, *adapters, index=idx, batch_size=batch_size)
     if data.has_text:
         caps = [data.train.captions[i][0] for i in idx.tolist()]
-        z_t = torch.cat(
-            [
-                backbone.text_features(backbone.tokenize(caps[s : s + batch_size]), *adapters).cpu()
-                for s in range(0, len(caps), batch_size)
-            ]
-        )
+        z_t = backbone.embed_texts(caps, *adapters, batch_size=batch_size)
     return z_i, z_t
 
 

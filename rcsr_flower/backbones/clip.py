@@ -104,6 +104,43 @@ class Backbone:
             z = model.text_projection(out.pooler_output)
         return torch.nn.functional.normalize(z.float(), dim=-1)
 
+    # ------------------------------------------------------------------ batched, no grad
+    @torch.no_grad()
+    def embed_images(
+        self,
+        pixels: torch.Tensor,
+        *adapters: AdapterSet | None,
+        index: torch.Tensor | None = None,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """``z_I`` of ``pixels`` (or of ``pixels[index]``, gathered a batch at a time, so a
+        subset is never copied whole), ``batch_size`` at a time, on the CPU."""
+        order = torch.arange(len(pixels)) if index is None else index
+        return torch.cat(
+            [self.image_features(pixels[b], *adapters).cpu() for b in order.split(batch_size)]
+        )
+
+    @torch.no_grad()
+    def embed_texts(
+        self, captions: Sequence[str], *adapters: AdapterSet | None, batch_size: int = 256
+    ) -> torch.Tensor:
+        """``z_T`` of many captions, ``batch_size`` at a time, on the CPU."""
+        captions = list(captions)
+        return torch.cat(
+            [
+                self.text_features(self.tokenize(captions[s : s + batch_size]), *adapters).cpu()
+                for s in range(0, len(captions), batch_size)
+            ]
+        )
+
+    def embed_caption_lists(
+        self, captions: Sequence[list[str]], *adapters: AdapterSet | None, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_T [M,d], owner [M])`` of every caption of every item; ``owner`` is its item."""
+        flat = [c for caps in captions for c in caps]
+        owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+        return self.embed_texts(flat, *adapters, batch_size=batch_size), owner
+
 
 _CACHE: dict[tuple[str, str], Backbone] = {}
 _LOCK = threading.Lock()
