@@ -112,7 +112,7 @@ def run_server(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_flower(raw)
         write_json(out / "config.json", cfg.to_flower())
-        _run(grid, cfg, out)
+        rows = _run(grid, cfg, out)
     except BaseException as exc:
         write_json(
             out / "result.json",
@@ -124,7 +124,6 @@ def run_server(grid: Grid, context: Context) -> None:
             },
         )
         raise
-    rows = MetricsLog(out / "metrics.jsonl").rows
     final = next((r["global"] for r in reversed(rows) if "global" in r), None)
     write_json(
         out / "result.json",
@@ -140,7 +139,8 @@ def run_server(grid: Grid, context: Context) -> None:
     print(f"\nrcsr-flower run finished: {out}\n{summary_table(rows)}", flush=True)
 
 
-def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
+def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
+    """The run itself; returns the rows written to ``metrics.jsonl``."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -222,6 +222,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> None:
         evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate),
     )
     save_state(out, result.arrays or initial, strategy)
+    return metrics_log.rows
 
 
 def save_state(out: Path, arrays: ArrayRecord, strategy: RCSRStrategy) -> None:
