@@ -53,7 +53,8 @@ def caption_embeddings(
 ) -> np.ndarray:
     """Per item: the normalised mean of its frozen-backbone caption embeddings."""
     captions = [dataset.captions(i) for i in range(len(dataset))]
-    z, owner = backbone.embed_caption_lists(captions, batch_size=batch_size)
+    with backbone.full_precision():  # every node computes this itself: no bf16 on GPUs
+        z, owner = backbone.embed_caption_lists(captions, batch_size=batch_size)
     sums = torch.zeros(len(captions), z.shape[1]).index_add_(0, owner, z)
     return torch.nn.functional.normalize(sums, dim=-1).numpy()
 

@@ -24,3 +24,21 @@ def backbone(embedded_assets):
     from rcsr_flower.backbones.clip import load_backbone
 
     return load_backbone(str(embedded_assets.backbone_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def vit_b32_dir(tmp_path_factory):
+    """A ViT-B/32-shaped CLIP (``CLIPConfig()`` defaults, random weights) saved with
+    ``save_pretrained`` together with its tokenizer and image processor: the layout
+    ``hf download openai/clip-vit-base-patch32`` gives, without the download."""
+    from rcsr_flower.backbones.random_clip import save_random_clip
+
+    return save_random_clip(tmp_path_factory.mktemp("vit-b32"))
+
+
+@pytest.fixture(scope="session")
+def vit_b32(vit_b32_dir):
+    """That checkpoint loaded by path through the project's one loader."""
+    from rcsr_flower.backbones.clip import load_backbone
+
+    return load_backbone(str(vit_b32_dir), device="cpu")

@@ -92,15 +92,52 @@ def test_last_l_blocks_placement():
         adapted_blocks(12, "13")
 
 
-def test_vit_b32_adapter_count_is_about_1_98m():
-    # CLIPConfig() defaults are ViT-B/32: vision 12 x 768, text 12 x 512.
-    cfg = CLIPConfig()
-    adapters = AdapterSet(
-        vision_dim=cfg.vision_config.hidden_size,
-        text_dim=cfg.text_config.hidden_size,
-        vision_blocks=list(range(cfg.vision_config.num_hidden_layers)),
-        text_blocks=list(range(cfg.text_config.num_hidden_layers)),
-        bottleneck=64,
-    )
+def test_vit_b32_adapter_count_is_about_1_98m(vit_b32):
+    # A B/32 checkpoint built from CLIPConfig() defaults, saved with save_pretrained and
+    # loaded by path through load_backbone, as openai/clip-vit-base-patch32 would be.
+    cfg, default = vit_b32.model.config, CLIPConfig()
+    for ours, ref in (
+        (cfg.vision_config, default.vision_config),
+        (cfg.text_config, default.text_config),
+    ):
+        assert (
+            ours.hidden_size == ref.hidden_size and ours.num_hidden_layers == ref.num_hidden_layers
+        )
+    assert (cfg.vision_config.hidden_size, cfg.vision_config.patch_size) == (768, 32)
+    assert (cfg.text_config.hidden_size, cfg.text_config.max_position_embeddings) == (512, 77)
+    assert type(vit_b32.tokenizer).__name__ == "CLIPTokenizer"
+    assert "CLIPImageProcessor" in type(vit_b32.image_processor).__name__
+    assert count_parameters(vit_b32.model) == 151_277_313  # ViT-B/32 CLIP: about 151 M
+    adapters = vit_b32.new_adapters("all", bottleneck=64)
     # 12 x (2*768*64 + 64 + 768) + 12 x (2*512*64 + 64 + 512)
     assert count_parameters(adapters) == 1_982_976
+
+
+def test_zero_initialised_adapters_reproduce_clipmodel_embeddings_on_vit_b32(vit_b32):
+    """Round 0 is the real CLIPModel: same image and text embeddings, bit for bit."""
+    import PIL.Image
+
+    model = vit_b32.model
+    g = torch.Generator().manual_seed(3)
+    images = [
+        PIL.Image.fromarray(
+            torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        )
+        for h, w in ((240, 320), (500, 375))
+    ]
+    pixels = vit_b32.preprocess(images)
+    assert pixels.shape == (2, 3, 224, 224)
+    tokens = vit_b32.tokenize(["a man riding a horse on the beach", "two dogs"])
+    adapters = vit_b32.new_adapters("all", bottleneck=64, init_std=0.02)
+    assert all(a.up.weight.abs().sum() == 0 for a in adapters.adapters.values())
+    with torch.no_grad():
+        z_i = vit_b32.image_features(pixels, adapters)
+        z_t = vit_b32.text_features(tokens, adapters)
+        ref_i = model.get_image_features(pixel_values=pixels).pooler_output
+        ref_t = model.get_text_features(**tokens).pooler_output
+        full = model(pixel_values=pixels, **tokens)
+    assert torch.equal(z_i, torch.nn.functional.normalize(ref_i, dim=-1))
+    assert torch.equal(z_t, torch.nn.functional.normalize(ref_t, dim=-1))
+    # CLIPModel.forward normalises its own way: equal up to the last bits
+    assert torch.allclose(z_i, full.image_embeds, atol=1e-6)
+    assert torch.allclose(z_t, full.text_embeds, atol=1e-6)

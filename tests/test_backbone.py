@@ -1,4 +1,10 @@
-"""The embedded backbone is a real Hugging Face CLIP directory, loaded like any checkpoint."""
+"""The embedded backbone is a real Hugging Face CLIP directory, loaded like any checkpoint;
+so are a ViT-B/32-shaped random CLIP and a hub id found in the local Hugging Face cache."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,8 +68,51 @@ def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
     with pytest.raises(BackboneNotFoundError) as info:
         load_backbone("openai/clip-vit-base-patch32-not-cached", device="cpu")
     message = str(info.value)
-    assert "openai/clip-vit-base-patch32-not-cached" in message and "local" in message
-    assert "\n" not in message
+    assert "could not fetch" in message and "\n" not in message
+    # names the model, how to get it, and where to point model-name
+    assert "hf download openai/clip-vit-base-patch32-not-cached --local-dir DIR" in message
+    assert "set model-name to that DIR" in message
+
+
+def test_dynamic_padding_matches_padding_to_77_on_vit_b32(vit_b32):
+    from rcsr_flower.backbones.random_clip import random_captions
+
+    captions = [*random_captions(4, seed=1), "a dog"]
+    dynamic = vit_b32.tokenize(captions)
+    assert dynamic["input_ids"].shape[1] < 20
+    fixed = vit_b32.tokenizer(
+        captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+    )
+    assert fixed["input_ids"].shape[1] == 77 == vit_b32.max_text_length
+    fixed = {"input_ids": fixed["input_ids"], "attention_mask": fixed["attention_mask"]}
+    with torch.no_grad():
+        a, b = vit_b32.text_features(dynamic), vit_b32.text_features(fixed)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_hub_id_loads_offline_from_the_local_hugging_face_cache(tmp_path):
+    """``model-name = "org/name"`` after ``hf download org/name`` (no --local-dir): the id
+    resolves in the HF cache with the hub unreachable. A fresh interpreter, because the hub
+    client reads its cache location at import."""
+    from rcsr_flower.backbones.random_clip import save_random_clip, tiny_clip_config
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example-org--clip-tiny"
+    save_random_clip(repo / "snapshots" / commit, tiny_clip_config())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "from rcsr_flower.backbones.clip import load_backbone\n"
+        "b = load_backbone('example-org/clip-tiny', device='cpu')\n"
+        "print(b.name, b.dim, type(b.tokenizer).__name__, b.model.config.vision_config.image_size)"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["example-org/clip-tiny", "64", "CLIPTokenizer", "64"]
+    shutil.rmtree(tmp_path / "hub")
 
 
 def test_pretraining_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):

@@ -9,11 +9,12 @@ trainable state lives in :class:`~rcsr_flower.backbones.adapters.AdapterSet`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The checkpoint's own image preprocessing (resize, crop, normalise) of a batch.
+
+    A free function of the processor alone, so ``DataLoader`` workers can run it without
+    the model (see :func:`rcsr_flower.task.preprocess_split`).
+    """
+    out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    return out["pixel_values"]
+
+
 @dataclass
 class Backbone:
     """A frozen CLIP with the helpers every stage needs (tokenise, preprocess, embed)."""
@@ -44,6 +55,7 @@ class Backbone:
     image_processor: object
     device: torch.device
     name: str
+    mixed_precision: bool = True  # bf16 autocast of the frozen towers on CUDA
 
     @property
     def dim(self) -> int:
@@ -74,12 +86,26 @@ class Backbone:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The checkpoint's own image preprocessing (resize, crop, normalise)."""
-        out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        return out["pixel_values"]
+        return preprocess_images(self.image_processor, images)
 
     # ------------------------------------------------------------------ towers
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        enabled = self.mixed_precision and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """fp32 towers inside the block, also on CUDA.
+
+        For results that different machines must agree on (the semantic partition each
+        node computes for itself): bf16 rounding would move k-means borders between a CPU
+        and a GPU node, fp32 leaves only last-bit differences.
+        """
+        saved, self.mixed_precision = self.mixed_precision, False
+        try:
+            yield
+        finally:
+            self.mixed_precision = saved
 
     def image_features(
         self, pixel_values: torch.Tensor, *adapters: AdapterSet | None
@@ -188,9 +214,9 @@ def _load(path: str, device: torch.device, name: str) -> Backbone:
             ) from None
         raise BackboneNotFoundError(
             f"could not fetch CLIP checkpoint '{path}': it is not a local directory and not in "
-            "the local Hugging Face cache (offline?). Download it on a machine with access "
-            "(`huggingface-cli download {path} --local-dir DIR`) and set "
-            "model-name to that DIR"
+            "the local Hugging Face cache, and the hub could not be reached (offline?). "
+            f"Download it on a machine with access (`hf download {path} --local-dir DIR`), "
+            "copy DIR here and set model-name to that DIR (docs/reproducing.md)"
         ) from None
     model.requires_grad_(False).eval().to(device)
     log.info("loaded backbone %s on %s", name, device)
