@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from rcsr_flower.backbones.adapters import AdapterSet
 from rcsr_flower.backbones.clip import Backbone, load_backbone
 from rcsr_flower.config import RunConfig
+from rcsr_flower.federation import node_data
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.task import (
     ClientData,
@@ -43,6 +44,7 @@ class ClientNode:
     data: ClientData
     partition_id: int
     num_partitions: int
+    shard: bool = False  # the node's own dataset is its share (federation docstring)
 
     def adapters(self, state: dict[str, torch.Tensor] | None = None) -> AdapterSet:
         """A fresh adapter set on this backbone, loaded from ``state`` when given."""
@@ -63,6 +65,7 @@ class ClientNode:
             "modality": MODALITY_CODES[self.data.modality],
             "num-train": len(self.data.train),
             "num-test": len(self.data.test),
+            "shard": int(self.shard),
         }
 
     def seed(self, server_round: int, salt: int = 0) -> int:
@@ -80,8 +83,13 @@ class ClientNode:
 
 
 def setup(run_config, node_config) -> ClientNode:
-    """Config, backbone and data for this node (cached per process)."""
-    cfg = RunConfig.from_flower(run_config)
+    """Config, backbone and data for this node (cached per process).
+
+    Data locations come from the run config, overridden by the node's ``node_config``
+    in deployment (``dataset``, ``data-dir``, ``shard``, ...: ``federation.node_data``).
+    """
+    source = node_data(RunConfig.from_flower(run_config), node_config)
+    cfg = source.cfg
     try:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config["num-partitions"])
@@ -91,7 +99,9 @@ def setup(run_config, node_config) -> ClientNode:
             '--node-config "partition-id=<i> num-partitions=<N>"'
         ) from None
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
-    data = load_client_data(cfg, backbone, partition_id, num_partitions)
+    data = load_client_data(
+        cfg, backbone, partition_id, num_partitions, shard=source.shard, modality=source.modality
+    )
     if len(data.train) < 2:
         log.warning(
             "client %d holds %d training examples: too few to train; it replies "
@@ -100,7 +110,7 @@ def setup(run_config, node_config) -> ClientNode:
             len(data.train),
             len(data.train),
         )
-    return ClientNode(cfg, backbone, data, partition_id, num_partitions)
+    return ClientNode(cfg, backbone, data, partition_id, num_partitions, source.shard)
 
 
 def handle_query(node: ClientNode, config: ConfigRecord) -> dict:

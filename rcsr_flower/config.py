@@ -36,8 +36,12 @@ class RunConfig:
     dataset: str = "embedded"
     data_dir: str = ""
     dataset_format: str = field(default="auto", metadata=_choice("auto", "karpathy", "hf"))
+    image_column: str = "image"
+    caption_column: str = "caption"
+    split_column: str = ""
     cache_dir: str = ""
     eval_max_images: int = field(default=1000, metadata=_range(0))
+    loader_workers: int = field(default=0, metadata=_range(0))
     # partition (SPEC §1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
     partition_clusters: int = field(default=50, metadata=_range(1))

@@ -4,6 +4,20 @@ The server and every client call the same functions with the same run config, so
 agree on the partition without shipping it: the first caller computes it (frozen-backbone
 caption embeddings -> k-means -> Dirichlet -> missing modalities) and caches it as JSON
 under the cache directory, keyed by everything that determines it; the others read it.
+
+Where a node's data lives (deployment, docs/reproducing.md): a SuperNode's ``node_config``
+may name its own ``dataset``, ``data-dir``, ... (:func:`node_data`), overriding the run
+config's, which describe the server's machine. Two ways to use that:
+
+* **copy** (default): the node holds a copy of the whole dataset at its own path and
+  computes the same partition as everyone else from ``partition-id``/``num-partitions``
+  (fp32 caption embeddings, so CPU and GPU nodes agree); the server checks the sizes the
+  nodes report against its own partition;
+* **shard** (``shard=true``): the node's dataset *is* its data: the whole train split
+  (COCO: train + restval) is its partition, minus ``local-test-fraction`` held out as its
+  local test split; its modality is ``modality`` from node_config, else the one the
+  simulation would give it (``missing-rate``, ``seed``). Dirichlet settings do not apply:
+  the shards are as non-IID as the sites are.
 """
 
 from __future__ import annotations
@@ -12,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +35,9 @@ import torch
 
 from rcsr_flower.assets import cache_root, ensure_assets, file_lock
 from rcsr_flower.backbones.clip import Backbone
-from rcsr_flower.config import RunConfig
+from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
-from rcsr_flower.data.partition import Partition, make_partition
+from rcsr_flower.data.partition import MODALITIES, Partition, make_partition
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +53,78 @@ def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
 
 def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
     source, image_root, fmt = dataset_source(cfg)
-    return open_dataset(source, split, fmt=fmt, image_root=image_root)
+    return open_dataset(
+        source,
+        split,
+        fmt=fmt,
+        image_root=image_root,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        split_column=cfg.split_column or None,
+    )
+
+
+# node_config keys that say where this node's data and checkpoint are (strings)
+NODE_LOCATION_KEYS = (
+    "dataset",
+    "data-dir",
+    "dataset-format",
+    "image-column",
+    "caption-column",
+    "split-column",
+    "model-name",
+    "cache-dir",
+)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """Where one node reads its data: the run config with node_config's locations applied,
+    and whether the dataset is the node's own shard (module docstring)."""
+
+    cfg: RunConfig
+    shard: bool = False
+    modality: str | None = None  # shard only: forced modality
+
+
+def node_data(cfg: RunConfig, node_config: Mapping) -> NodeData:
+    """Apply a SuperNode's ``node_config`` data settings to the run config.
+
+    In simulation node_config holds only ``partition-id``/``num-partitions`` and this is
+    the identity. A node that names its own ``dataset`` without a ``data-dir`` gets
+    ``data-dir = ""`` (images next to its JSON), not the server's image root.
+    """
+    changes: dict[str, str] = {}
+    for key in NODE_LOCATION_KEYS:
+        if key not in node_config:
+            continue
+        value = node_config[key]
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"node_config '{key}' = {value!r} must be a string: quote it, "
+                f"--node-config \"... {key}='{value}'\""
+            )
+        changes[key.replace("-", "_")] = value
+    if "dataset" in node_config and "data-dir" not in node_config:
+        changes["data_dir"] = ""
+    shard = node_config.get("shard", False)
+    if not isinstance(shard, bool):
+        raise ConfigError(f"node_config 'shard' = {shard!r} must be true or false")
+    modality = node_config.get("modality")
+    if modality is not None and (not shard or modality not in MODALITIES):
+        raise ConfigError(
+            f"node_config 'modality' = {modality!r}: allowed only with shard=true, "
+            f"one of {', '.join(repr(m) for m in MODALITIES)}"
+        )
+    if shard and "dataset" not in node_config:
+        raise ConfigError(
+            "node_config shard=true needs the node's own dataset: add dataset='/path/...'"
+        )
+    try:
+        node_cfg = cfg.replace(**changes) if changes else cfg
+    except ConfigError as exc:
+        raise ConfigError(f"node_config: {exc}") from None
+    return NodeData(node_cfg, shard, modality)
 
 
 def global_test_set(cfg: RunConfig) -> ImageCaptionDataset:
@@ -78,6 +165,9 @@ def partition_key(cfg: RunConfig, backbone: Backbone, num_partitions: int) -> st
         "local_test_fraction": cfg.local_test_fraction,
         "seed": cfg.seed,
     }
+    columns = (cfg.image_column, cfg.caption_column, cfg.split_column)
+    if columns != ("image", "caption", ""):  # keeps the keys of existing caches
+        ident["columns"] = columns
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -117,3 +207,50 @@ def load_partition(
         partition.to_json(path)
         os.chmod(path, 0o644)
     return partition
+
+
+# ---------------------------------------------------------------------------- server side
+_MODALITY_NAMES = dict(enumerate(MODALITIES))  # the codes client.MODALITY_CODES sends
+
+
+def reported_partition(nodes: list[dict]) -> dict:
+    """What the nodes said they hold (query round): the run's partition record when nodes
+    hold their own shards and the server has no partition of its own."""
+    return {
+        "format": "rcsr-flower-reported-partition",
+        "clients": [
+            {
+                "client_id": int(n["partition-id"]),
+                "modality": _MODALITY_NAMES[int(n["modality"])],
+                "num_train": int(n["num-train"]),
+                "num_test": int(n["num-test"]),
+                "shard": bool(n.get("shard", 0)),
+            }
+            for n in sorted(nodes, key=lambda n: int(n["partition-id"]))
+        ],
+    }
+
+
+def partition_mismatches(partition: Partition, nodes: list[dict]) -> list[str]:
+    """Nodes whose reported sizes differ from the server's partition, one line each.
+
+    In copy mode every node computes the partition from its own copy of the data; a
+    different copy, config or checkpoint shows up here instead of silently training on
+    overlapping data.
+    """
+    out = []
+    for n in nodes:
+        pid = int(n["partition-id"])
+        if not 0 <= pid < partition.num_partitions:
+            out.append(f"node {n['node_id']}: partition-id {pid} is outside the partition")
+            continue
+        client = partition.clients[pid]
+        mine = (len(client.train), len(client.test), client.modality)
+        theirs = (int(n["num-train"]), int(n["num-test"]), _MODALITY_NAMES[int(n["modality"])])
+        if mine != theirs:
+            out.append(
+                f"node {n['node_id']} (partition {pid}) holds {theirs[0]} train / {theirs[1]} "
+                f"test items ({theirs[2]}), the server's partition {mine[0]} / {mine[1]} "
+                f"({mine[2]}): its data copy, run config or checkpoint differs from the server's"
+            )
+    return out

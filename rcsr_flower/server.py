@@ -24,7 +24,12 @@ from safetensors.torch import save_file
 
 from rcsr_flower.backbones.clip import load_backbone
 from rcsr_flower.config import RunConfig
-from rcsr_flower.federation import global_test_set, load_partition
+from rcsr_flower.federation import (
+    global_test_set,
+    load_partition,
+    partition_mismatches,
+    reported_partition,
+)
 from rcsr_flower.outputs import MetricsLog, run_dir, summary_table, write_json
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.retrieval_task import RetrievalTask, RouterBetas
@@ -150,11 +155,17 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
     if not nodes:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])
-    partition = load_partition(cfg, backbone, num_partitions)
-    partition.to_json(out / "partition.json")
-    log.info("partition (%d clients):\n%s", num_partitions, partition.summary())
-    for problem in partition.problems(cfg.batch_size):
-        log.warning("partition: %s", problem)
+    if any(n.get("shard") for n in nodes):  # nodes hold their own data: record what they hold
+        write_json(out / "partition.json", reported_partition(nodes))
+        log.info("nodes hold their own shards: %s", [n["num-train"] for n in nodes])
+    else:
+        partition = load_partition(cfg, backbone, num_partitions)
+        partition.to_json(out / "partition.json")
+        log.info("partition (%d clients):\n%s", num_partitions, partition.summary())
+        for problem in partition.problems(cfg.batch_size):
+            log.warning("partition: %s", problem)
+        for problem in partition_mismatches(partition, nodes):
+            log.warning("partition: %s", problem)
 
     task = None
     if cfg.routed:
@@ -170,7 +181,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
             momentum=cfg.prototype_momentum,
         )
 
-    test = preprocess_split(backbone, global_test_set(cfg))
+    test = preprocess_split(backbone, global_test_set(cfg), workers=cfg.loader_workers)
     template = backbone.new_adapters(
         cfg.adapter_layers, cfg.adapter_bottleneck, cfg.adapter_init_std
     )

@@ -34,6 +34,7 @@ __all__ = [
     "assign_modalities",
     "make_partition",
     "semantic_clusters",
+    "shard_partition",
     "split_by_label",
     "split_iid",
 ]
@@ -379,6 +380,35 @@ def make_partition(
         cluster_labels=None if labels is None else tuple(int(v) for v in labels),
         settings=settings,
     )
+
+
+def shard_partition(
+    num_items: int,
+    client_id: int,
+    num_partitions: int,
+    *,
+    missing_rate: float = 0.5,
+    local_test_fraction: float = 0.1,
+    seed: int = 0,
+    modality: Modality | None = None,
+) -> ClientPartition:
+    """A node that holds its own shard: all ``num_items`` are its share.
+
+    The local test split and, unless ``modality`` is given, the modality follow the same
+    seeded rules as :func:`make_partition`, so ``missing-rate`` means the same in a
+    deployment of shards as in simulation.
+    """
+    _check_int("num_items", num_items, 0)
+    _check_int("num_partitions", num_partitions, 1)
+    if not 0 <= client_id < num_partitions:
+        raise ValueError(f"client_id must be in [0, {num_partitions}), got {client_id!r}")
+    _check_rate("local-test-fraction", local_test_fraction, hi_open=True)
+    if modality is None:
+        modality = assign_modalities(num_partitions, missing_rate, seed)[client_id]
+    elif modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    train, test = _local_test_split(range(num_items), local_test_fraction, seed, client_id)
+    return ClientPartition(client_id, modality, train, test)
 
 
 # --------------------------------------------------------------------------------------------

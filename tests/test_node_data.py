@@ -1,0 +1,183 @@
+"""Deployment: a SuperNode's node_config says where its data is (copy or own shard).
+
+Every test goes through ``rcsr_flower.client.setup(run_config, node_config)``, what the
+ClientApp calls with ``context.run_config`` and ``context.node_config``, and node_config
+strings are parsed by Flower's own ``--node-config`` parser.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from flwr.common.config import parse_config_args
+
+from rcsr_flower.client import setup
+from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.data.datasets import KarpathyDataset, open_dataset
+from rcsr_flower.data.partition import assign_modalities, shard_partition
+from rcsr_flower.federation import (
+    load_partition,
+    node_data,
+    partition_mismatches,
+    reported_partition,
+)
+
+WORDS = ["red", "green", "blue", "circle", "square", "star", "small", "large", "left", "right"]
+
+
+def write_flickr(root: Path, n_train: int = 40, n_test: int = 6, seed: int = 0) -> Path:
+    """A Flickr30K-layout fixture: dataset_flickr30k.json + a separate image folder."""
+    g = torch.Generator().manual_seed(seed)
+    images = root / "flickr30k-images"
+    images.mkdir(parents=True)
+    entries = []
+    for k in range(n_train + n_test):
+        pixels = torch.randint(0, 256, (48, 64, 3), generator=g, dtype=torch.uint8).numpy()
+        PIL.Image.fromarray(pixels).save(images / f"{k}.jpg", quality=90)
+        words = torch.randint(0, len(WORDS), (5, 4), generator=g).tolist()
+        entries.append(
+            {
+                "filename": f"{k}.jpg",
+                "imgid": k,
+                "split": "train" if k < n_train else "test",
+                "sentences": [{"raw": " ".join(WORDS[w] for w in ws)} for ws in words],
+            }
+        )
+    ann = root / "annotations"
+    ann.mkdir()
+    path = ann / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return path
+
+
+def run_config(embedded_assets, cache_dir: Path, **extra) -> dict:
+    """The server's run config: its dataset paths do not exist on the nodes' machines."""
+    cfg = RunConfig(
+        model_name=str(embedded_assets.backbone_dir),
+        dataset="/nonexistent/server/dataset_flickr30k.json",
+        data_dir="/nonexistent/server/flickr30k-images",
+        cache_dir=str(cache_dir),
+        partition_clusters=4,
+        batch_size=8,
+    ).to_flower()
+    return {**cfg, **extra}
+
+
+def node_config(line: str) -> dict:
+    return parse_config_args([line])  # exactly what flower-supernode --node-config does
+
+
+@pytest.fixture
+def flickr_copy(tmp_path):
+    return write_flickr(tmp_path / "site-a")
+
+
+def test_node_config_paths_replace_the_run_configs(
+    embedded_assets, backbone, tmp_path, flickr_copy
+):
+    images = flickr_copy.parent.parent / "flickr30k-images"
+    nc = node_config(f"partition-id=2 num-partitions=3 dataset='{flickr_copy}' data-dir='{images}'")
+    rc = run_config(embedded_assets, tmp_path / "cache")
+    node = setup(rc, nc)
+    assert node.cfg.dataset == str(flickr_copy) and node.cfg.data_dir == str(images)
+    # the node's share of the semantic partition of *its* copy
+    train = open_dataset(flickr_copy, "train", image_root=images)
+    partition = load_partition(node.cfg, backbone, 3, train)
+    share = partition.clients[2]
+    assert node.data.modality == share.modality == "paired"
+    assert len(node.data.train) == len(share.train) and len(node.data.test) == len(share.test)
+    assert node.data.test.captions[0] == train.captions(share.test[0])
+    expected = backbone.preprocess([train.image(share.test[0])])
+    assert torch.equal(node.data.test.pixels[:1], expected)
+    # the server with its own partition sees no mismatch in what the nodes report
+    report = {"node_id": 7, **node.describe()}
+    assert report["shard"] == 0
+    assert partition_mismatches(partition, [report]) == []
+    wrong = {**report, "num-train": report["num-train"] + 1}
+    (line,) = partition_mismatches(partition, [wrong])
+    assert "node 7 (partition 2)" in line and "differs from the server's" in line
+
+
+def test_a_copy_at_another_path_gives_the_same_share(embedded_assets, tmp_path, flickr_copy):
+    other = tmp_path / "site-b"
+    shutil.copytree(flickr_copy.parent.parent, other)
+    rc = run_config(embedded_assets, tmp_path / "cache")
+    shares = []
+    for root in (flickr_copy.parent.parent, other):
+        nc = node_config(
+            f"partition-id=0 num-partitions=2 dataset='{root}/annotations/dataset_flickr30k.json'"
+            f" data-dir='{root}/flickr30k-images'"
+        )
+        data = setup(rc, nc).data
+        shares.append((data.modality, data.train.captions, data.test.captions))
+    assert shares[0] == shares[1]
+
+
+def test_a_shard_node_trains_on_its_whole_train_split(embedded_assets, tmp_path, flickr_copy):
+    rc = run_config(embedded_assets, tmp_path / "cache", **{"local-test-fraction": 0.25})
+    nc = node_config(f"partition-id=2 num-partitions=4 dataset='{flickr_copy.parent}' shard=true")
+    # a dataset directory holding one dataset*.json is Karpathy; images: data-dir
+    nc["data-dir"] = str(flickr_copy.parent.parent / "flickr30k-images")
+    node = setup(rc, nc)
+    assert node.shard and node.describe()["shard"] == 1
+    assert len(node.data.train) + len(node.data.test) == 40  # every train item, no others
+    assert len(node.data.test) == 10  # local-test-fraction 0.25
+    assert node.data.modality == assign_modalities(4, 0.5, 0)[2]
+    report = reported_partition([{"node_id": 3, **node.describe()}])
+    assert report["clients"][0]["num_train"] == 30 and report["clients"][0]["shard"]
+    # a node may say which modality it has
+    forced = setup(rc, {**nc, "modality": "text-only"})
+    assert forced.data.modality == "text-only" and forced.data.train.pixels is None
+
+
+def test_a_client_decodes_only_the_images_it_uses(
+    embedded_assets, tmp_path, flickr_copy, monkeypatch
+):
+    decoded: list[str] = []
+    real = KarpathyDataset._image
+
+    def spy(self, i):
+        decoded.append(self._relpaths[i])
+        return real(self, i)
+
+    monkeypatch.setattr(KarpathyDataset, "_image", spy)
+    rc = run_config(embedded_assets, tmp_path / "cache", **{"local-test-fraction": 0.25})
+    images = flickr_copy.parent.parent / "flickr30k-images"
+    nc = node_config(
+        f"partition-id=0 num-partitions=2 dataset='{flickr_copy}' data-dir='{images}' "
+        "shard=true modality='text-only'"
+    )
+    node = setup(rc, nc)
+    # a text-only client decodes its local test images (evaluation needs both), no train image
+    assert node.data.train.pixels is None
+    share = shard_partition(40, 0, 2, local_test_fraction=0.25, modality="text-only")
+    assert sorted(decoded) == sorted(f"{i}.jpg" for i in share.test)  # train items 0..39
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("dataset=5", "node_config 'dataset' = 5 must be a string"),
+        ("dataset='/d.json' modality='text-only'", "allowed only with shard=true"),
+        ("shard=true", "shard=true needs the node's own dataset"),
+        ("dataset='/d.json' shard='yes'", "'shard' = 'yes' must be true or false"),
+        ("dataset-format='coco'", "node_config: run-config 'dataset-format'"),
+    ],
+)
+def test_bad_node_config_fails_with_one_line(line, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        node_data(RunConfig(), node_config(f"partition-id=0 num-partitions=2 {line}"))
+
+
+def test_simulation_node_config_changes_nothing():
+    cfg = RunConfig(dataset="/data/dataset_coco.json", data_dir="/data/coco")
+    source = node_data(cfg, {"partition-id": 3, "num-partitions": 10})
+    assert source.cfg is cfg and not source.shard
+    # a node naming its own JSON gets images next to it, not the server's image root
+    own = node_data(cfg, {"dataset": "/site/dataset_coco.json"})
+    assert own.cfg.data_dir == "" and own.cfg.dataset == "/site/dataset_coco.json"
