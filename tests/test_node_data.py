@@ -181,3 +181,49 @@ def test_simulation_node_config_changes_nothing():
     # a node naming its own JSON gets images next to it, not the server's image root
     own = node_data(cfg, {"dataset": "/site/dataset_coco.json"})
     assert own.cfg.data_dir == "" and own.cfg.dataset == "/site/dataset_coco.json"
+
+
+def test_hf_dataset_with_its_own_column_names_on_a_node(embedded_assets, tmp_path):
+    """A Hugging Face dataset saved locally (images embedded, a caption list, a split
+    column), named by the node and read with the run config's column names."""
+    import datasets
+
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    rows = {
+        "jpg": [
+            PIL.Image.fromarray(
+                torch.randint(0, 256, (40, 56, 3), generator=g, dtype=torch.uint8).numpy()
+            )
+            for _ in range(n)
+        ],
+        "sentences": [
+            [f"{WORDS[k % 10]} {WORDS[(k + 3) % 10]}", f"a {WORDS[k % 10]}"] for k in range(n)
+        ],
+        "which": ["train"] * 9 + ["test"] * 3,
+    }
+    features = datasets.Features(
+        {
+            "jpg": datasets.Image(),
+            "sentences": datasets.List(datasets.Value("string")),
+            "which": datasets.Value("string"),
+        }
+    )
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "hf")
+    rc = run_config(
+        embedded_assets,
+        tmp_path / "cache",
+        **{
+            "image-column": "jpg",
+            "caption-column": "sentences",
+            "split-column": "which",
+            "missing-rate": 0.0,
+        },
+    )
+    nc = node_config(f"partition-id=0 num-partitions=1 dataset='{tmp_path / 'hf'}' shard=true")
+    node = setup(rc, {**nc, "dataset-format": "hf"})
+    assert node.data.modality == "paired"
+    assert len(node.data.train) + len(node.data.test) == 9  # the 'train' rows only
+    held = sorted(node.data.train.captions + node.data.test.captions)
+    assert held == sorted(rows["sentences"][:9])
+    assert node.data.train.pixels.shape[1:] == (3, 64, 64)  # the tiny CLIP's 64 px

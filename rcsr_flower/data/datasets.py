@@ -435,7 +435,8 @@ class HFImageCaptionDataset(ImageCaptionDataset):
             raise ValueError(
                 f"Hugging Face dataset {src} has no column {missing[0]!r}; columns that exist: "
                 f"{', '.join(ds.column_names)}. Pass image_column= / caption_column= "
-                "(the dataset's image and caption column names)."
+                "(run config: image-column / caption-column), the dataset's image and caption "
+                "column names."
             )
         self.path = src
         self.split = split_label
