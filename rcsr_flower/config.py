@@ -42,6 +42,7 @@ class RunConfig:
     cache_dir: str = ""
     eval_max_images: int = field(default=1000, metadata=_range(0))
     loader_workers: int = field(default=0, metadata=_range(0))
+    data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (SPEC §1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
     partition_clusters: int = field(default=50, metadata=_range(1))

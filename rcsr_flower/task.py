@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,28 @@ def preprocess_split(
     return SplitTensors(pixels, captions)
 
 
-_DATA_CACHE: dict[tuple, ClientData] = {}
+# Ray reuses a simulation worker for many clients: keep the preprocessed data of those it
+# served, least recently used first out beyond `data-cache-gb` (the client in use stays).
+_DATA_CACHE: OrderedDict[tuple, ClientData] = OrderedDict()
 _DATA_LOCK = threading.Lock()
+
+
+def _pixel_bytes(data: ClientData) -> int:
+    return sum(
+        s.pixels.numel() * s.pixels.element_size()
+        for s in (data.train, data.test)
+        if s.pixels is not None
+    )
+
+
+def _remember(key: tuple, data: ClientData, budget_bytes: float) -> None:
+    with _DATA_LOCK:
+        _DATA_CACHE[key] = data
+        _DATA_CACHE.move_to_end(key)
+        total = sum(_pixel_bytes(d) for d in _DATA_CACHE.values())
+        while len(_DATA_CACHE) > 1 and total > budget_bytes:
+            _, dropped = _DATA_CACHE.popitem(last=False)
+            total -= _pixel_bytes(dropped)
 
 
 def load_client_data(
@@ -123,7 +144,7 @@ def load_client_data(
     shard: bool = False,
     modality: str | None = None,
 ) -> ClientData:
-    """The client's partition, preprocessed once per process (Ray reuses actors).
+    """The client's partition, preprocessed once per process while it fits the cache.
 
     ``shard``: the dataset in ``cfg`` is this node's own (``federation`` docstring), its
     whole train split is the client's share; otherwise the client's share of the run's
@@ -142,6 +163,7 @@ def load_client_data(
     )
     with _DATA_LOCK:
         if key in _DATA_CACHE:
+            _DATA_CACHE.move_to_end(key)
             return _DATA_CACHE[key]
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
@@ -173,8 +195,7 @@ def load_client_data(
         ),
         test=preprocess_split(backbone, train_set.subset(client.test), workers=cfg.loader_workers),
     )
-    with _DATA_LOCK:
-        _DATA_CACHE[key] = data
+    _remember(key, data, cfg.data_cache_gb * 2**30)
     return data
 
 

@@ -227,3 +227,30 @@ def test_hf_dataset_with_its_own_column_names_on_a_node(embedded_assets, tmp_pat
     held = sorted(node.data.train.captions + node.data.test.captions)
     assert held == sorted(rows["sentences"][:9])
     assert node.data.train.pixels.shape[1:] == (3, 64, 64)  # the tiny CLIP's 64 px
+
+
+def test_a_worker_drops_least_recently_used_clients_beyond_the_cache_budget(
+    embedded_assets, tmp_path, flickr_copy, monkeypatch
+):
+    decoded: list[str] = []
+    real = KarpathyDataset._image
+    monkeypatch.setattr(
+        KarpathyDataset, "_image", lambda self, i: decoded.append(i) or real(self, i)
+    )
+    images = flickr_copy.parent.parent / "flickr30k-images"
+    line = f"num-partitions=2 dataset='{flickr_copy}' data-dir='{images}' shard=true"
+
+    def load(pid: int, budget: float):
+        rc = run_config(embedded_assets, tmp_path / "cache", **{"data-cache-gb": budget})
+        before = len(decoded)
+        data = setup(rc, node_config(f"partition-id={pid} {line}")).data
+        return data, len(decoded) - before
+
+    # a budget smaller than one client keeps only the client in use
+    first, n = load(0, 0.0)
+    assert n == 40  # paired: every item of its shard
+    assert load(1, 0.0)[1] == 40
+    again, n = load(0, 0.0)
+    assert n == 40 and torch.equal(again.train.pixels, first.train.pixels)
+    # room for both: a client that comes back is served from memory
+    assert load(1, 1.0)[1] == 40 and load(0, 1.0)[1] == 0 and load(1, 1.0)[1] == 0
