@@ -1,0 +1,140 @@
+"""Federated training dynamics in one process: where does the global rsum go, and why?
+
+A full ``flwr run`` of the embedded default takes minutes; asking "does the drop come
+from non-IID data, from missing modalities, from prototype anchoring or from too few
+local steps?" needs many runs. This loop runs the *same* client code
+(``client.setup``, ``task.local_train`` with the SPEC §4 loss, the bootstrap bank of
+``server.bootstrap_bank``) for all clients in one process, aggregates
+``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` (sample-count weights: no router, no minimax, no bank
+update: it isolates the client side) and evaluates the global adapters on the global test
+split after every round. It is a diagnostic, not the product: numbers from it are labelled
+as such in docs.
+
+    .venv/bin/python benchmarks/fed_dynamics.py                       # S4, anchoring on
+    .venv/bin/python benchmarks/fed_dynamics.py --no-anchoring        # S4, FedAvg-like
+    .venv/bin/python benchmarks/fed_dynamics.py --missing-rate 0 --partitioning iid  # S1
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from rcsr_flower.client import setup
+from rcsr_flower.config import RunConfig
+from rcsr_flower.federation import global_test_set
+from rcsr_flower.server import bootstrap_bank
+from rcsr_flower.task import (
+    TrainSettings,
+    bootstrap_groups,
+    evaluate_retrieval,
+    local_train,
+    preprocess_split,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--missing-rate", type=float, default=0.5)
+    parser.add_argument("--partitioning", default="dirichlet")
+    parser.add_argument("--no-anchoring", action="store_true")
+    parser.add_argument("--lambda-anchor", type=float, default=1.0)
+    parser.add_argument("--lambda-align", type=float, default=0.1)
+    parser.add_argument("--lambda-stab", type=float, default=0.01)
+    parser.add_argument("--prototype-slots", type=int, default=32)
+    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--constant-lr", action="store_true", help="no SPEC §1 schedule")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    cfg = RunConfig().replace(
+        num_server_rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        missing_rate=args.missing_rate,
+        partitioning=args.partitioning,
+        prototype_slots=args.prototype_slots,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    raw = cfg.to_flower()
+    nodes = [
+        setup(raw, {"partition-id": i, "num-partitions": args.clients}) for i in range(args.clients)
+    ]
+    backbone = nodes[0].backbone
+    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes])
+    anchoring = not args.no_anchoring
+    bank = None
+    if anchoring:
+        groups = [
+            g
+            for n in nodes
+            if (g := bootstrap_groups(backbone, n.data, cfg.prototype_slots, 512, n.seed(0)))
+            is not None
+        ]
+        bank = bootstrap_bank([{"groups": g} for g in groups], cfg)
+    test = preprocess_split(backbone, global_test_set(cfg))
+    template = nodes[0].adapters()
+    theta = {k: v.detach().clone() for k, v in template.state_dict().items()}
+
+    def global_rsum() -> float:
+        template.load_state_dict(theta)
+        return float(evaluate_retrieval(backbone, test, template)["rsum"])
+
+    print(f"round 0: rsum {global_rsum():.1f}", flush=True)
+    rng = random.Random(args.seed)
+    per_round = max(2, int(args.clients * args.fraction))
+    start = time.perf_counter()
+    for server_round in range(1, args.rounds + 1):
+        lr = args.lr if args.constant_lr else cfg.lr_at(server_round)
+        chosen = sorted(rng.sample(range(args.clients), per_round))
+        settings = TrainSettings(
+            lr=lr,
+            epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            weight_decay=cfg.weight_decay,
+            lambda_anchor=args.lambda_anchor,
+            lambda_align=args.lambda_align if anchoring else 0.0,
+            prox_mu=args.lambda_stab,
+            anchoring=anchoring,
+        )
+        deltas, sizes, losses = [], [], []
+        for c in chosen:
+            shared = nodes[c].adapters(theta)
+            out = local_train(
+                backbone, shared, None, nodes[c].data, bank, settings, nodes[c].seed(server_round)
+            )
+            trained = shared.state_dict()
+            deltas.append({k: trained[k].detach() - theta[k] for k in theta})
+            sizes.append(out["num_examples"])
+            losses.append(round(out["loss"], 3))
+        total = sum(sizes)
+        for k in theta:
+            theta[k] = theta[k] + args.server_lr * sum(
+                n / total * d[k] for n, d in zip(sizes, deltas, strict=True)
+            )
+        mods = [nodes[c].data.modality[0] for c in chosen]
+        print(
+            f"round {server_round}: rsum {global_rsum():.1f}  lr {lr:.1e}  clients "
+            f"{list(zip(chosen, mods, strict=True))}  loss {losses}  "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
