@@ -287,7 +287,6 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         strategy.restore_from_checkpoint(resume.strategy_tensors, resume.strategy_meta)
         initial = resume.arrays
         first_round = resume.round + 1
-        log.info("resuming %s after round %d", cfg.resume_from, resume.round)
         restore_rng(resume)  # last: setup above drew from the global RNGs
     result = strategy.start(
         grid=run_grid,

@@ -25,13 +25,18 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    log_strategy_start_info,
+)
+from flwr.supercore import log as flwr_log
 
 from rcsr_flower.metrics import RECALL_KEYS
 from rcsr_flower.outputs import MetricsLog
@@ -273,7 +278,8 @@ class RCSRStrategy(FedAvg):
     ) -> Result:
         """Flower's ``Strategy.start`` loop, made resumable.
 
-        Flower's loop always starts at round 1 after evaluating round 0. A resumed run
+        Flower's loop always starts at round 1 after evaluating round 0 (its log lines are
+        kept, so a run reads as before). A resumed run
         starts at ``first_round`` = k+1 with the true round numbers (the lr schedule and
         the sampling seed depend on them) and ``initial_arrays`` = the checkpointed
         adapters; round 0 is evaluated only when ``first_round == 1``. Each round runs
@@ -282,16 +288,23 @@ class RCSRStrategy(FedAvg):
         """
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
         if first_round == 1:
             if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
+                flwr_log(INFO, "Initial global evaluation results: %s", res)
                 result.evaluate_metrics_serverapp[0] = res
             if on_round_end is not None:
                 on_round_end(0, arrays)
+        else:
+            flwr_log(INFO, "Resuming after round %d", first_round - 1)
         for server_round in range(first_round, num_rounds + 1):
-            log.info("[ROUND %d/%d]", server_round, num_rounds)
+            flwr_log(INFO, "")
+            flwr_log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             replies = grid.send_and_receive(
                 messages=self.configure_train(server_round, arrays, train_config, grid),
                 timeout=timeout,
@@ -300,17 +313,21 @@ class RCSRStrategy(FedAvg):
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
             if train_metrics is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
             replies = grid.send_and_receive(
                 messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
                 timeout=timeout,
             )
             if (res := self.aggregate_evaluate(server_round, replies)) is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", res)
                 result.evaluate_metrics_clientapp[server_round] = res
             if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+                flwr_log(INFO, "Global evaluation\t└──> MetricRecord: %s", res)
                 result.evaluate_metrics_serverapp[server_round] = res
             if on_round_end is not None:
                 on_round_end(server_round, arrays)
+        flwr_log(INFO, "")
         return result
 
     # ------------------------------------------------------------------ checkpoint state

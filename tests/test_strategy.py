@@ -427,3 +427,45 @@ def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions()
     ordered = PartitionOrderedGrid(grid, {30: 0, 10: 2, 20: 1})
     assert ordered.get_node_ids() == [30, 20, 10, 40]  # unknown nodes last
     assert ordered.send_and_receive is grid.send_and_receive  # everything else delegated
+
+
+def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
+    s = RCSRStrategy(
+        RetrievalTask(bank()),
+        RoutingOptions(router_hidden=16, lr_schedule=lambda r: r / 100),
+        num_clients=3,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+    sent = []
+
+    def send_and_receive(messages, timeout=None):
+        messages = list(messages)
+        sent.extend(
+            (m.content["config"]["server-round"], m.content["config"]["lr"]) for m in messages
+        )
+        return [
+            reply(m.metadata.dst_node_id, theta(m.metadata.dst_node_id), 10, 1.0, stats(1))
+            for m in messages
+        ]
+
+    grid.send_and_receive.side_effect = send_and_receive
+    evaluated, ended = [], []
+    result = s.start(
+        grid,
+        ArrayRecord(theta(0)),
+        num_rounds=4,
+        evaluate_fn=lambda r, a: evaluated.append(r),
+        first_round=3,
+        on_round_end=lambda r, a: ended.append(r),
+    )
+    assert sorted(set(sent)) == [(3, 0.03), (4, 0.04)]  # no round 1 or 2, true lr
+    assert evaluated == [3, 4] and ended == [3, 4]  # no second zero-shot row
+    assert sorted(s.history) == [3, 4] and result.arrays is not None
+    fresh = []
+    s.start(grid, ArrayRecord(theta(0)), num_rounds=1, on_round_end=lambda r, a: fresh.append(r))
+    assert fresh == [0, 1]  # a fresh run checkpoints its zero-shot state too
