@@ -3,13 +3,16 @@
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from rcsr_flower.client import handle_evaluate, handle_query, handle_train, setup
+from rcsr_flower.client import handle_evaluate, handle_query, handle_train, light_query, setup
 
 app = ClientApp()
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    light = light_query(context.run_config, context.node_config, msg.content["config"])
+    if light is not None:  # no backbone, no data
+        return Message(RecordDict({"metrics": MetricRecord(light)}), reply_to=msg)
     node = setup(context.run_config, context.node_config)
     out = handle_query(node, msg.content["config"])
     content = RecordDict({"metrics": MetricRecord(out["describe"])})
@@ -36,5 +39,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = setup(context.run_config, context.node_config)
-    metrics = handle_evaluate(node, msg.content["arrays"], context.state)
+    metrics = handle_evaluate(
+        node, msg.content["arrays"], context.state, msg.content.config_records.get("config")
+    )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

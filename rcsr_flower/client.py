@@ -4,20 +4,29 @@
 functions and wraps what they return into a reply. Everything heavy (backbone, the
 node's preprocessed data) is loaded once per process; what must outlive a process —
 personal adapters and the previous update — lives in ``context.state`` and never
-leaves the node.
+leaves the node. ``context.state`` lasts one Flower run, so a node also keeps it on its
+own disk, per round (:class:`ClientStateStore`), for a resumed run to continue from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from safetensors.torch import load_file, save_file
 
+from rcsr_flower.assets import cache_root
 from rcsr_flower.backbones.adapters import AdapterSet
 from rcsr_flower.backbones.clip import Backbone, load_backbone
 from rcsr_flower.config import RunConfig
+from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.task import (
@@ -35,6 +44,83 @@ log = logging.getLogger(__name__)
 MODALITY_CODES = {"paired": 0, "image-only": 1, "text-only": 2}
 PERSONAL_KEY = "personal-adapters"
 PREVIOUS_DELTA_KEY = "previous-update"
+STAMP_KEY = "state-stamp"  # which snapshot context.state holds: {"state-key", "round"}
+STATE_KEY_PATTERN = re.compile(r"[0-9a-f]{32}")  # it names a directory: nothing else
+
+
+class ClientStateStore:
+    """This node's ``context.state``, kept on its own disk round by round.
+
+    A resumed run is a new Flower run, and its nodes start with an empty
+    ``context.state``. So after each train round a node writes its state (previous update,
+    personal adapters) to ``<client-state-dir>/<state-key>/partition-<id>/round-<r>
+    .safetensors``; a handler of round ``r`` whose ``context.state`` is empty, or ahead
+    (a round the killed server never checkpointed), first loads the newest snapshot before
+    ``r``. Two snapshots are kept: the server starts round ``r`` only after checkpointing
+    ``r−1``, so no resume needs an older one. The files never leave the node.
+    """
+
+    def __init__(self, root: Path, state_key: str, partition_id: int) -> None:
+        if not STATE_KEY_PATTERN.fullmatch(state_key):
+            raise ValueError(f"state-key {state_key!r} is not 32 lowercase hex digits")
+        self.state_key = state_key
+        self.dir = root / state_key / f"partition-{partition_id}"
+
+    def snapshots(self) -> dict[int, Path]:
+        return {
+            int(p.name[6:11]): p
+            for p in self.dir.glob("round-*.safetensors")
+            if re.fullmatch(r"round-\d{5}\.safetensors", p.name)
+        }
+
+    def sync(self, state: RecordDict, upto: int) -> None:
+        """Make ``state`` this node's state after round ``upto``, from disk if needed."""
+        stamp = state.config_records.get(STAMP_KEY)
+        if stamp is not None and stamp["state-key"] == self.state_key and stamp["round"] <= upto:
+            return  # the live state of this run: nothing to load
+        for key in list(state.array_records):
+            del state[key]
+        snapshots = self.snapshots()
+        loaded = max((r for r in snapshots if r <= upto), default=0)
+        if loaded:
+            records: dict[str, dict[str, torch.Tensor]] = {}
+            for name, tensor in load_file(str(snapshots[loaded])).items():
+                record, _, key = name.partition("/")
+                records.setdefault(record, {})[key] = tensor
+            for record, arrays in records.items():
+                state[record] = ArrayRecord(arrays)
+            log.info("restored client state after round %d from %s", loaded, self.dir)
+        state[STAMP_KEY] = ConfigRecord({"state-key": self.state_key, "round": loaded})
+
+    def save(self, server_round: int, state: RecordDict) -> None:
+        """Write ``state`` as the state after ``server_round`` (atomically)."""
+        tensors = {
+            f"{record}/{key}": value.contiguous()
+            for record in state.array_records
+            for key, value in state[record].to_torch_state_dict().items()
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"round-{server_round:05d}.safetensors"
+        tmp = self.dir / f".round-{server_round:05d}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        state[STAMP_KEY] = ConfigRecord({"state-key": self.state_key, "round": server_round})
+        older = [r for r in self.snapshots() if r < server_round]
+        for r, p in self.snapshots().items():
+            if r < server_round and r != max(older):
+                p.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the run's directory, once every partition is gone
+            self.dir.parent.rmdir()
+
+
+def client_state_root(cfg: RunConfig) -> Path:
+    """``client-state-dir``, or ``client-state/`` in the cache directory."""
+    if cfg.client_state_dir:
+        return Path(cfg.client_state_dir).expanduser()
+    return cache_root(cfg.cache_dir or None) / "client-state"
 
 
 @dataclass
@@ -67,6 +153,14 @@ class ClientNode:
             "num-test": len(self.data.test),
             "shard": int(self.shard),
         }
+
+    def state_store(self, config: ConfigRecord) -> ClientStateStore | None:
+        """The durable copy of this node's state, when the server names one."""
+        if "state-key" not in config:
+            return None
+        return ClientStateStore(
+            client_state_root(self.cfg), str(config["state-key"]), self.partition_id
+        )
 
     def seed(self, server_round: int, salt: int = 0) -> int:
         return self.cfg.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
@@ -158,6 +252,10 @@ def handle_train(
     adapters and ``Δ`` go to ``state`` only.
     """
     server_round = int(config["server-round"])
+    before_training(node.cfg.faults, node.partition_id, server_round)  # test-only
+    store = node.state_store(config)
+    if store is not None:
+        store.sync(state, upto=server_round - 1)
     global_state = arrays.to_torch_state_dict()
     shared = node.adapters(global_state)
     personal = node.personal(state)
@@ -174,6 +272,7 @@ def handle_train(
         seed=node.seed(server_round),
     )
     trained = {k: v.detach().cpu() for k, v in shared.state_dict().items()}
+    trained = corrupt_reply(node.cfg.faults, node.partition_id, server_round, trained)  # test-only
     delta = {k: trained[k] - global_state[k].cpu() for k in trained}
 
     stats = None
@@ -193,11 +292,17 @@ def handle_train(
             node.cfg.prototype_samples,
             node.seed(server_round, 1),
         )
-    state[PREVIOUS_DELTA_KEY] = ArrayRecord({k: v.contiguous() for k, v in delta.items()})
+    if all(torch.isfinite(v).all() for v in delta.values()):
+        state[PREVIOUS_DELTA_KEY] = ArrayRecord({k: v.contiguous() for k, v in delta.items()})
+    elif PREVIOUS_DELTA_KEY in state.array_records:
+        # a diverged round must not poison cos(Δ, Δ_prev), and with it every later reply
+        del state[PREVIOUS_DELTA_KEY]
     if personal is not None:
         state[PERSONAL_KEY] = ArrayRecord(
             {k: v.detach().cpu().contiguous() for k, v in personal.state_dict().items()}
         )
+    if store is not None:
+        store.save(server_round, state)
     metrics = {
         "num-examples": int(result["num_examples"]),
         "train-loss": float(result["loss"]),
@@ -208,8 +313,13 @@ def handle_train(
     return {"arrays": trained, "metrics": metrics, "stats": stats}
 
 
-def handle_evaluate(node: ClientNode, arrays: ArrayRecord, state: RecordDict) -> dict:
+def handle_evaluate(
+    node: ClientNode, arrays: ArrayRecord, state: RecordDict, config: ConfigRecord | None = None
+) -> dict:
     """Personalised retrieval (SPEC §6) on the local test split: shared + personal."""
+    store = node.state_store(config) if config is not None else None
+    if store is not None:
+        store.sync(state, upto=int(config["server-round"]))
     metrics: dict = {
         "num-examples": len(node.data.test),
         "modality": MODALITY_CODES[node.data.modality],
@@ -227,3 +337,25 @@ def handle_evaluate(node: ClientNode, arrays: ArrayRecord, state: RecordDict) ->
         )
         metrics.update({k: v for k, v in recall.items() if isinstance(v, float)})
     return metrics
+
+
+def light_query(run_config, node_config, config: ConfigRecord) -> dict | None:
+    """QUERY kinds answered without the backbone or the data (None for the others):
+
+    - ``size``: the federation's size, so a ServerApp can refuse minimums above it
+      before anything is loaded;
+    - ``release-state``: the run is over, delete this node's resume snapshots.
+    """
+    kind = config.get("kind")
+    if kind == "size":
+        return {
+            "partition-id": int(node_config["partition-id"]),
+            "num-partitions": int(node_config["num-partitions"]),
+        }
+    if kind == "release-state":
+        cfg = RunConfig.from_flower(run_config)
+        ClientStateStore(
+            client_state_root(cfg), str(config["state-key"]), int(node_config["partition-id"])
+        ).release()
+        return {"released": 1}
+    return None

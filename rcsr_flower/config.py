@@ -10,9 +10,27 @@ that names the key and the allowed values. The dataclass defaults equal the pypr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from rcsr_flower.faults import GRAMMAR as FAULT_GRAMMAR
+from rcsr_flower.faults import FaultPlan
+
+# Keys a resumed run may set differently from the checkpointed run: where things live,
+# how long to wait, and the test-only faults. Everything else must match.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume-from",
+        "run-name",
+        "output-dir",
+        "cache-dir",
+        "client-state-dir",
+        "round-timeout",
+        "fault-injection",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -57,6 +75,7 @@ class RunConfig:
     min_evaluate_nodes: int = field(default=2, metadata=_range(0))
     min_available_nodes: int = field(default=2, metadata=_range(1))
     round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    max_update_norm: float = field(default=0.0, metadata=_range(0.0))  # 0 = no bound
     local_epochs: int = field(default=1, metadata=_range(1))
     batch_size: int = field(default=64, metadata=_range(2))
     lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
@@ -103,6 +122,10 @@ class RunConfig:
     seed: int = 0
     run_name: str = ""
     output_dir: str = "outputs"
+    # faults and resume (docs/faults-and-resume.md)
+    resume_from: str = ""
+    client_state_dir: str = ""
+    fault_injection: str = ""  # test-only
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -113,8 +136,9 @@ class RunConfig:
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name not in fields:
-                close = [
-                    k.replace("_", "-") for k in fields if k.split("_")[0] == name.split("_")[0]
+                known = [k.replace("_", "-") for k in fields]
+                close = difflib.get_close_matches(key, known, n=3) or [
+                    k for k in known if k.split("-")[0] == key.split("-")[0]
                 ]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(
@@ -161,6 +185,37 @@ class RunConfig:
                 f"run-config 'adapter-layers' = {self.adapter_layers!r}: "
                 "allowed values are 'all' or a positive number of last blocks, e.g. '4'"
             )
+        for key in ("model-name", "dataset", "output-dir"):
+            if not getattr(self, key.replace("-", "_")).strip():
+                raise ConfigError(f"run-config '{key}' is empty: allowed is any non-empty string")
+        if self.router_hidden % self.router_heads:
+            raise ConfigError(
+                f"run-config 'router-heads' = {self.router_heads} does not divide "
+                f"'router-hidden' = {self.router_hidden}: allowed are its divisors"
+            )
+        try:
+            FaultPlan.parse(self.fault_injection)
+        except ValueError as exc:
+            raise ConfigError(
+                f"run-config 'fault-injection' = {self.fault_injection!r}: {exc}; "
+                f"allowed are '' or {FAULT_GRAMMAR}"
+            ) from None
+
+    def check_federation(self, num_clients: int) -> None:
+        """The federation must have the clients the minimums ask for: Flower's sampling
+        would otherwise wait forever for nodes that do not exist."""
+        needs = {
+            "min-available-nodes": self.min_available_nodes,
+            "min-train-nodes": self.min_train_nodes,
+        }
+        if self.fraction_evaluate > 0:
+            needs["min-evaluate-nodes"] = self.min_evaluate_nodes
+        for key, value in needs.items():
+            if value > num_clients:
+                raise ConfigError(
+                    f"run-config '{key}' = {value} but the federation has {num_clients} "
+                    f"clients (num-partitions): allowed [1, {num_clients}]"
+                )
 
     # ------------------------------------------------------------- derived
     @property
@@ -172,6 +227,11 @@ class RunConfig:
     def routed(self) -> bool:
         """RCSR proper (router, minimax, prototypes) rather than a baseline."""
         return self.strategy == "rcsr"
+
+    @property
+    def faults(self) -> FaultPlan:
+        """The test-only ``fault-injection`` plan (empty in real runs)."""
+        return FaultPlan.parse(self.fault_injection)
 
     @property
     def uses_anchoring(self) -> bool:

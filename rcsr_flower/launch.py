@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,9 +153,24 @@ class SimulationLauncher:
             time.sleep(0.5)
         self.process = None
 
+    def check_run_config(self, overrides: dict[str, object]) -> None:
+        """Validate the run config here first: the SuperLink refuses an unknown key with
+        only "Invalid run configuration.", and the ServerApp never starts to name it."""
+        from flwr.common.config import parse_config_args
+
+        from rcsr_flower.config import RunConfig
+
+        pyproject = tomllib.loads((self.app_dir / "pyproject.toml").read_text())
+        table = pyproject["tool"]["flwr"]["app"]["config"]
+        RunConfig.from_flower({**table, **parse_config_args(self.raw_run_config), **overrides})
+
     def run(self, run_name: str, output_dir: Path) -> dict:
         """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
         overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
+        try:
+            self.check_run_config(overrides)
+        except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         cmd = [
             sys.executable,
             "-m",

@@ -4,6 +4,7 @@
 - ``partition.json``: who holds what (clients, modalities, indices);
 - ``metrics.jsonl``: one JSON object per evaluated round (``{"round": r, "global": {...}}``,
   recalls in percent), appended and flushed as the run goes, so nothing computed is lost;
+- ``checkpoint/``: the state after the last complete round (``rcsr_flower.checkpoint``);
 - ``result.json``: ``{"status": "completed" | "failed", ...}`` written last — ``flwr run``
   exits 0 even when the ServerApp failed, so callers check this file.
 """
@@ -19,14 +20,18 @@ from typing import Any
 from rcsr_flower.metrics import RECALL_KEYS
 
 
-def run_dir(output_dir: str, run_name: str) -> Path:
-    """Resolve ``output-dir``/``run-name``; a relative output-dir is taken from
-    ``$RCSR_OUTPUT_ROOT`` (set by the Makefile to the project root) or the cwd."""
-    base = Path(output_dir).expanduser()
+def resolve_output_path(path: str) -> Path:
+    """A relative path is taken from ``$RCSR_OUTPUT_ROOT`` (set by the Makefile to the
+    project root) or the cwd: the ServerApp's cwd is not the checkout."""
+    base = Path(path).expanduser()
     if not base.is_absolute():
         base = Path(os.environ.get("RCSR_OUTPUT_ROOT", os.getcwd())) / base
-    name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    path = base / name
+    return base
+
+
+def run_dir(output_dir: str, run_name: str) -> Path:
+    """Resolve and create ``output-dir``/``run-name`` (a timestamp when unnamed)."""
+    path = resolve_output_path(output_dir) / (run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -39,14 +44,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """Collects one round's record from several strategy hooks, then appends it."""
+    """Collects one round's record from several strategy hooks, then appends it.
 
-    def __init__(self, path: Path) -> None:
+    It starts the file afresh with ``rows``: nothing for a new run, the checkpoint's
+    rows for a resumed one — so rows of a round that was cut short never stay behind.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.pending: dict[int, dict[str, Any]] = {}
-        self.rows: list[dict[str, Any]] = []
-        if path.exists():
-            self.rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        os.replace(tmp, path)
 
     def add(self, server_round: int, **fields: Any) -> None:
         self.pending.setdefault(server_round, {"round": server_round}).update(fields)

@@ -129,6 +129,12 @@ class RetrievalTask:
         p_t = torch.stack([r.summary.p_text for r in reports])
         return router_loss(w_router, p_i, p_t, self.bank.g_image, self.bank.g_text, self.betas)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.bank.to_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.bank = PrototypeBank.from_tensors(tensors)
+
     def state_records(self) -> dict[str, ArrayRecord]:
         return {
             "prototypes": ArrayRecord(

@@ -1,19 +1,24 @@
 """The ServerApp's work: set up the run, bootstrap, run the strategy, write results.
 
 ``server_app.py`` only hands Flower's ``grid`` and ``context`` to :func:`run_server`.
-A run: resolve config -> run dir -> assets and backbone -> a QUERY round in which
-every node reports its partition and paired nodes their group centroids (SPEC §3
-bootstrap) -> partition and prototype bank -> ``strategy.start`` with centralised
-zero-shot evaluation at round 0 -> final adapters, bank, router and ``result.json``.
+A run: resolve config (and the checkpoint to resume, if any) -> run dir -> assets and
+backbone -> a QUERY round in which every node reports its partition and paired nodes
+their group centroids (SPEC §3 bootstrap) -> partition and prototype bank ->
+``strategy.start`` with centralised zero-shot evaluation at round 0 and a checkpoint
+after every round -> final adapters, bank, router and ``result.json`` -> the nodes drop
+their resume snapshots. A resumed run restores the checkpoint instead of bootstrapping
+and continues at the next round (docs/faults-and-resume.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,9 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from rcsr_flower.backbones.clip import load_backbone
-from rcsr_flower.config import RunConfig
+from rcsr_flower.checkpoint import Checkpoint, checkpoint_to_resume, restore_rng, save_checkpoint
+from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.faults import ServerKillGrid
 from rcsr_flower.federation import (
     global_test_set,
     load_partition,
@@ -39,18 +46,11 @@ from rcsr_flower.task import evaluate_retrieval, preprocess_split
 log = logging.getLogger(__name__)
 
 
-def query_nodes(grid: Grid, cfg: RunConfig, bootstrap: bool) -> list[dict]:
-    """One QUERY round to every connected node; failures are logged and skipped."""
-    node_ids = _wait_for_nodes(grid, cfg.min_available_nodes)
-    config = ConfigRecord(
-        {"kind": "bootstrap" if bootstrap else "describe", "prototype-slots": cfg.prototype_slots}
-    )
-    messages = [
-        Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
-        for node in node_ids
-    ]
+def query_nodes(grid: Grid, cfg: RunConfig, kind: str, node_ids: list[int]) -> list[dict]:
+    """One QUERY round (``kind``: bootstrap, describe); failures are logged and skipped."""
+    replies = _query(grid, node_ids, {"kind": kind, "prototype-slots": cfg.prototype_slots}, cfg)
     info = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d failed the query round: %s", node, reply.error.reason)
@@ -62,16 +62,50 @@ def query_nodes(grid: Grid, cfg: RunConfig, bootstrap: bool) -> list[dict]:
     return sorted(info, key=lambda d: d["partition-id"])
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
-    start = time.monotonic()
-    while len(nodes := list(grid.get_node_ids())) < minimum:
+def _query(grid: Grid, node_ids: list[int], config: dict, cfg: RunConfig) -> list[Message]:
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord(config)}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in node_ids
+    ]
+    return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+
+
+def wait_for_federation(grid: Grid, cfg: RunConfig, timeout: float = 600.0) -> list[int]:
+    """Wait for ``min-available-nodes``; fail fast when the federation is too small.
+
+    As soon as one node is up, it is asked for ``num-partitions`` (the federation's size;
+    the node answers without loading anything): minimums above it would make Flower's
+    sampling wait forever, so they stop the run here with one line naming the key.
+    """
+    start, checked = time.monotonic(), False
+    while True:
+        nodes = list(grid.get_node_ids())
+        if nodes and not checked:
+            sized = query_nodes(grid, cfg, "size", nodes[:1])
+            if sized:
+                cfg.check_federation(int(sized[0]["num-partitions"]))
+                checked = True
+        if checked and len(nodes) >= cfg.min_available_nodes:
+            return nodes
         if time.monotonic() - start > timeout:
             raise RuntimeError(
                 f"only {len(nodes)} nodes connected after {timeout:.0f} s; "
-                f"min-available-nodes is {minimum}"
+                f"min-available-nodes is {cfg.min_available_nodes}"
             )
         time.sleep(1.0)
-    return nodes
+
+
+def release_client_state(grid: Grid, cfg: RunConfig, state_key: str) -> None:
+    """Tell every node the run is over: it deletes its resume snapshots (client.py)."""
+    nodes = list(grid.get_node_ids())
+    replies = _query(grid, nodes, {"kind": "release-state", "state-key": state_key}, cfg)
+    released = sum(not r.has_error() for r in replies)
+    if released < len(nodes):
+        log.warning("client state kept on %d of %d nodes", len(nodes) - released, len(nodes))
 
 
 class PartitionOrderedGrid:
@@ -110,14 +144,16 @@ def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
 
 def run_server(grid: Grid, context: Context) -> None:
     raw = context.run_config
-    # the run dir comes first, so even a bad config leaves a result.json that says why
+    # the run dir comes first, so even a bad config leaves a result.json that says why;
+    # the pid says which process to stop (or, in the resume tests, what was killed)
     out = run_dir(str(raw.get("output-dir", "outputs")), str(raw.get("run-name", "")))
-    write_json(out / "result.json", {"status": "running"})
+    write_json(out / "result.json", {"status": "running", "pid": os.getpid()})
     started = time.time()
     try:
         cfg = RunConfig.from_flower(raw)
+        resume = checkpoint_to_resume(cfg, out)  # before any training: bad resumes stop here
         write_json(out / "config.json", cfg.to_flower())
-        rows = _run(grid, cfg, out)
+        rows = _run(grid, cfg, out, resume)
     except BaseException as exc:
         write_json(
             out / "result.json",
@@ -135,8 +171,9 @@ def run_server(grid: Grid, context: Context) -> None:
         {
             "status": "completed",
             "seconds": round(time.time() - started, 1),
-            "rounds": int(raw["num-server-rounds"]),
-            "strategy": str(raw["strategy"]),
+            "rounds": cfg.num_server_rounds,
+            "resumed_after_round": resume.round if resume is not None else None,
+            "strategy": cfg.strategy,
             "zero_shot_global": rows[0].get("global") if rows else None,
             "final_global": final,
         },
@@ -144,17 +181,25 @@ def run_server(grid: Grid, context: Context) -> None:
     print(f"\nrcsr-flower run finished: {out}\n{summary_table(rows)}", flush=True)
 
 
-def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
-    """The run itself; returns the rows written to ``metrics.jsonl``."""
+def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> list[dict]:
+    """The run itself, fresh or resumed; returns the rows written to ``metrics.jsonl``."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    node_ids = wait_for_federation(grid, cfg)
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
-    nodes = query_nodes(grid, cfg, bootstrap=cfg.routed)
+    # a resumed run has its prototype bank: no bootstrap, only who is who
+    bootstrap = cfg.routed and resume is None
+    nodes = query_nodes(grid, cfg, "bootstrap" if bootstrap else "describe", node_ids)
     if not nodes:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])
+    if resume is not None and resume.num_clients != num_partitions:
+        raise ConfigError(
+            f"run-config 'resume-from' = {cfg.resume_from!r}: the checkpointed run had "
+            f"{resume.num_clients} clients, this federation has {num_partitions}"
+        )
     if any(n.get("shard") for n in nodes):  # nodes hold their own data: record what they hold
         write_json(out / "partition.json", reported_partition(nodes))
         log.info("nodes hold their own shards: %s", [n["num-train"] for n in nodes])
@@ -169,12 +214,15 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
 
     task = None
     if cfg.routed:
-        bank = bootstrap_bank(nodes, cfg)
-        log.info(
-            "prototype bank: %d slots from %d paired clients",
-            bank.slots,
-            sum("groups" in n for n in nodes),
-        )
+        if resume is not None:
+            bank = PrototypeBank.from_tensors(resume.task_tensors())
+        else:
+            bank = bootstrap_bank(nodes, cfg)
+            log.info(
+                "prototype bank: %d slots from %d paired clients",
+                bank.slots,
+                sum("groups" in n for n in nodes),
+            )
         task = RetrievalTask(
             bank,
             RouterBetas(cfg.beta_image, cfg.beta_text, cfg.beta_entropy, cfg.beta_axis),
@@ -193,7 +241,9 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
             backbone, test, template, protocol=cfg.eval_protocol, batch_size=cfg.eval_batch_size
         )
 
-    metrics_log = MetricsLog(out / "metrics.jsonl")
+    # clients keep resume snapshots of their state under this key (client.py)
+    state_key = resume.state_key if resume is not None else uuid.uuid4().hex
+    metrics_log = MetricsLog(out / "metrics.jsonl", resume.rows if resume is not None else [])
     strategy = RCSRStrategy(
         task,
         RoutingOptions(
@@ -208,6 +258,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
             minimax_eta=cfg.minimax_eta,
             minimax_tau=cfg.minimax_tau,
             min_valid_replies=cfg.min_train_nodes,
+            max_update_norm=cfg.max_update_norm,
             seed=cfg.seed,
             lr_schedule=cfg.lr_at,
             client_config={
@@ -215,6 +266,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
                 "prox-mu": cfg.client_prox_mu,
                 "lambda-anchor": cfg.lambda_anchor,
                 "lambda-align": cfg.lambda_align,
+                "state-key": state_key,
             },
         ),
         num_clients=num_partitions,
@@ -225,14 +277,40 @@ def _run(grid: Grid, cfg: RunConfig, out: Path) -> list[dict]:
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
     )
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        save_checkpoint(
+            out,
+            server_round,
+            arrays,
+            strategy.state_for_checkpoint(),
+            metrics_log.rows,
+            config=cfg.to_flower(),
+            state_key=state_key,
+            num_clients=num_partitions,
+        )
+
+    run_grid = PartitionOrderedGrid(grid, {n["node_id"]: int(n["partition-id"]) for n in nodes})
+    if cfg.faults.server_kill_round is not None:
+        run_grid = ServerKillGrid(run_grid, cfg.faults.server_kill_round)
+    first_round = 1
+    if resume is not None:
+        strategy.restore_from_checkpoint(resume.strategy_tensors, resume.strategy_meta)
+        initial = resume.arrays
+        first_round = resume.round + 1
+        restore_rng(resume)  # last: setup above drew from the global RNGs
     result = strategy.start(
-        grid=PartitionOrderedGrid(grid, {n["node_id"]: int(n["partition-id"]) for n in nodes}),
+        grid=run_grid,
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
+        evaluate_config=ConfigRecord({"state-key": state_key}),
         evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate),
+        first_round=first_round,
+        on_round_end=checkpoint,
     )
     save_state(out, result.arrays or initial, strategy)
+    release_client_state(grid, cfg, state_key)
     return metrics_log.rows
 
 

@@ -19,18 +19,24 @@ personal adapters on the client.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    log_strategy_start_info,
+)
+from flwr.supercore import log as flwr_log
 
 from rcsr_flower.metrics import RECALL_KEYS
 from rcsr_flower.outputs import MetricsLog
@@ -50,15 +56,24 @@ def validate_replies(
     template: ArrayRecord,
     task: RoutedTask | None,
     min_examples: int = 1,
+    max_update_norm: float = 0.0,
+    num_clients: int | None = None,
 ) -> tuple[list[ClientReport], list[tuple[int, str]]]:
-    """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``."""
+    """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``.
+
+    Arrays are decoded without unpickling (Flower's ``np.load(allow_pickle=False)``) and
+    checked against what they declare; ``max_update_norm > 0`` drops an update
+    ``‖θ_k − θ‖₂`` above it; ``num_clients`` bounds ``partition-id``, which indexes the
+    minimax distribution, and a partition that already replied is dropped.
+    """
     expected = {k: (tuple(a.shape), a.dtype) for k, a in template.items()}
-    reports, dropped = [], []
+    theta = {k: a.numpy() for k, a in template.items()} if max_update_norm > 0 else {}
+    reports, dropped, seen = [], [], set()
     for msg in replies:
         node = msg.metadata.src_node_id
         try:
             if msg.has_error():
-                raise ReplyError(f"error reply: {msg.error.reason}")
+                raise ReplyError(f"error reply: {_last_line(msg.error.reason)}")
             content = msg.content
             if "arrays" not in content.array_records:
                 raise ReplyError("missing ArrayRecord 'arrays'")
@@ -69,32 +84,65 @@ def validate_replies(
             if set(got) != set(expected):
                 diff = sorted(set(got) ^ set(expected))[:3]
                 raise ReplyError(f"'arrays' keys differ from the global adapters: {diff}")
+            sq_norm = 0.0
             for k, (shape, dtype) in expected.items():
                 if got[k] != (shape, dtype):
                     raise ReplyError(
                         f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
                         f"expected {dtype}{list(shape)}"
                     )
-                if not np.isfinite(arrays[k].numpy()).all():
+                x = _decode(arrays, k)
+                if (tuple(x.shape), str(x.dtype)) != (shape, dtype):
+                    raise ReplyError(
+                        f"'arrays.{k}' decodes to {x.dtype}{list(x.shape)} but declares "
+                        f"{dtype}{list(shape)}"
+                    )
+                if not np.isfinite(x).all():
                     raise ReplyError(f"'arrays.{k}' has non-finite values")
+                if theta:
+                    sq_norm += float(((x.astype(np.float64) - theta[k]) ** 2).sum())
+            if theta and math.sqrt(sq_norm) > max_update_norm:
+                raise ReplyError(
+                    f"update norm {math.sqrt(sq_norm):.4g} exceeds max-update-norm "
+                    f"{max_update_norm:g}"
+                )
             for key in ("num-examples", "train-loss", "partition-id"):
                 if key not in metrics:
                     raise ReplyError(f"'metrics' has no '{key}'")
-            n, loss = metrics["num-examples"], float(metrics["train-loss"])
-            if not math.isfinite(loss):
-                raise ReplyError(f"train-loss is {loss}")
+            n, loss, pid = metrics["num-examples"], metrics["train-loss"], metrics["partition-id"]
+            if not isinstance(loss, int | float) or not math.isfinite(loss):
+                raise ReplyError(f"train-loss is {loss!r}")
             if not isinstance(n, int) or n < min_examples:
-                raise ReplyError(f"num-examples is {n}: nothing trained")
+                raise ReplyError(f"num-examples is {n!r}: nothing trained")
+            limit = num_clients if num_clients is not None else 1 << 62
+            if not isinstance(pid, int) or not 0 <= pid < limit:
+                raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
+            if pid in seen:
+                raise ReplyError(f"partition-id {pid} already replied this round")
             summary = task.parse_reply(content) if task is not None else None
-            reports.append(
-                ClientReport(node, int(metrics["partition-id"]), n, loss, arrays, summary)
-            )
+            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary))
+            seen.add(pid)
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
             dropped.append((node, str(exc)))
     # replies arrive in completion order; a fixed order makes the float sums repeatable
     reports.sort(key=lambda r: (r.client_id, r.node_id))
     return reports, dropped
+
+
+def _last_line(reason: str, limit: int = 300) -> str:
+    """A client's error as one log line: Flower's reason may carry a whole traceback
+    (Ray's, in simulation), whose last line holds the exception's message."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    last = lines[-1] if lines else reason
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:
+    try:
+        return arrays[key].numpy()  # np.load(allow_pickle=False): never unpickles
+    except Exception as exc:
+        raise ReplyError(f"'arrays.{key}' does not decode as a plain array: {exc}") from None
 
 
 def updates_of(
@@ -168,6 +216,7 @@ class RoutingOptions:
     minimax_eta: float = 0.1
     minimax_tau: float = 0.1
     min_valid_replies: int = 1
+    max_update_norm: float = 0.0  # 0 = no bound
     seed: int = 0
     client_config: dict = field(default_factory=dict)  # static part of every train config
     lr_schedule: Callable[[int], float] | None = None
@@ -213,6 +262,118 @@ class RCSRStrategy(FedAvg):
             self.router_opt = torch.optim.Adam(self.router.parameters(), lr=options.router_lr)
         self.history: dict[int, dict] = {}
 
+    # ------------------------------------------------------------------ the round loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start`` loop, made resumable.
+
+        Flower's loop always starts at round 1 after evaluating round 0 (its log lines are
+        kept, so a run reads as before). A resumed run
+        starts at ``first_round`` = k+1 with the true round numbers (the lr schedule and
+        the sampling seed depend on them) and ``initial_arrays`` = the checkpointed
+        adapters; round 0 is evaluated only when ``first_round == 1``. Each round runs
+        Flower's steps in Flower's order (train, federated evaluation, ``evaluate_fn``)
+        and ends with ``on_round_end(round, arrays)`` (the checkpoint); round 0 too.
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        result = Result()
+        result.arrays = initial_arrays
+        arrays = initial_arrays
+        if first_round == 1:
+            if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
+                flwr_log(INFO, "Initial global evaluation results: %s", res)
+                result.evaluate_metrics_serverapp[0] = res
+            if on_round_end is not None:
+                on_round_end(0, arrays)
+        else:
+            flwr_log(INFO, "Resuming after round %d", first_round - 1)
+        for server_round in range(first_round, num_rounds + 1):
+            flwr_log(INFO, "")
+            flwr_log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                result.train_metrics_clientapp[server_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            if (res := self.aggregate_evaluate(server_round, replies)) is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", res)
+                result.evaluate_metrics_clientapp[server_round] = res
+            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+                flwr_log(INFO, "Global evaluation\t└──> MetricRecord: %s", res)
+                result.evaluate_metrics_serverapp[server_round] = res
+            if on_round_end is not None:
+                on_round_end(server_round, arrays)
+        flwr_log(INFO, "")
+        return result
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What the server has learnt besides the adapters, as ``(tensors, json)``:
+        the task's shared state (prototype bank), the router and its Adam state, the
+        minimax distribution and the per-round history. No pickles: tensors for
+        safetensors, plain values for JSON."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"history": json.loads(json.dumps(self.history, default=float))}
+        if self.task is not None:
+            tensors.update({f"task.{k}": v for k, v in self.task.state_tensors().items()})
+        if self.router is not None and self.router_opt is not None:
+            tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
+            opt = self.router_opt.state_dict()
+            for idx, slots in opt["state"].items():
+                for name, value in slots.items():
+                    tensors[f"router_opt.{idx}.{name}"] = torch.as_tensor(value)
+            meta["router_opt_param_groups"] = opt["param_groups"]
+        if self.minimax is not None:
+            meta["minimax"] = self.minimax.state()
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def restore_from_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of :meth:`state_for_checkpoint`, bit for bit."""
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.history = {int(k): v for k, v in meta["history"].items()}
+        if self.task is not None:
+            self.task.load_state_tensors(part("task."))
+        if self.router is not None and self.router_opt is not None:
+            self.router.load_state_dict(part("router."), strict=True)
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in part("router_opt.").items():
+                idx, name = key.split(".", 1)
+                state.setdefault(int(idx), {})[name] = value
+            groups = [
+                {**g, "betas": tuple(g["betas"])} if "betas" in g else g
+                for g in meta["router_opt_param_groups"]
+            ]
+            self.router_opt.load_state_dict({"state": state, "param_groups": groups})
+        if self.minimax is not None:
+            self.minimax = MinimaxWeights.from_state(meta["minimax"])
+
     # ------------------------------------------------------------------ configure
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -247,7 +408,13 @@ class RCSRStrategy(FedAvg):
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         # 1. validate
-        reports, dropped = validate_replies(replies, self.current, self.task)
+        reports, dropped = validate_replies(
+            replies,
+            self.current,
+            self.task,
+            max_update_norm=self.options.max_update_norm,
+            num_clients=self.num_clients,
+        )
         record: dict = {"dropped": {str(n): why for n, why in dropped}}
         if len(reports) < max(self.options.min_valid_replies, 1):
             log.warning(
@@ -334,7 +501,9 @@ class RCSRStrategy(FedAvg):
         for msg in replies:
             if msg.has_error():
                 log.warning(
-                    "evaluate: node %d failed: %s", msg.metadata.src_node_id, msg.error.reason
+                    "evaluate: node %d failed: %s",
+                    msg.metadata.src_node_id,
+                    _last_line(msg.error.reason),
                 )
                 continue
             m = msg.content.metric_records.get("metrics")
@@ -343,6 +512,8 @@ class RCSRStrategy(FedAvg):
             per_client.append((MODALITY_NAMES[int(m["modality"])], dict(m)))
         if not per_client:
             return None
+        # replies arrive in completion order; a fixed order makes the float sums repeatable
+        per_client.sort(key=lambda c: c[1].get("partition-id", -1))
         summary = personalized_summary(per_client)
         if self.metrics_log is not None:
             self.metrics_log.add(server_round, personalized=summary)

@@ -11,9 +11,11 @@ from rcsr_flower.client import (
     handle_evaluate,
     handle_query,
     handle_train,
+    light_query,
 )
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
+from rcsr_flower.faults import InjectedFault
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.task import ClientData, SplitTensors, bootstrap_groups, preprocess_split
 
@@ -167,3 +169,75 @@ def test_bootstrap_query_reply(backbone, splits):
     assert "groups" not in handle_query(
         unimodal, ConfigRecord({"kind": "bootstrap", "prototype-slots": 32})
     )
+
+
+def test_a_resumed_node_continues_from_its_snapshot_not_from_a_round_ahead(
+    backbone, splits, bank, tmp_path
+):
+    """A resumed run is a new Flower run: its nodes start with an empty ``context.state``.
+
+    Rounds 1–2 with the live state; then "the server was killed in round 2 and resumed":
+    round 2 again with an empty state must load the snapshot after round 1 (not the one of
+    round 2, which the killed server never checkpointed) and reply bit for bit the same.
+    """
+    node = node_for(
+        backbone, splits, "paired", personal_adapters=True, client_state_dir=str(tmp_path)
+    )
+    protos = ArrayRecord(bank.to_tensors())
+    key = "ab" * 16
+    first = ArrayRecord({k: v.detach().cpu() for k, v in node.adapters().state_dict().items()})
+    live = RecordDict()
+    config = round_config(**{"state-key": key})
+    arrays = ArrayRecord(handle_train(node, first, config, protos, live)["arrays"])
+    config = round_config(**{"server-round": 2, "state-key": key})
+    out = handle_train(node, arrays, config, protos, live)
+    store = node.state_store(ConfigRecord({"state-key": key}))
+    assert sorted(store.snapshots()) == [1, 2]
+    resumed = RecordDict()
+    again = handle_train(node, arrays, config, protos, resumed)
+    assert out["stats"]["geometry"][2] != 0.0  # cos(Δ, Δ_prev): the restored Δ_prev is used
+    for part in ("arrays", "stats"):
+        assert all(torch.equal(out[part][k], again[part][k]) for k in out[part]), part
+    for record in (PERSONAL_KEY, PREVIOUS_DELTA_KEY):
+        a, b = live[record].to_torch_state_dict(), resumed[record].to_torch_state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), record
+    # evaluation after a resume uses the same personal adapters
+    evaluate_config = ConfigRecord({"server-round": 2, "state-key": key})
+    assert handle_evaluate(node, arrays, RecordDict(), evaluate_config) == handle_evaluate(
+        node, arrays, live, evaluate_config
+    )
+    released = light_query(
+        {"client-state-dir": str(tmp_path)},
+        {"partition-id": node.partition_id, "num-partitions": 4},
+        ConfigRecord({"kind": "release-state", "state-key": key}),
+    )
+    assert released == {"released": 1} and not any(tmp_path.iterdir())
+
+
+def test_a_state_key_from_the_network_cannot_name_another_directory(backbone, splits, tmp_path):
+    node = node_for(backbone, splits, "paired", client_state_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="is not 32 lowercase hex digits"):
+        node.state_store(ConfigRecord({"state-key": "../" * 4 + "etc"}))
+
+
+def test_a_diverged_update_is_not_kept_as_the_previous_update(backbone, splits, bank):
+    node = node_for(backbone, splits, "paired", fault_injection="nan:0@2")
+    theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
+    state = RecordDict({PREVIOUS_DELTA_KEY: ArrayRecord({k: v + 1 for k, v in theta.items()})})
+    out = handle_train(
+        node,
+        ArrayRecord(theta),
+        round_config(**{"server-round": 2}),
+        ArrayRecord(bank.to_tensors()),
+        state,
+    )
+    assert all(torch.isnan(v).all() for v in out["arrays"].values())  # what the server drops
+    # next round's cos(Δ, Δ_prev) is 0 (no previous update), not NaN for ever after
+    assert PREVIOUS_DELTA_KEY not in state.array_records
+
+
+def test_an_injected_raise_fails_the_handler(backbone, splits):
+    node = node_for(backbone, splits, "paired", fault_injection="raise:*@2")
+    theta = ArrayRecord({k: v.detach().cpu() for k, v in node.adapters().state_dict().items()})
+    with pytest.raises(InjectedFault, match="client 0 raises in round 2"):
+        handle_train(node, theta, round_config(**{"server-round": 2}), None, RecordDict())

@@ -1,11 +1,12 @@
 import dataclasses
 import itertools
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -82,11 +83,50 @@ def test_every_spec_hyperparameter_is_configurable():
         ({"router": 1}, "expected bool"),
         ({"alhpa": 0.3}, "unknown run-config key 'alhpa'"),
         ({"adapter-layers": "last"}, "'adapter-layers'"),
+        ({"max-update-norm": -1.0}, "'max-update-norm' = -1.0 is out of range: allowed [0, inf)"),
+        ({"min-train-nodes": 0}, "'min-train-nodes' = 0 is out of range: allowed [1, inf)"),
+        ({"fraction-train": 0.0}, "'fraction-train' = 0.0 is out of range: allowed (0, 1]"),
+        ({"router-heads": 3}, "'router-heads' = 3 does not divide 'router-hidden' = 128"),
+        ({"model-name": " "}, "'model-name' is empty"),
+        ({"resume-from": 3}, "'resume-from' = 3 has type int; expected str"),
+        ({"fault-injection": "raise:0"}, "'fault-injection' = 'raise:0': bad item 'raise:0'"),
+        ({"fault-injection": "nan:1@0"}, "rounds start at 1"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_flower({**app_config(), **overrides})
+
+
+def test_every_error_is_one_line_naming_the_key_and_what_is_allowed():
+    bad = {"alpha": 0.0, "missing-rate": -0.1, "eval-protocol": "x", "fault-injection": "?"}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError) as exc:
+            RunConfig.from_flower({**app_config(), key: value})
+        message = str(exc.value)
+        assert "\n" not in message and f"'{key}'" in message and "allowed" in message
+
+
+def test_minimums_above_the_federation_size_fail_before_training():
+    cfg = RunConfig.from_flower({"min-train-nodes": 5, "min-available-nodes": 2})
+    cfg.check_federation(5)
+    with pytest.raises(
+        ConfigError,
+        match=r"'min-train-nodes' = 5 but the federation has 4 clients .*allowed \[1, 4\]",
+    ):
+        cfg.check_federation(4)
+    RunConfig.from_flower({"min-evaluate-nodes": 9, "fraction-evaluate": 0.0}).check_federation(2)
+
+
+def test_keys_a_resume_may_change_exist():
+    assert set(app_config()) >= RESUME_MAY_CHANGE
+
+
+def test_fault_injection_plan():
+    plan = RunConfig.from_flower({"fault-injection": "raise:0@1, nan:*@2,server-kill@3"}).faults
+    assert plan.client_fault(0, 1) == "raise" and plan.client_fault(1, 1) is None
+    assert plan.client_fault(7, 2) == "nan" and plan.server_kill_round == 3
+    assert RunConfig().faults.client == () and RunConfig().faults.server_kill_round is None
 
 
 def test_int_accepted_for_float_and_adapter_layers_number():

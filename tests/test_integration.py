@@ -74,28 +74,29 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     assert json.loads((out / "config.json").read_text())["num-server-rounds"] == 2
 
 
+def failing_run(tmp_path, embedded_assets, name: str, supernodes: int, *config: str) -> int:
+    args = ["--app-dir", str(ROOT), "--flwr-home", str(tmp_path / "flwr")]
+    args += ["--num-supernodes", str(supernodes), "--output-dir", str(tmp_path / "outputs")]
+    args += ["--run-name", name, "--timeout", "300"]
+    for item in (*config, f'cache-dir="{embedded_assets.root.parent}"'):
+        args += ["-c", item]
+    return main(args)
+
+
 def test_a_failed_run_exits_non_zero(tmp_path, embedded_assets, capsys):
-    code = main(
-        [
-            "--app-dir",
-            str(ROOT),
-            "--flwr-home",
-            str(tmp_path / "flwr"),
-            "--num-supernodes",
-            "2",
-            "--output-dir",
-            str(tmp_path / "outputs"),
-            "--run-name",
-            "bad",
-            "--timeout",
-            "300",
-            "-c",
-            "alpha=0.0",
-            "-c",
-            f'cache-dir="{embedded_assets.root.parent}"',
-        ]
-    )
-    assert code == 1
-    result = json.loads((tmp_path / "outputs" / "bad" / "result.json").read_text())
-    assert result["status"] == "failed" and "'alpha' = 0.0 is out of range" in result["error"]
+    # a bad value never reaches Flower: the launcher names it (the SuperLink would only
+    # say "Invalid run configuration." for an unknown key)
+    assert failing_run(tmp_path, embedded_assets, "bad", 2, "alpha=0.0") == 1
+    assert "'alpha' = 0.0 is out of range: allowed (0, inf)" in capsys.readouterr().err
+    assert failing_run(tmp_path, embedded_assets, "bad", 2, "alhpa=0.3") == 1
+    err = capsys.readouterr().err
+    assert "RUN FAILED" in err and "unknown run-config key 'alhpa' (did you mean alpha?)" in err
+    assert not (tmp_path / "outputs" / "bad").exists()
+    # what only the running federation reveals fails in the ServerApp, before training,
+    # with one line in result.json
+    assert failing_run(tmp_path, embedded_assets, "small", 2, "min-train-nodes=3") == 1
+    result = json.loads((tmp_path / "outputs" / "small" / "result.json").read_text())
+    assert result["status"] == "failed" and "\n" not in result["error"]
+    assert "'min-train-nodes' = 3 but the federation has 2 clients" in result["error"]
+    assert not (tmp_path / "outputs" / "small" / "metrics.jsonl").exists()
     assert "RUN FAILED" in capsys.readouterr().err

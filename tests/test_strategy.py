@@ -1,10 +1,15 @@
 """The strategy on real Flower ``Message`` replies (no simulation): SPEC §5 steps 1–8."""
 
+import io
+import pickle
+from pathlib import Path
 from unittest.mock import Mock
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Error,
@@ -69,6 +74,20 @@ def reply(node: int, params, n: int, loss: float = 1.0, st=None, metrics=None) -
     return Message(
         content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     )
+
+
+def reply_with_array(node: int, array: Array) -> Message:
+    """A reply whose ``adapters.text_0.up.weight`` is ``array`` as sent, bytes and all."""
+    msg = reply(node, theta(node), 5, st=stats(node))
+    msg.content["arrays"]["adapters.text_0.up.weight"] = array
+    return msg
+
+
+def lying_array() -> Array:
+    """Declares float32[2, 2] but carries a float32[3] .npy payload."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3, dtype=np.float32), allow_pickle=False)
+    return Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=buf.getvalue())
 
 
 def bank() -> PrototypeBank:
@@ -190,10 +209,41 @@ def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
             "train-loss",
         ),
         (lambda: reply(9, {"other": torch.zeros(1)}, 5, st=stats(9)), "keys differ"),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5, "train-loss": [1.0, 2.0], "partition-id": 8},
+            ),
+            "train-loss is [1.0, 2.0]",
+        ),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5, "train-loss": 1.0, "partition-id": 10},
+            ),
+            "partition-id is 10, expected an int in [0, 10)",
+        ),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5, "train-loss": 1.0, "partition-id": 1},
+            ),
+            "partition-id 1 already replied",
+        ),
+        (lambda: reply_with_array(9, lying_array()), "declares float32[2, 2]"),
     ],
 )
 def test_malformed_replies_are_dropped_with_a_reason(bad, reason, caplog):
-    s = rcsr()
+    s = rcsr(num_clients=10)
     good = [reply(1, theta(1), 10, 0.5, stats(1)), reply(2, theta(2), 20, 1.0, stats(2))]
     arrays, _ = s.aggregate_train(1, [*good, bad()])
     assert arrays is not None
@@ -201,6 +251,55 @@ def test_malformed_replies_are_dropped_with_a_reason(bad, reason, caplog):
     assert list(dropped) == ["9"] and reason in dropped["9"], dropped
     assert "node 9" in caplog.text and reason in caplog.text
     assert set(s.history[1]["weights"]) == {"0", "1"}
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "unpickled"))
+
+
+def test_a_pickled_payload_is_dropped_and_never_unpickled(tmp_path, caplog):
+    sentinel = tmp_path / "pwned"
+    payload = np.empty((2, 2), dtype=object)
+    payload[0, 0] = WritesAFileWhenUnpickled(sentinel)
+    buf = io.BytesIO()
+    np.save(buf, payload, allow_pickle=True)
+    assert b"pwned" in buf.getvalue()  # the bytes really are a pickle that would run
+    evil = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=buf.getvalue())
+    s = rcsr(num_clients=10)
+    good = [reply(1, theta(1), 10, 0.5, stats(1)), reply(2, theta(2), 20, 1.0, stats(2))]
+    arrays, _ = s.aggregate_train(1, [*good, reply_with_array(9, evil)])
+    assert arrays is not None and not sentinel.exists()
+    assert "does not decode as a plain array" in s.history[1]["dropped"]["9"]
+    pickle.loads(pickle.dumps(WritesAFileWhenUnpickled(sentinel)))  # the payload is live:
+    assert sentinel.read_text() == "unpickled"  # unpickling it writes the file
+
+
+def test_updates_above_max_update_norm_are_dropped_and_the_round_goes_on(caplog):
+    s = rcsr(max_update_norm=5.0)
+    base = theta(0)
+    small = {k: v + 0.1 for k, v in base.items()}  # ‖Δ‖ = 0.1·√10 ≈ 0.32
+    large = {k: v + 10.0 for k, v in base.items()}  # ‖Δ‖ = 10·√10 ≈ 31.6
+    arrays, _ = s.aggregate_train(
+        1,
+        [
+            reply(1, small, 10, 0.5, stats(1)),
+            reply(2, large, 10, 0.5, stats(2)),
+            reply(3, small, 10, 0.5, stats(3)),
+        ],
+    )
+    assert arrays is not None and set(s.history[1]["weights"]) == {"0", "2"}
+    reason = s.history[1]["dropped"]["2"]
+    assert reason == "update norm 31.62 exceeds max-update-norm 5"
+    assert "node 2" in caplog.text and reason in caplog.text
+    for k in base:  # both survivors sent the same update, so that is the new global state
+        assert torch.allclose(torch.from_numpy(arrays[k].numpy()), small[k], atol=1e-6)
+    off = rcsr()  # max-update-norm = 0: no bound
+    off.aggregate_train(1, [reply(1, large, 10, 0.5, stats(1))])
+    assert off.history[1]["skipped"] is False and not off.history[1]["dropped"]
 
 
 def test_too_few_valid_replies_skip_the_round_and_keep_the_global_state():
@@ -293,6 +392,12 @@ def test_the_routing_core_runs_a_task_that_is_not_retrieval():
         def state_records(self):
             return {}
 
+        def state_tensors(self):
+            return {}
+
+        def load_state_tensors(self, tensors):
+            pass
+
     task = LossRoutedTask()
     s = RCSRStrategy(task, RoutingOptions(router_hidden=8, router_heads=2), num_clients=3)
     s.current = ArrayRecord(theta(0))
@@ -322,3 +427,45 @@ def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions()
     ordered = PartitionOrderedGrid(grid, {30: 0, 10: 2, 20: 1})
     assert ordered.get_node_ids() == [30, 20, 10, 40]  # unknown nodes last
     assert ordered.send_and_receive is grid.send_and_receive  # everything else delegated
+
+
+def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
+    s = RCSRStrategy(
+        RetrievalTask(bank()),
+        RoutingOptions(router_hidden=16, lr_schedule=lambda r: r / 100),
+        num_clients=3,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+    sent = []
+
+    def send_and_receive(messages, timeout=None):
+        messages = list(messages)
+        sent.extend(
+            (m.content["config"]["server-round"], m.content["config"]["lr"]) for m in messages
+        )
+        return [
+            reply(m.metadata.dst_node_id, theta(m.metadata.dst_node_id), 10, 1.0, stats(1))
+            for m in messages
+        ]
+
+    grid.send_and_receive.side_effect = send_and_receive
+    evaluated, ended = [], []
+    result = s.start(
+        grid,
+        ArrayRecord(theta(0)),
+        num_rounds=4,
+        evaluate_fn=lambda r, a: evaluated.append(r),
+        first_round=3,
+        on_round_end=lambda r, a: ended.append(r),
+    )
+    assert sorted(set(sent)) == [(3, 0.03), (4, 0.04)]  # no round 1 or 2, true lr
+    assert evaluated == [3, 4] and ended == [3, 4]  # no second zero-shot row
+    assert sorted(s.history) == [3, 4] and result.arrays is not None
+    fresh = []
+    s.start(grid, ArrayRecord(theta(0)), num_rounds=1, on_round_end=lambda r, a: fresh.append(r))
+    assert fresh == [0, 1]  # a fresh run checkpoints its zero-shot state too

@@ -7,7 +7,8 @@ fuse, aggregate, update shared state, router step, record) for *any* task that c
 - turn a report into a fixed-size feature token for the router;
 - score a candidate weighting with a differentiable router objective;
 - update its shared server state (e.g. a prototype bank) with the fused weights and
-  ship that state to clients with the next round.
+  ship that state to clients with the next round;
+- hand that state over as tensors for the checkpoint, and take it back on resume.
 
 Image–text retrieval is one such task (``rcsr_flower.retrieval_task``);
 docs/extending.md shows another.
@@ -62,3 +63,9 @@ class RoutedTask(Protocol):
 
     def state_records(self) -> dict[str, ArrayRecord]:
         """Records shipped to clients with every train message (e.g. prototypes)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The shared server state as tensors, for the per-round checkpoint."""
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (a resumed run)."""

@@ -1,0 +1,239 @@
+"""Per-round checkpoints: everything a killed ServerApp needs to continue its run.
+
+After round 0 (the zero-shot evaluation) and after every round, ``<run>/checkpoint/``
+gets:
+
+- ``round-<r>.safetensors``: the global adapters (``arrays.*``), the task's shared state
+  (``task.*``, the prototype bank), the router (``router.*``), its Adam moments and step
+  counts (``router_opt.*``) and torch's RNG state (``rng.torch``);
+- ``latest.json``, the commit point, replaced atomically *after* the tensors are on disk:
+  the round, the resolved run config, the client-state key, the number of clients, the
+  tensor file's name and SHA-256, the adapters' key order, the optimiser's param groups,
+  the minimax distribution, the strategy history, the metrics rows so far, and the Python
+  and numpy RNG states.
+
+A kill at any moment leaves ``latest.json`` naming either the previous complete round or
+the new one, never a mix. Nothing is unpickled: tensors go through safetensors, all else
+through JSON (whose floats round-trip exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
+
+from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, RunConfig
+from rcsr_flower.outputs import resolve_output_path
+
+FORMAT = 1
+CHECKPOINT_DIR = "checkpoint"
+LATEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint on disk is unreadable or inconsistent."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the state after round ``round``."""
+
+    round: int
+    config: dict[str, Any]
+    state_key: str
+    num_clients: int
+    arrays: ArrayRecord
+    strategy_tensors: dict[str, torch.Tensor]
+    strategy_meta: dict
+    rows: list[dict]
+    rng: dict
+
+    @property
+    def num_rounds(self) -> int:
+        return int(self.config["num-server-rounds"])
+
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {k[5:]: v for k, v in self.strategy_tensors.items() if k.startswith("task.")}
+
+
+# ---------------------------------------------------------------------------- RNG
+def capture_rng() -> tuple[dict, torch.Tensor]:
+    """Python, numpy and torch global RNG states as JSON + one uint8 tensor."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return state, torch.get_rng_state()
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
+    """Put the global RNGs where they were when the checkpoint was taken."""
+    version, internal, gauss = ckpt.rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = ckpt.rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(ckpt.rng["torch"])
+
+
+# ---------------------------------------------------------------------------- write
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    arrays: ArrayRecord,
+    strategy_state: tuple[dict[str, torch.Tensor], dict],
+    rows: list[dict],
+    *,
+    config: dict[str, Any],
+    state_key: str,
+    num_clients: int,
+) -> Path:
+    """Write the state after ``server_round``; returns the checkpoint directory."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    strategy_tensors, strategy_meta = strategy_state
+    adapters = arrays.to_torch_state_dict()
+    rng, torch_rng = capture_rng()
+    tensors = {
+        **{f"arrays.{k}": v for k, v in adapters.items()},
+        **strategy_tensors,
+        "rng.torch": torch_rng,
+    }
+    name = f"round-{server_round:05d}.safetensors"
+    tmp = ckpt_dir / (name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    _fsync_replace(tmp, ckpt_dir / name)
+    latest = {
+        "format": FORMAT,
+        "round": server_round,
+        "tensors": name,
+        "sha256": hashlib.sha256((ckpt_dir / name).read_bytes()).hexdigest(),
+        "state_key": state_key,
+        "num_clients": num_clients,
+        "config": config,
+        "arrays_order": list(adapters),
+        "strategy": strategy_meta,
+        "rng": rng,
+        "rows": rows,
+    }
+    tmp = ckpt_dir / (LATEST + ".tmp")
+    tmp.write_text(json.dumps(latest))
+    _fsync_replace(tmp, ckpt_dir / LATEST)
+    for old in ckpt_dir.glob("round-*.safetensors*"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return ckpt_dir
+
+
+# ---------------------------------------------------------------------------- read
+def read_latest(run_dir: Path) -> dict | None:
+    """``latest.json`` of ``run_dir`` (no tensors), or None when there is none."""
+    path = run_dir / CHECKPOINT_DIR / LATEST
+    if not path.is_file():
+        return None
+    try:
+        latest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if latest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} has format {latest.get('format')!r}; this version reads {FORMAT}"
+        )
+    return latest
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The last complete checkpoint of ``run_dir``, verified; None when there is none."""
+    latest = read_latest(run_dir)
+    if latest is None:
+        return None
+    path = run_dir / CHECKPOINT_DIR / latest["tensors"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (named by {LATEST})")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != latest["sha256"]:
+        raise CheckpointError(f"{path} does not match the SHA-256 in {LATEST}")
+    tensors = load_file(str(path))
+    adapters = ArrayRecord(
+        {k: tensors.pop(f"arrays.{k}").contiguous() for k in latest["arrays_order"]}
+    )
+    rng = {**latest["rng"], "torch": tensors.pop("rng.torch")}
+    return Checkpoint(
+        round=int(latest["round"]),
+        config=latest["config"],
+        state_key=str(latest["state_key"]),
+        num_clients=int(latest["num_clients"]),
+        arrays=adapters,
+        strategy_tensors=tensors,
+        strategy_meta=latest["strategy"],
+        rows=latest["rows"],
+        rng=rng,
+    )
+
+
+def checkpoint_to_resume(cfg: RunConfig, out: Path) -> Checkpoint | None:
+    """The checkpoint this run continues from (``resume-from``), or None for a fresh run.
+
+    Raises ``ConfigError`` (one line) when ``resume-from`` holds no checkpoint, a finished
+    run, or a run whose config differs in keys outside ``RESUME_MAY_CHANGE``; and when a
+    fresh run would overwrite an unfinished one in ``out``.
+    """
+    if not cfg.resume_from:
+        latest = read_latest(out)
+        if latest is not None and latest["round"] < int(latest["config"]["num-server-rounds"]):
+            raise ConfigError(
+                f"run-config 'run-name' = {cfg.run_name!r}: {out} holds an unfinished run "
+                f"(checkpoint after round {latest['round']} of "
+                f"{latest['config']['num-server-rounds']}); continue it with "
+                f'resume-from="{out}" or choose another run-name'
+            )
+        return None
+    source = resolve_output_path(cfg.resume_from)
+    ckpt = load_checkpoint(source)
+    if ckpt is None:
+        raise ConfigError(
+            f"run-config 'resume-from' = {cfg.resume_from!r}: no checkpoint in {source} "
+            f"({CHECKPOINT_DIR}/{LATEST}); allowed is the output directory of an unfinished run"
+        )
+    now = cfg.to_flower()
+    differ = sorted(
+        k
+        for k in set(now) | set(ckpt.config)
+        if k not in RESUME_MAY_CHANGE and now.get(k, "<absent>") != ckpt.config.get(k, "<absent>")
+    )
+    if differ:
+        detail = ", ".join(
+            f"'{k}' (checkpoint {ckpt.config.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})"
+            for k in differ
+        )
+        raise ConfigError(
+            f"run-config 'resume-from' = {cfg.resume_from!r}: the run config differs from the "
+            f"checkpoint's in {detail}; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change"
+        )
+    if ckpt.round >= ckpt.num_rounds:
+        raise ConfigError(
+            f"run-config 'resume-from' = {cfg.resume_from!r}: that run already finished all "
+            f"{ckpt.num_rounds} rounds; nothing to resume (start a new run instead)"
+        )
+    return ckpt

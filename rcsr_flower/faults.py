@@ -1,0 +1,126 @@
+"""Test-only fault injection: run-config ``fault-injection`` makes a real run misbehave.
+
+The fault and resume tests (``tests/test_faults_resume.py``) need clients that really
+raise or reply garbage inside a real Flower run, and a ServerApp that really dies
+mid-round. Production runs leave the key empty (the default), and nothing here runs.
+
+``fault-injection`` is a comma-separated list of items:
+
+- ``raise:P@R`` — client ``P`` raises in its train handler in round ``R`` (Flower turns
+  the exception into an error reply);
+- ``nan:P@R`` — client ``P`` replies adapters full of NaN in round ``R``;
+- ``huge:P@R`` — client ``P`` adds 100 to every adapter entry it replies in round ``R``
+  (an update far beyond any sensible ``max-update-norm``);
+- ``server-kill@R`` — the ServerApp process sends itself ``SIGKILL`` as soon as round
+  ``R``'s train replies have arrived, before it aggregates them: the clients have trained
+  round ``R``, the last checkpoint is round ``R−1`` (a crash at the worst moment).
+
+``P`` is a partition id or ``*`` (every client); ``R`` is a server round (from 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config schema imports this module: keep it free of torch and flwr
+    import torch
+    from flwr.app import Message
+
+log = logging.getLogger(__name__)
+
+CLIENT_FAULTS = ("raise", "nan", "huge")
+GRAMMAR = "comma-separated raise|nan|huge:<partition-id|*>@<round> and server-kill@<round>"
+_CLIENT_ITEM = re.compile(r"^(raise|nan|huge):(\*|\d+)@(\d+)$")
+_SERVER_ITEM = re.compile(r"^server-kill@(\d+)$")
+
+
+class InjectedFault(RuntimeError):
+    """The exception a client raises for ``raise:P@R``."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """The parsed ``fault-injection`` value."""
+
+    client: tuple[tuple[str, int | None, int], ...] = ()  # (kind, partition or None=*, round)
+    server_kill_round: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPlan:
+        """Parse ``spec``; raise ``ValueError`` naming the first bad item."""
+        client, kill = [], None
+        for item in (s.strip() for s in spec.split(",")):
+            if not item:
+                continue
+            client_item, server_item = _CLIENT_ITEM.match(item), _SERVER_ITEM.match(item)
+            if not (client_item or server_item):
+                raise ValueError(f"bad item {item!r}")
+            rnd = int((client_item or server_item).groups()[-1])
+            if rnd < 1:
+                raise ValueError(f"bad item {item!r}: rounds start at 1")
+            if client_item:
+                kind, who, _ = client_item.groups()
+                client.append((kind, None if who == "*" else int(who), rnd))
+            else:
+                kill = rnd
+        return cls(tuple(client), kill)
+
+    def client_fault(self, partition_id: int, server_round: int) -> str | None:
+        """The fault client ``partition_id`` injects in ``server_round``, if any."""
+        for kind, who, rnd in self.client:
+            if rnd == server_round and who in (None, partition_id):
+                return kind
+        return None
+
+
+def before_training(plan: FaultPlan, partition_id: int, server_round: int) -> None:
+    if plan.client_fault(partition_id, server_round) == "raise":
+        raise InjectedFault(f"injected fault: client {partition_id} raises in round {server_round}")
+
+
+def corrupt_reply(
+    plan: FaultPlan, partition_id: int, server_round: int, trained: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The trained adapters as the faulty client replies them."""
+    kind = plan.client_fault(partition_id, server_round)
+    if kind == "nan":
+        return {k: v.new_full(v.shape, float("nan")) for k, v in trained.items()}
+    if kind == "huge":
+        return {k: v + 100.0 for k, v in trained.items()}
+    return trained
+
+
+class ServerKillGrid:
+    """The run's grid; SIGKILLs this process once round ``kill_round``'s train replies
+    have arrived (``server-kill@R``). Everything else is delegated to the real grid."""
+
+    def __init__(self, grid, kill_round: int) -> None:
+        self._grid = grid
+        self._kill_round = kill_round
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        from flwr.app import MessageType
+
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if any(
+            m.metadata.message_type == MessageType.TRAIN
+            and int(m.content["config"]["server-round"]) == self._kill_round
+            for m in messages
+        ):
+            log.warning("injected fault: killing the ServerApp (pid %d) mid-round", os.getpid())
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
