@@ -40,10 +40,7 @@ def clip_tokenizer(vocab_size: int = 49408, max_length: int = 77):
     (also the pad token), like ``openai/clip-vit-*``; ids between the learned BPE and
     those two are unused.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPTokenizer
-
-    from rcsr_flower.backbones.tiny_clip import SPECIAL_TOKENS, learn_bpe
+    from rcsr_flower.backbones.tiny_clip import SPECIAL_TOKENS, bpe_clip_tokenizer, learn_bpe
 
     learned, merges = learn_bpe(list(WORDS) * 2, vocab_size=100_000)
     symbols = ["<|unk|>", *(t for t in learned if t not in SPECIAL_TOKENS)]
@@ -53,24 +50,7 @@ def clip_tokenizer(vocab_size: int = 49408, max_length: int = 77):
     vocab.update({f"<|unused{i}|>": i for i in range(len(vocab), vocab_size - 2)})
     bos, eos = vocab_size - 2, vocab_size - 1
     vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    bpe = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>")
-    )
-    bpe.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)],
-    )
-    return CLIPTokenizer(
-        tokenizer_object=bpe,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|unk|>",
-        model_max_length=max_length,
-    )
+    return bpe_clip_tokenizer(vocab, merges, bos, eos, max_length)
 
 
 def openai_image_processor(image_size: int = 224):

@@ -99,16 +99,14 @@ def learn_bpe(captions: list[str], vocab_size: int) -> tuple[dict[str, int], lis
     return vocab, merges
 
 
-def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
-    """A CLIP-style lower-cased BPE (``</w>`` word ends) learned from the pretrain captions.
-
-    Words that occur only in the target corpus split into known sub-words, as unseen words
-    do with the real CLIP tokenizer.
-    """
+def bpe_clip_tokenizer(
+    vocab: dict[str, int], merges: list[tuple], bos_id: int, eos_id: int, max_length: int
+):
+    """A ``CLIPTokenizer`` over a learned BPE: lower-cased, ``</w>`` word ends, the end token
+    doubling as padding, as in OpenAI's checkpoints."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPTokenizer
 
-    vocab, merges = learn_bpe(captions, recipe.vocab_size)
     bpe = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>")
     )
@@ -117,7 +115,7 @@ def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
     bpe.decoder = decoders.BPEDecoder(suffix="</w>")
     bpe.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
+        special_tokens=[("<|startoftext|>", bos_id), ("<|endoftext|>", eos_id)],
     )
     return CLIPTokenizer(
         tokenizer_object=bpe,
@@ -125,8 +123,18 @@ def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         unk_token="<|unk|>",
-        model_max_length=recipe.max_text_length,
+        model_max_length=max_length,
     )
+
+
+def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
+    """A CLIP-style lower-cased BPE (``</w>`` word ends) learned from the pretrain captions.
+
+    Words that occur only in the target corpus split into known sub-words, as unseen words
+    do with the real CLIP tokenizer.
+    """
+    vocab, merges = learn_bpe(captions, recipe.vocab_size)
+    return bpe_clip_tokenizer(vocab, merges, 0, 1, recipe.max_text_length)
 
 
 def build_config(recipe: TinyClipRecipe, vocab_size: int):
