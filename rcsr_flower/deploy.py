@@ -201,10 +201,6 @@ class LoggedProcess:
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def _copy_output(self) -> None:
         assert self.process.stdout is not None
         with open(self.log_file, "a") as fh:
