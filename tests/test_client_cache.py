@@ -7,6 +7,7 @@ each one from decoding and preprocessing the node's images again.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -64,14 +65,14 @@ def test_client_data_is_preprocessed_once_per_node(embedded_assets, backbone, mo
     cfg = RunConfig(partitioning="iid", cache_dir=str(embedded_assets.root.parent))
     path = client_cache_path(cfg, backbone, partition_key(cfg, backbone, 20), 0)
     path.unlink(missing_ok=True)
-    monkeypatch.setattr(task, "_DATA_CACHE", {})
+    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
     first = load_client_data(cfg, backbone, 0, 20)
     assert path.is_file()
 
     def no_preprocessing(*args, **kwargs):
         raise AssertionError("preprocessed again")
 
-    monkeypatch.setattr(task, "_DATA_CACHE", {})  # as in a fresh ClientApp process
+    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())  # as in a fresh ClientApp process
     monkeypatch.setattr(task, "preprocess_split", no_preprocessing)
     second = load_client_data(cfg, backbone, 0, 20)
     assert same(first, second) and first.train.pixels is not None
