@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcsr_flower.launch import (
+    check_run_config,
     flower_env,
     flower_executable,
     free_port,
@@ -433,9 +434,31 @@ class LocalDeployment:
         return node
 
     # ------------------------------------------------------------------ runs
-    def start_run(self, run_name: str, output_dir: Path) -> LoggedProcess:
-        """Submit the app (``flwr run . CONNECTION --stream``); returns at once."""
-        overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
+    def _overrides(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> dict[str, object]:
+        return {
+            **self.run_config,
+            **(extra or {}),
+            "run-name": run_name,
+            "output-dir": str(output_dir),
+        }
+
+    def check(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> None:
+        """Validate the run config before anything starts (raises ``ConfigError``): the
+        SuperLink would refuse an unknown key with only "Invalid run configuration."."""
+        overrides = self._overrides(run_name, output_dir, extra)
+        check_run_config(self.app_dir, self.raw_run_config, overrides)
+
+    def start_run(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> LoggedProcess:
+        """Submit the app (``flwr run . CONNECTION --stream``); returns at once.
+
+        ``extra``: run-config overrides for this run only."""
+        overrides = self._overrides(run_name, output_dir, extra)
         cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(self.app_dir), CONNECTION]
         cmd += ["--stream"]
         for raw in self.raw_run_config:
@@ -455,8 +478,12 @@ class LocalDeployment:
             self.run_proc.stop()
         return run_outcome(output_dir, run_name, code, self.timeout)
 
-    def run(self, run_name: str, output_dir: Path) -> dict:
-        self.start_run(run_name, output_dir)
+    def run(self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None) -> dict:
+        try:
+            self.check(run_name, output_dir, extra)
+        except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        self.start_run(run_name, output_dir, extra)
         return self.wait_run(run_name, output_dir)
 
     def stop(self) -> None:
@@ -523,10 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (CI timeouts, `kill`) must unwind through `finally` and stop everything
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        deployment.check(run_name, output_dir)  # a bad key fails before anything starts
         deployment.start()
         result = deployment.run(run_name, output_dir)
-    except RuntimeError as exc:
-        result = {"status": "failed", "error": str(exc)}
+    except Exception as exc:  # ConfigError, or a process that did not start
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:
         deployment.stop()
     run_path = output_dir / run_name
