@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from rcsr_flower.task import (
 )
 
 log = logging.getLogger(__name__)
+# A child of Flower's logger: its console handler puts INFO lines into the SuperNode's log
+startup_log = logging.getLogger("flwr").getChild(__name__)
+_STARTUP_LOGGED = False
 
 MODALITY_CODES = {"paired": 0, "image-only": 1, "text-only": 2}
 PERSONAL_KEY = "personal-adapters"
@@ -176,6 +180,16 @@ class ClientNode:
         return self.adapters()
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``); None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
 def setup(run_config, node_config) -> ClientNode:
     """Config, backbone and data for this node (cached per process).
 
@@ -192,10 +206,24 @@ def setup(run_config, node_config) -> ClientNode:
             f"node_config has no {exc}: start each SuperNode with "
             '--node-config "partition-id=<i> num-partitions=<N>"'
         ) from None
+    started = time.perf_counter()
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    loaded = time.perf_counter()
     data = load_client_data(
         cfg, backbone, partition_id, num_partitions, shard=source.shard, modality=source.modality
     )
+    global _STARTUP_LOGGED
+    if not _STARTUP_LOGGED:  # once per process: in a deployment, once per message
+        _STARTUP_LOGGED = True
+        age = process_age()
+        startup_log.info(
+            "ClientApp start-up (partition %d): process started %s s before setup; "
+            "backbone %.1f s, data %.1f s",
+            partition_id,
+            "?" if age is None else f"{age - (time.perf_counter() - started):.1f}",
+            loaded - started,
+            time.perf_counter() - loaded,
+        )
     if len(data.train) < 2:
         log.warning(
             "client %d holds %d training examples: too few to train; it replies "

@@ -21,10 +21,12 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,111 @@ def toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def flower_executable(name: str) -> str:
+    """This interpreter's Flower entry point (``flower-superlink``...), else PATH's."""
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for one Flower process: its own ``FLWR_HOME``, offline, no uv sync."""
+    env = {**os.environ, **(extra or {})}
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    # Flower spawns the ServerApp/ClientApp with `python`: make it this interpreter's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL, the process group ``process`` leads (it was started with
+    ``start_new_session=True``), so whatever it spawned goes too."""
+    if process is None:
+        return
+    try:
+        pgid = os.getpgid(process.pid)
+    except ProcessLookupError:
+        pgid = None
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if pgid is None:
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.5)
+    if process.poll() is None:  # the leader ignored both signals: reap what we can
+        process.kill()
+        process.wait(timeout=5)
+
+
+def wait_healthy(
+    process: subprocess.Popen,
+    url: str,
+    log_file: Path,
+    cafile: Path | None = None,
+    timeout: float = 60,
+) -> None:
+    """Wait until ``url`` answers (any HTTP status) or the process exits."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args[0]} exited with code {process.returncode}; see {log_file}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{process.args[0]} did not answer {url} in {timeout:.0f} s; see {log_file}")
+
+
+def check_run_config(
+    app_dir: Path, raw_run_config: list[str], overrides: dict[str, object]
+) -> None:
+    """Validate the run config here first: the SuperLink refuses an unknown key with
+    only "Invalid run configuration.", and the ServerApp never starts to name it."""
+    from flwr.common.config import parse_config_args
+
+    from rcsr_flower.config import RunConfig
+
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    table = pyproject["tool"]["flwr"]["app"]["config"]
+    RunConfig.from_flower({**table, **parse_config_args(raw_run_config), **overrides})
+
+
+def run_outcome(output_dir: Path, run_name: str, code: int | None, timeout: float) -> dict:
+    """What became of a submitted run: ``result.json`` (written last by the ServerApp)
+    corrected by how ``flwr run`` ended (``code`` None = it timed out)."""
+    result_path = output_dir / run_name / "result.json"
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        result = {"status": "failed", "error": "the ServerApp wrote no result.json"}
+    if code is None:
+        result = {**result, "status": "failed", "error": f"timed out after {timeout} s"}
+    elif code != 0 and result.get("status") == "completed":
+        result = {**result, "status": "failed", "error": f"flwr run exited {code}"}
+    if result.get("status") == "running":
+        result = {
+            **result,
+            "status": "failed",
+            "error": "the run ended without finishing (see the SuperLink log)",
+        }
+    return result
 
 
 @dataclass
@@ -69,15 +176,7 @@ class SimulationLauncher:
 
     # ------------------------------------------------------------------ environment
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, **self.env}
-        env["FLWR_HOME"] = str(self.flwr_home)
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("RAY_DEDUP_LOGS", "0")
-        # The SuperLink spawns the ServerApp with `python`: make it this interpreter's.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        return flower_env(self.flwr_home, self.env)
 
     def _write_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -91,7 +190,7 @@ class SimulationLauncher:
         self._write_config()
         log_file = self.flwr_home / "superlink.log"
         cmd = [
-            "flower-superlink",
+            flower_executable("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -108,9 +207,6 @@ class SimulationLauncher:
             str(log_file),
             "--disable-runtime-dependency-installation",
         ]
-        exe = Path(sys.executable).parent / "flower-superlink"
-        if exe.exists():
-            cmd[0] = str(exe)
         self.process = subprocess.Popen(
             cmd,
             env=self._env(),
@@ -118,57 +214,18 @@ class SimulationLauncher:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited with code {self.process.returncode}; see {log_file}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"flower-superlink did not become healthy in 60 s; see {log_file}")
+        wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", log_file)
 
     def stop(self) -> None:
         """Stop the SuperLink and its whole process group (ServerApp, Ray)."""
-        if self.process is None:
-            return
-        try:
-            pgid = os.getpgid(self.process.pid)
-        except ProcessLookupError:
-            pgid = None
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            if pgid is None:
-                break
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            time.sleep(0.5)
+        stop_process_group(self.process)
         self.process = None
-
-    def check_run_config(self, overrides: dict[str, object]) -> None:
-        """Validate the run config here first: the SuperLink refuses an unknown key with
-        only "Invalid run configuration.", and the ServerApp never starts to name it."""
-        from flwr.common.config import parse_config_args
-
-        from rcsr_flower.config import RunConfig
-
-        pyproject = tomllib.loads((self.app_dir / "pyproject.toml").read_text())
-        table = pyproject["tool"]["flwr"]["app"]["config"]
-        RunConfig.from_flower({**table, **parse_config_args(self.raw_run_config), **overrides})
 
     def run(self, run_name: str, output_dir: Path) -> dict:
         """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
         overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
         try:
-            self.check_run_config(overrides)
+            check_run_config(self.app_dir, self.raw_run_config, overrides)
         except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         cmd = [
@@ -194,22 +251,7 @@ class SimulationLauncher:
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = None
-        result_path = output_dir / run_name / "result.json"
-        if result_path.is_file():
-            result = json.loads(result_path.read_text())
-        else:
-            result = {"status": "failed", "error": "the ServerApp wrote no result.json"}
-        if code is None:
-            result = {**result, "status": "failed", "error": f"timed out after {self.timeout} s"}
-        elif code != 0 and result.get("status") == "completed":
-            result = {**result, "status": "failed", "error": f"flwr run exited {code}"}
-        if result.get("status") == "running":
-            result = {
-                **result,
-                "status": "failed",
-                "error": "the run ended without finishing (see superlink.log)",
-            }
-        return result
+        return run_outcome(output_dir, run_name, code, self.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

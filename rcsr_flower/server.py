@@ -19,6 +19,7 @@ import random
 import time
 import traceback
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,50 @@ class PartitionOrderedGrid:
             self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, unknown), n)
         )
 
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """The real grid's, then a warning naming every node that did not answer."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for msg, why in unanswered(messages, replies):
+            node = msg.metadata.dst_node_id
+            config = msg.content.config_records.get("config")
+            server_round = config.get("server-round") if config is not None else None
+            what = msg.metadata.message_type
+            if server_round is not None:
+                what += f" round {server_round}"
+            waited = f"{timeout:.0f} s" if timeout is not None else "the round"
+            outcome = f"failed: {why.rstrip('.')}" if why else f"sent no reply within {waited}"
+            log.warning(
+                "%s: node %d (partition %s) %s; going on with the others",
+                what,
+                node,
+                self._partition_of.get(node, "?"),
+                outcome,
+            )
+        return replies
+
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
+
+
+def unanswered(messages: list[Message], replies: list[Message]) -> list[tuple[Message, str | None]]:
+    """``(message, error)`` for each sent message without a good reply: ``error`` is None
+    when none came (timeout), else the error reply's reason.
+
+    An error the SuperLink makes for a node it lost (``NODE_UNAVAILABLE``) comes from the
+    SuperLink's own id, so replies are matched by ``reply_to_message_id``, not sender.
+    """
+    reply_to = {r.metadata.reply_to_message_id: r for r in replies}
+    out = []
+    for msg in messages:
+        reply = reply_to.get(msg.metadata.message_id)
+        if reply is None:
+            out.append((msg, None))
+        elif reply.has_error():
+            out.append((msg, reply.error.reason))
+    return out
 
 
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
@@ -191,7 +234,8 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
     # a resumed run has its prototype bank: no bootstrap, only who is who
     bootstrap = cfg.routed and resume is None
-    nodes = query_nodes(grid, cfg, "bootstrap" if bootstrap else "describe", node_ids)
+    kind = "bootstrap" if bootstrap else "describe"
+    nodes = query_nodes(PartitionOrderedGrid(grid, {}), cfg, kind, node_ids)
     if not nodes:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])

@@ -7,12 +7,15 @@ so server, clients and benchmarks measure retrieval the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +118,7 @@ def preprocess_split(
 # served, least recently used first out beyond `data-cache-gb` (the client in use stays).
 _DATA_CACHE: OrderedDict[tuple, ClientData] = OrderedDict()
 _DATA_LOCK = threading.Lock()
+CLIENT_CACHE_VERSION = 1
 
 
 def _pixel_bytes(data: ClientData) -> int:
@@ -144,7 +148,10 @@ def load_client_data(
     shard: bool = False,
     modality: str | None = None,
 ) -> ClientData:
-    """The client's partition, preprocessed once per process while it fits the cache.
+    """The client's partition, preprocessed once per process while it fits the cache,
+    and once per node: the tensors are kept on disk (:func:`client_cache_path`), because
+    in a deployment every message starts a fresh ClientApp process, which would otherwise
+    decode and preprocess every image of the partition again.
 
     ``shard``: the dataset in ``cfg`` is this node's own (``federation`` docstring), its
     whole train split is the client's share; otherwise the client's share of the run's
@@ -170,33 +177,108 @@ def load_client_data(
             f"node_config partition-id={partition_id} is outside [0, {num_partitions}); "
             "set partition-id and num-partitions consistently for every SuperNode"
         )
-    train_set = open_split(cfg, "train")
-    if shard:
-        client = shard_partition(
-            len(train_set),
-            partition_id,
-            num_partitions,
-            missing_rate=cfg.missing_rate,
-            local_test_fraction=cfg.local_test_fraction,
-            seed=cfg.seed,
-            modality=modality,
+    path = client_cache_path(cfg, backbone, key[0], partition_id, shard, modality)
+    data = read_client_cache(path, partition_id)
+    if data is None:
+        train_set = open_split(cfg, "train")
+        if shard:
+            client = shard_partition(
+                len(train_set),
+                partition_id,
+                num_partitions,
+                missing_rate=cfg.missing_rate,
+                local_test_fraction=cfg.local_test_fraction,
+                seed=cfg.seed,
+                modality=modality,
+            )
+        else:
+            partition = load_partition(cfg, backbone, num_partitions, train_set)
+            client = partition.clients[partition_id]
+        workers = cfg.loader_workers
+        data = ClientData(
+            client_id=partition_id,
+            modality=client.modality,
+            train=preprocess_split(
+                backbone,
+                train_set.subset(client.train),
+                images=client.modality != "text-only",
+                texts=client.modality != "image-only",
+                workers=workers,
+            ),
+            test=preprocess_split(backbone, train_set.subset(client.test), workers=workers),
         )
-    else:
-        client = load_partition(cfg, backbone, num_partitions, train_set).clients[partition_id]
-    data = ClientData(
-        client_id=partition_id,
-        modality=client.modality,
-        train=preprocess_split(
-            backbone,
-            train_set.subset(client.train),
-            images=client.modality != "text-only",
-            texts=client.modality != "image-only",
-            workers=cfg.loader_workers,
-        ),
-        test=preprocess_split(backbone, train_set.subset(client.test), workers=cfg.loader_workers),
-    )
+        write_client_cache(path, data)
     _remember(key, data, cfg.data_cache_gb * 2**30)
     return data
+
+
+def client_cache_path(
+    cfg: RunConfig,
+    backbone: Backbone,
+    partition_key: str,
+    partition_id: int,
+    shard: bool = False,
+    modality: str | None = None,
+) -> Path:
+    """``<cache-dir>/client-data/<key>.safetensors``, keyed by everything that determines
+    the tensors: the partition (dataset, its file stamp, partition settings, backbone
+    name), the image preprocessing, this partition id and the node's ``shard`` and
+    ``modality`` settings. Safe to delete."""
+    import hashlib
+
+    from rcsr_flower.assets import cache_root
+
+    processor = json.dumps(backbone.image_processor.to_dict(), sort_keys=True, default=str)
+    ident = f"{CLIENT_CACHE_VERSION}|{partition_key}|{partition_id}|{shard}|{modality}|{processor}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    return cache_root(cfg.cache_dir or None) / "client-data" / f"{digest}.safetensors"
+
+
+def write_client_cache(path: Path, data: ClientData) -> None:
+    """Pixels as float32 tensors (bit-identical to a fresh preprocess), captions and
+    modality as metadata; written to a temporary sibling and renamed into place."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"modality": data.modality, "client_id": str(data.client_id)}
+    for name, split in (("train", data.train), ("test", data.test)):
+        if split.pixels is not None:
+            tensors[f"{name}.pixels"] = split.pixels.contiguous()
+        if split.captions is not None:
+            meta[f"{name}.captions"] = json.dumps(split.captions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk costs speed, not the round
+        log.warning("could not cache client data in %s: %s", path, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def read_client_cache(path: Path, partition_id: int) -> ClientData | None:
+    """The cached tensors, or None when absent or unreadable (then they are rebuilt)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            names = set(fh.keys())
+            splits = {
+                name: SplitTensors(
+                    fh.get_tensor(f"{name}.pixels") if f"{name}.pixels" in names else None,
+                    json.loads(meta[f"{name}.captions"]) if f"{name}.captions" in meta else None,
+                )
+                for name in ("train", "test")
+            }
+        if int(meta["client_id"]) != partition_id:
+            raise ValueError(f"holds partition {meta['client_id']}")
+        return ClientData(partition_id, meta["modality"], splits["train"], splits["test"])
+    except Exception as exc:  # a torn or foreign file: rebuild, never fail the round
+        log.warning("ignoring unreadable client cache %s: %s", path, exc)
+        return None
 
 
 # ---------------------------------------------------------------------------- embedding

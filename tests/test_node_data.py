@@ -232,6 +232,8 @@ def test_hf_dataset_with_its_own_column_names_on_a_node(embedded_assets, tmp_pat
 def test_a_worker_drops_least_recently_used_clients_beyond_the_cache_budget(
     embedded_assets, tmp_path, flickr_copy, monkeypatch
 ):
+    # the memory cache alone: the node's disk cache (test_client_cache.py) is bypassed
+    monkeypatch.setattr("rcsr_flower.task.read_client_cache", lambda path, pid: None)
     decoded: list[str] = []
     real = KarpathyDataset._image
     monkeypatch.setattr(

@@ -426,7 +426,7 @@ def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions()
     grid.get_node_ids.return_value = [30, 10, 20, 40]
     ordered = PartitionOrderedGrid(grid, {30: 0, 10: 2, 20: 1})
     assert ordered.get_node_ids() == [30, 20, 10, 40]  # unknown nodes last
-    assert ordered.send_and_receive is grid.send_and_receive  # everything else delegated
+    assert ordered.push_messages is grid.push_messages  # the rest is delegated
 
 
 def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():

@@ -1,0 +1,111 @@
+"""What a fresh ClientApp process costs before it can work on a message.
+
+In a deployment every message starts a new ClientApp process (Flower 1.41), so these
+costs are paid per message, per node. Each repetition runs a fresh interpreter that
+imports the app, loads the backbone and this node's data, the way ``client_app.py``
+does, and reports the phases; the first repetition starts with no cached client data
+(decode + preprocess every image of the partition), the others read the node's disk
+cache (``<cache-dir>/client-data/``). A node's log shows the same phases for real
+messages (``ClientApp start-up ...``), plus Flower's own dispatch.
+
+    .venv/bin/python benchmarks/clientapp_startup.py --num-partitions 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import client_app  # torch, flwr, the app (transformers loads with the backbone)
+t1 = time.perf_counter()
+import tomllib
+from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.config import RunConfig
+from rcsr_flower.task import load_client_data
+from rcsr_flower.client import process_age
+
+raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
+raw.update(json.loads(sys.argv[1]))
+cfg = RunConfig.from_flower(raw)
+t2 = time.perf_counter()
+backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+t3 = time.perf_counter()
+data = load_client_data(cfg, backbone, int(sys.argv[2]), int(sys.argv[3]))
+t4 = time.perf_counter()
+print(json.dumps({
+    "interpreter": round(process_age() - (t4 - t0), 2),
+    "import": round(t1 - t0, 2),
+    "backbone": round(t3 - t2, 2),
+    "data": round(t4 - t3, 2),
+    "total": round(process_age(), 2),
+    "items": len(data.train) + len(data.test),
+}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-partitions", type=int, default=2)
+    parser.add_argument("--partition-id", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "-c", "--run-config", default='{"partitioning": "iid"}', help="JSON overrides"
+    )
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    import tomllib
+
+    from rcsr_flower.backbones.clip import load_backbone
+    from rcsr_flower.config import RunConfig
+    from rcsr_flower.federation import load_partition, partition_key
+    from rcsr_flower.task import client_cache_path
+
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    raw.update(json.loads(args.run_config))
+    cfg = RunConfig.from_flower(raw)
+    backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    load_partition(cfg, backbone, args.num_partitions)  # computed once, not timed
+    key = partition_key(cfg, backbone, args.num_partitions)
+    client_cache_path(cfg, backbone, key, args.partition_id).unlink(missing_ok=True)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ids = [str(args.partition_id), str(args.num_partitions)]
+    rows = []
+    for i in range(args.repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, args.run_config, *ids],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["client data"] = "preprocessed" if i == 0 else "disk cache"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    warm = rows[1:] or rows
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"{rows[0]['items']} items; cold data {rows[0]['data']} s; warm median: "
+        + ", ".join(
+            f"{k} {statistics.median(r[k] for r in warm):.2f} s"
+            for k in ("interpreter", "import", "backbone", "data", "total")
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

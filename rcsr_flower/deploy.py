@@ -1,0 +1,574 @@
+"""A Flower deployment on this machine: one SuperLink and N SuperNodes as separate processes.
+
+``docs/deployment.md`` runs the same pieces on separate machines; this launcher runs them
+on loopback, exactly as there (each process with its own ``FLWR_HOME``, port and log, TLS
+and SuperNode authentication on by default), so the deployment path is exercised by the
+tests and can be tried on one machine first:
+
+1. writes a CA, a server certificate for 127.0.0.1/localhost and one EC key per node
+   (OpenSSH format), unless ``--insecure``;
+2. starts ``flower-superlink`` (runtime dependency installation off, SuperNode auth on);
+3. registers each node's public key with ``flwr supernode register``;
+4. starts ``flower-supernode`` i with ``--node-config "partition-id=i num-partitions=N"``
+   and waits until all N have joined;
+5. submits the app with ``flwr run . <connection> --stream`` (connection in the user's
+   ``$FLWR_HOME/config.toml``) and an absolute ``output-dir``;
+6. exits non-zero unless the ServerApp's ``result.json`` says ``completed``;
+7. always stops every process it started (by process group).
+
+Logs (timestamped, colour codes stripped) go to ``<root>/superlink.log``,
+``<root>/node-<i>.log`` and ``<root>/run.log`` (the ServerApp's output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rcsr_flower.launch import (
+    check_run_config,
+    flower_env,
+    flower_executable,
+    free_port,
+    run_outcome,
+    stop_process_group,
+    toml_value,
+    wait_healthy,
+)
+
+CONNECTION = "rcsr-deploy"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+# ============================================================================ credentials
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def write_tls_certificates(
+    directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 30
+) -> TlsFiles:
+    """A private CA and a SuperLink certificate it signs, valid for ``hosts`` (SAN).
+
+    The same files ``deploy/generate-certificates.sh`` makes with openssl.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rcsr-flower CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
+    pem = serialization.Encoding.PEM
+    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
+    files.server_cert.write_bytes(server_cert.public_bytes(pem))
+    for path, key in ((directory / "ca.key", ca_key), (files.server_key, server_key)):
+        path.write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        path.chmod(0o600)
+    return files
+
+
+def write_node_key(path: Path) -> Path:
+    """A SuperNode's EC (P-384) key pair in OpenSSH format: ``path`` and ``path.pub``.
+
+    The same files ``ssh-keygen -t ecdsa -b 384 -N "" -f path`` makes.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    public = path.with_name(path.name + ".pub")
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return public
+
+
+# ============================================================================ processes
+class LoggedProcess:
+    """A Flower process in its own session; its output, timestamped, goes to ``log_file``.
+
+    Its own session, so stopping it stops what it spawned (SuperExec, ClientApp and
+    ServerApp processes); timestamps, because Flower's console lines carry none and the
+    per-message times of a deployment are read off these logs.
+    """
+
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_file: Path,
+        cwd: Path | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.cmd = cmd
+        self.log_file = log_file
+        self.echo = echo
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as fh:  # a restarted node appends to its log
+            self._offset = fh.tell()
+            fh.write(f"$ {shlex.join(cmd)}\n")
+        self.process = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.process.stdout is not None
+        with open(self.log_file, "a") as fh:
+            for raw in self.process.stdout:
+                line = _ANSI.sub("", raw.rstrip("\n"))
+                fh.write(f"{dt.datetime.now().strftime('%H:%M:%S.%f')[:-3]} {line}\n")
+                fh.flush()
+                if self.echo:
+                    print(line, flush=True)
+
+    def text(self) -> str:
+        """This process's part of the log (a restarted node appends to the same file)."""
+        if not self.log_file.exists():
+            return ""
+        with open(self.log_file, errors="replace") as fh:
+            fh.seek(self._offset)
+            return fh.read()
+
+    def wait_for(self, pattern: str | re.Pattern, timeout: float) -> re.Match | None:
+        """The first match of ``pattern`` in the log; None on timeout or process exit."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := regex.search(self.text()):
+                return match
+            if self.process.poll() is not None:
+                self._pump.join(timeout=2)
+                return regex.search(self.text())
+            time.sleep(0.2)
+        return None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if still running after ``timeout``."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._pump.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a machine that dies, not one that leaves."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+        self._pump.join(timeout=5)
+
+
+@dataclass
+class SuperNode:
+    index: int
+    port: int
+    home: Path
+    key: Path | None
+    proc: LoggedProcess
+    node_id: int | None = None
+
+
+# ============================================================================ deployment
+@dataclass
+class LocalDeployment:
+    """One SuperLink and ``num_supernodes`` SuperNodes on loopback, and runs against them."""
+
+    app_dir: Path
+    root: Path  # everything this deployment writes: homes, credentials, logs
+    num_supernodes: int = 2
+    num_partitions: int | None = None  # None = num_supernodes; more = deploy a subset
+    secure: bool = True  # TLS + SuperNode authentication
+    node_config: dict[str, object] = field(default_factory=dict)  # extra keys, every node
+    run_config: dict[str, object] = field(default_factory=dict)
+    raw_run_config: list[str] = field(default_factory=list)
+    timeout: float = 3600.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.app_dir = Path(self.app_dir).resolve()
+        self.root = Path(self.root).resolve()
+        self.port = free_port()
+        self.superlink: LoggedProcess | None = None
+        self.supernodes: list[SuperNode] = []
+        self.tls: TlsFiles | None = None
+        self.run_proc: LoggedProcess | None = None
+
+    @property
+    def user_home(self) -> Path:
+        """``FLWR_HOME`` of the person who submits runs (holds ``config.toml``)."""
+        return self.root / "user"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _env(self, home: Path) -> dict[str, str]:
+        return flower_env(home, self.env)
+
+    # ------------------------------------------------------------------ SuperLink
+    def start(self) -> None:
+        """SuperLink, user connection, node keys (registered), and all SuperNodes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self.tls = write_tls_certificates(self.root / "certificates")
+        self.start_superlink()
+        self.write_connection()
+        for i in range(self.num_supernodes):
+            key = None
+            if self.secure:
+                key = self.root / "keys" / f"node-{i}"
+                self.register(write_node_key(key))
+            self.start_supernode(i, key)
+        for node in self.supernodes:
+            self.wait_joined(node)
+
+    def start_superlink(self) -> None:
+        home = self.root / "superlink"
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = [flower_executable("flower-superlink")]
+        if self.tls is None:
+            cmd += ["--insecure"]
+        else:
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+                "--enable-supernode-auth",
+            ]
+        cmd += [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        log_file = self.root / "superlink.log"
+        self.superlink = LoggedProcess(cmd, self._env(home), log_file, cwd=home)
+        scheme = "http" if self.tls is None else "https"
+        wait_healthy(
+            self.superlink.process,
+            f"{scheme}://{self.address}/health",
+            log_file,
+            cafile=self.tls.ca_cert if self.tls else None,
+        )
+
+    def write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml`` of the user: how ``flwr`` reaches the SuperLink."""
+        self.user_home.mkdir(parents=True, exist_ok=True)
+        security = (
+            "insecure = true"
+            if self.tls is None
+            else f"root-certificates = {toml_value(str(self.tls.ca_cert))}"
+        )
+        (self.user_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
+        )
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A ``flwr`` CLI command as the user (their ``FLWR_HOME``)."""
+        return subprocess.run(
+            [sys.executable, "-m", "flwr.cli.app", *args],
+            env=self._env(self.user_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def register(self, public_key: Path) -> None:
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION)
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"flwr supernode register {public_key} failed ({out.returncode}): "
+                f"{_ANSI.sub('', out.stdout + out.stderr).strip()}"
+            )
+
+    # ------------------------------------------------------------------ SuperNodes
+    def start_supernode(
+        self, index: int, key: Path | None = None, extra_args: Sequence[str] = ()
+    ) -> SuperNode:
+        """SuperNode ``index`` holding partition ``index`` of ``num_partitions``."""
+        home = self.root / f"node-{index}"
+        home.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        node_config = {
+            "partition-id": index,
+            "num-partitions": self.num_partitions or self.num_supernodes,
+            **self.node_config,
+        }
+        cmd = [flower_executable("flower-supernode")]
+        if self.tls is None:
+            cmd += ["--insecure"]
+        else:
+            cmd += ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        cmd += [
+            "--superlink",
+            self.address,
+            "--port",
+            str(port),
+            "--node-config",
+            " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items()),
+            *extra_args,
+        ]
+        proc = LoggedProcess(cmd, self._env(home), self.root / f"node-{index}.log", cwd=home)
+        node = SuperNode(index, port, home, key, proc)
+        self.supernodes.append(node)
+        return node
+
+    def wait_joined(self, node: SuperNode, timeout: float = 60) -> int:
+        """Wait until ``node`` is registered with the SuperLink; return its node id."""
+        match = node.proc.wait_for(_NODE_ID, timeout)
+        if match is None:
+            raise RuntimeError(
+                f"SuperNode {node.index} did not join in {timeout:.0f} s; see {node.proc.log_file}"
+            )
+        node.node_id = int(match.group(1))
+        return node.node_id
+
+    def kill_supernode(self, index: int) -> SuperNode:
+        node = next(n for n in self.supernodes if n.index == index)
+        node.proc.kill()
+        return node
+
+    # ------------------------------------------------------------------ runs
+    def _overrides(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> dict[str, object]:
+        return {
+            **self.run_config,
+            **(extra or {}),
+            "run-name": run_name,
+            "output-dir": str(output_dir),
+        }
+
+    def check(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> None:
+        """Validate the run config before anything starts (raises ``ConfigError``): the
+        SuperLink would refuse an unknown key with only "Invalid run configuration."."""
+        overrides = self._overrides(run_name, output_dir, extra)
+        check_run_config(self.app_dir, self.raw_run_config, overrides)
+
+    def start_run(
+        self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None
+    ) -> LoggedProcess:
+        """Submit the app (``flwr run . CONNECTION --stream``); returns at once.
+
+        ``extra``: run-config overrides for this run only."""
+        overrides = self._overrides(run_name, output_dir, extra)
+        cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(self.app_dir), CONNECTION]
+        cmd += ["--stream"]
+        for raw in self.raw_run_config:
+            cmd += ["--run-config", raw]
+        cmd += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+        print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
+        self.run_proc = LoggedProcess(
+            cmd, self._env(self.user_home), self.root / "run.log", echo=True
+        )
+        return self.run_proc
+
+    def wait_run(self, run_name: str, output_dir: Path) -> dict:
+        """Wait for the submitted run; ``result.json`` corrected by how ``flwr run`` ended."""
+        assert self.run_proc is not None, "start_run first"
+        code = self.run_proc.wait(timeout=self.timeout)
+        if code is None:
+            self.run_proc.stop()
+        return run_outcome(output_dir, run_name, code, self.timeout)
+
+    def run(self, run_name: str, output_dir: Path, extra: dict[str, object] | None = None) -> dict:
+        try:
+            self.check(run_name, output_dir, extra)
+        except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        self.start_run(run_name, output_dir, extra)
+        return self.wait_run(run_name, output_dir)
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, SuperNodes first."""
+        for proc in [self.run_proc, *(n.proc for n in self.supernodes), self.superlink]:
+            if proc is not None:
+                proc.stop()
+
+
+def parse_pairs(text: str) -> dict[str, object]:
+    """``"a=1 b='x y'"`` -> ``{"a": 1, "b": "x y"}`` (node-config syntax, TOML values)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in shlex.split(text):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rcsr_flower.deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--app-dir", default=".")
+    parser.add_argument("--root", default=".deploy", help="homes, credentials and logs")
+    parser.add_argument("--num-supernodes", type=int, default=2)
+    parser.add_argument(
+        "--num-partitions", type=int, default=None, help="default: --num-supernodes"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="no TLS, no SuperNode authentication"
+    )
+    parser.add_argument("--node-config", default="", help='extra keys for every node: "k=v ..."')
+    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--run-name", default="")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"',
+    )
+    args = parser.parse_args(argv)
+
+    run_name = args.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")
+    output_dir = Path(args.output_dir).resolve()
+    deployment = LocalDeployment(
+        app_dir=Path(args.app_dir),
+        root=Path(args.root),
+        num_supernodes=args.num_supernodes,
+        num_partitions=args.num_partitions,
+        secure=not args.insecure,
+        node_config=parse_pairs(args.node_config),
+        raw_run_config=args.run_config,
+        timeout=args.timeout,
+    )
+    # SIGTERM (CI timeouts, `kill`) must unwind through `finally` and stop everything
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        deployment.check(run_name, output_dir)  # a bad key fails before anything starts
+        deployment.start()
+        result = deployment.run(run_name, output_dir)
+    except Exception as exc:  # ConfigError, or a process that did not start
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        deployment.stop()
+    run_path = output_dir / run_name
+    if result.get("status") != "completed":
+        print(
+            f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
+            f"logs: {deployment.root}/{{superlink,node-*,run}}.log",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"\nrun completed in {result.get('seconds')} s: {run_path}")
+    print(f"logs: {deployment.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

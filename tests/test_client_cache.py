@@ -1,0 +1,78 @@
+"""The node's disk cache of preprocessed client data.
+
+In a deployment every message starts a fresh ClientApp process; the cache is what spares
+each one from decoding and preprocessing the node's images again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+
+from rcsr_flower import task
+from rcsr_flower.config import RunConfig
+from rcsr_flower.federation import partition_key
+from rcsr_flower.task import (
+    ClientData,
+    SplitTensors,
+    client_cache_path,
+    load_client_data,
+    read_client_cache,
+    write_client_cache,
+)
+
+
+def same(a: ClientData, b: ClientData) -> bool:
+    def split_eq(x: SplitTensors, y: SplitTensors) -> bool:
+        pixels = (x.pixels is None and y.pixels is None) or (
+            x.pixels is not None and y.pixels is not None and torch.equal(x.pixels, y.pixels)
+        )
+        return pixels and x.captions == y.captions
+
+    return (
+        (a.client_id, a.modality) == (b.client_id, b.modality)
+        and split_eq(a.train, b.train)
+        and split_eq(a.test, b.test)
+    )
+
+
+def test_round_trip_keeps_a_missing_modality_missing(tmp_path):
+    data = ClientData(
+        3,
+        "text-only",
+        SplitTensors(None, [["a red square", "a square"], ["a blue circle"]]),
+        SplitTensors(torch.randn(2, 3, 8, 8), [["x"], ["y é"]]),
+    )
+    path = tmp_path / "c.safetensors"
+    write_client_cache(path, data)
+    back = read_client_cache(path, 3)
+    assert back is not None and same(back, data) and back.train.pixels is None
+    assert read_client_cache(path, 4) is None  # another partition's file is not used
+    assert read_client_cache(tmp_path / "absent.safetensors", 3) is None
+
+
+def test_a_torn_file_is_ignored_not_fatal(tmp_path, caplog):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    with caplog.at_level(logging.WARNING, logger="rcsr_flower.task"):
+        assert read_client_cache(path, 0) is None
+    assert "ignoring unreadable client cache" in caplog.text
+
+
+def test_client_data_is_preprocessed_once_per_node(embedded_assets, backbone, monkeypatch):
+    cfg = RunConfig(partitioning="iid", cache_dir=str(embedded_assets.root.parent))
+    path = client_cache_path(cfg, backbone, partition_key(cfg, backbone, 20), 0)
+    path.unlink(missing_ok=True)
+    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
+    first = load_client_data(cfg, backbone, 0, 20)
+    assert path.is_file()
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("preprocessed again")
+
+    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())  # as in a fresh ClientApp process
+    monkeypatch.setattr(task, "preprocess_split", no_preprocessing)
+    second = load_client_data(cfg, backbone, 0, 20)
+    assert same(first, second) and first.train.pixels is not None
