@@ -262,3 +262,36 @@ def test_from_json_rejects_malformed_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         Partition.from_json(tmp_path / "none.json")
     assert isinstance(good.clients[0], ClientPartition)
+
+
+# ---- the caption embeddings behind the semantic partition ---------------------------------------
+
+
+def test_partition_embeddings_use_all_cores_and_match_one_thread(
+    backbone, embedded_assets, monkeypatch
+):
+    """The one-off partition embedding runs with every core (a Ray actor has one thread),
+    restores the caller's thread count, and gives the same bits as one thread, so the
+    partition cannot depend on how many cores computed it."""
+    import torch
+
+    from rcsr_flower import federation
+    from rcsr_flower.backbones.clip import available_cores, torch_threads
+    from rcsr_flower.data.datasets import open_dataset
+
+    items = open_dataset(embedded_assets.corpus_json, split="train").subset(range(300))
+    seen: list[int] = []
+    original = backbone.embed_caption_lists
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "embed_caption_lists", spy)
+    with torch_threads(1):
+        every_core = federation.caption_embeddings(backbone, items)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(federation, "available_cores", lambda: 1)
+        one_thread = federation.caption_embeddings(backbone, items)
+    assert seen == [available_cores(), 1]
+    np.testing.assert_array_equal(every_core, one_thread)

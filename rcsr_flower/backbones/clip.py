@@ -36,6 +36,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous count.
+
+    For one-off work that everything else waits on (the semantic partition): a Ray
+    actor is started with one thread, which would leave the machine's other cores idle.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
     """The checkpoint's own image preprocessing (resize, crop, normalise) of a batch.
 
