@@ -150,7 +150,10 @@ def caption_embeddings(
     return torch.nn.functional.normalize(sums, dim=-1).numpy()
 
 
-def partition_key(cfg: RunConfig, backbone: Backbone, num_partitions: int) -> str:
+def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int) -> str:
+    """The partition's cache key; ``backbone`` may be given by its name (``model-name``),
+    so a caller can look for a cached partition without loading the model."""
+    backbone_name = backbone if isinstance(backbone, str) else backbone.name
     source, image_root, fmt = dataset_source(cfg)
     src = Path(source)
     stamp = (src.stat().st_size, src.stat().st_mtime_ns) if src.is_file() else None
@@ -160,7 +163,7 @@ def partition_key(cfg: RunConfig, backbone: Backbone, num_partitions: int) -> st
         "stamp": stamp,
         "image_root": image_root,
         "fmt": fmt,
-        "backbone": backbone.name,
+        "backbone": backbone_name,
         "num_partitions": num_partitions,
         "partitioning": cfg.partitioning,
         "clusters": cfg.partition_clusters,
@@ -184,8 +187,7 @@ def load_partition(
     """The run's partition: cached by key, computed once under a lock."""
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
-    key = partition_key(cfg, backbone, num_partitions)
-    path = cache_root(cfg.cache_dir or None) / "partitions" / f"{key}.json"
+    path = partition_file(cfg, num_partitions, backbone)
     if path.is_file():
         return Partition.from_json(path)
     with file_lock(path.with_suffix(".lock")):
@@ -211,6 +213,25 @@ def load_partition(
         partition.to_json(path)
         os.chmod(path, 0o644)
     return partition
+
+
+def prepare_partition(cfg: RunConfig, num_partitions: int) -> Path:
+    """Make sure the run's partition is cached, before the run: ``load_partition``'s
+    file. The simulation launcher calls it, so the one-off caption embedding runs in a
+    quiet process with its log on the console, instead of in a Ray actor that the
+    ServerApp and every other actor wait on."""
+    path = partition_file(cfg, num_partitions)
+    if not path.is_file():
+        from rcsr_flower.backbones.clip import load_backbone
+
+        backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+        load_partition(cfg, backbone, num_partitions)
+    return path
+
+
+def partition_file(cfg: RunConfig, num_partitions: int, backbone: Backbone | str = "") -> Path:
+    key = partition_key(cfg, backbone or cfg.model_name, num_partitions)
+    return cache_root(cfg.cache_dir or None) / "partitions" / f"{key}.json"
 
 
 # ---------------------------------------------------------------------------- server side

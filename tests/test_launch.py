@@ -1,0 +1,70 @@
+"""The simulation launcher's preparation: assets and partition before submitting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from test_node_data import write_flickr
+
+from rcsr_flower import federation
+from rcsr_flower.backbones import clip
+from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.config import RunConfig
+from rcsr_flower.data.partition import Partition
+from rcsr_flower.federation import load_partition, prepare_partition
+from rcsr_flower.launch import SimulationLauncher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(embedded_assets, tmp_path) -> RunConfig:
+    return RunConfig(
+        model_name=str(embedded_assets.backbone_dir),
+        dataset=str(write_flickr(tmp_path / "data", n_train=60)),
+        data_dir=str(tmp_path / "data" / "flickr30k-images"),
+        cache_dir=str(tmp_path / "cache"),
+        partition_clusters=4,
+    )
+
+
+def test_prepare_partition_writes_the_file_the_run_reads(cfg, tmp_path, monkeypatch):
+    path = prepare_partition(cfg, 3)
+    assert path.is_file() and path.parent == Path(cfg.cache_dir) / "partitions"
+    # what a node computes by itself, with no prepared file, is the same partition
+    alone = dataclasses.replace(cfg, cache_dir=str(tmp_path / "alone"))
+    backbone = load_backbone(cfg.model_name)
+    assert load_partition(alone, backbone, 3).clients == Partition.from_json(path).clients
+
+    # and in the run it is read, not recomputed; found by the model's name without
+    # loading a model; the federation's size is part of the key
+    def fail(*args, **kwargs):
+        pytest.fail("recomputed or reloaded")
+
+    monkeypatch.setattr(federation, "caption_embeddings", fail)
+    assert load_partition(cfg, backbone, 3).clients == Partition.from_json(path).clients
+    monkeypatch.setattr(clip, "load_backbone", fail)
+    assert prepare_partition(cfg, 3) == path
+    with pytest.raises(pytest.fail.Exception):
+        prepare_partition(cfg, 4)
+
+
+def test_launcher_names_missing_data_before_starting_anything(cfg, tmp_path):
+    launcher = SimulationLauncher(
+        app_dir=ROOT,
+        flwr_home=tmp_path / "flwr",
+        num_supernodes=3,
+        run_config={
+            k: v
+            for k, v in dataclasses.replace(cfg, dataset=str(tmp_path / "missing.json"))
+            .to_flower()
+            .items()
+            if k in ("model-name", "dataset", "data-dir", "cache-dir", "partition-clusters")
+        },
+    )
+    result = launcher.run("r", tmp_path / "outputs")
+    assert result["status"] == "failed"
+    assert "preparing the data" in result["error"] and "missing.json" in result["error"]
+    assert launcher.process is None and not (tmp_path / "outputs").exists()
