@@ -289,7 +289,9 @@ def embed_split(
     if split.pixels is None or split.captions is None:
         raise ValueError("retrieval evaluation needs both modalities of the split")
     z_i = backbone.embed_images(split.pixels, *adapters, batch_size=batch_size)
-    z_t, owner = backbone.embed_caption_lists(split.captions, *adapters, batch_size=batch_size)
+    z_t, owner = backbone.embed_caption_lists(
+        split.captions, *adapters, batch_size=batch_size, by_length=True
+    )
     return z_i, z_t, owner
 
 

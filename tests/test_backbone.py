@@ -63,6 +63,22 @@ def test_dynamic_padding_gives_the_same_embeddings_as_fixed_padding(backbone):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_length_sorted_batches_give_the_same_embeddings_in_input_order(backbone, embedded_assets):
+    """Evaluation batches captions by length; the result is in the input order and equal,
+    up to float rounding, to input-order batches."""
+    test = open_dataset(embedded_assets.corpus_json, "test").subset(range(40))
+    captions = [c for i in range(len(test)) for c in test.captions(i)]
+    captions[7] = "a star"  # a very short one among long ones
+    lengths = backbone.tokenize(captions)["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 3  # the batches really are reordered
+    plain = backbone.embed_texts(captions, batch_size=16)
+    sorted_ = backbone.embed_texts(captions, batch_size=16, by_length=True)
+    assert sorted_.shape == plain.shape
+    torch.testing.assert_close(sorted_, plain, atol=1e-5, rtol=0)
+    short = backbone.embed_texts(["a star"])
+    torch.testing.assert_close(sorted_[7:8], short, atol=1e-5, rtol=0)
+
+
 def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneNotFoundError) as info:

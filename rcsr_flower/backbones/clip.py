@@ -171,24 +171,52 @@ class Backbone:
 
     @torch.no_grad()
     def embed_texts(
-        self, captions: Sequence[str], *adapters: AdapterSet | None, batch_size: int = 256
+        self,
+        captions: Sequence[str],
+        *adapters: AdapterSet | None,
+        batch_size: int = 256,
+        by_length: bool = False,
     ) -> torch.Tensor:
-        """``z_T`` of many captions, ``batch_size`` at a time, on the CPU."""
+        """``z_T`` of many captions, ``batch_size`` at a time, on the CPU.
+
+        ``by_length``: batch captions of similar length together (returned in the input
+        order), so batches carry little padding: a third faster on the embedded test
+        split (4.1 -> 2.7 s). Equal up to float rounding, not bit-identical, to input order,
+        so it is for evaluation only: training statistics keep the input order.
+        """
         captions = list(captions)
-        return torch.cat(
-            [
-                self.text_features(self.tokenize(captions[s : s + batch_size]), *adapters).cpu()
-                for s in range(0, len(captions), batch_size)
-            ]
-        )
+        if not by_length or len(captions) <= batch_size:
+            return torch.cat(
+                [
+                    self.text_features(self.tokenize(captions[s : s + batch_size]), *adapters).cpu()
+                    for s in range(0, len(captions), batch_size)
+                ]
+            )
+        tokens = self.tokenize(captions)  # padded to the longest; each batch is trimmed
+        lengths = tokens["attention_mask"].sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        out = None
+        for idx in order.split(batch_size):
+            width = int(lengths[idx].max())
+            batch = {k: v[idx, :width] for k, v in tokens.items()}
+            z = self.text_features(batch, *adapters).cpu()
+            if out is None:
+                out = torch.empty(len(captions), z.shape[1], dtype=z.dtype)
+            out[idx] = z
+        return out
 
     def embed_caption_lists(
-        self, captions: Sequence[list[str]], *adapters: AdapterSet | None, batch_size: int = 256
+        self,
+        captions: Sequence[list[str]],
+        *adapters: AdapterSet | None,
+        batch_size: int = 256,
+        by_length: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_T [M,d], owner [M])`` of every caption of every item; ``owner`` is its item."""
         flat = [c for caps in captions for c in caps]
         owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-        return self.embed_texts(flat, *adapters, batch_size=batch_size), owner
+        z = self.embed_texts(flat, *adapters, batch_size=batch_size, by_length=by_length)
+        return z, owner
 
 
 _CACHE: dict[tuple[str, str], Backbone] = {}
