@@ -7,10 +7,12 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
 
 1. starts its own ``flower-superlink --simulation`` on free loopback ports with its own
    ``FLWR_HOME`` and runtime dependency installation disabled;
-2. submits the app with ``flwr run . <connection> --stream`` and a known run name;
-3. reads ``outputs/<run>/result.json`` (written last by the ServerApp) and exits
+2. validates the run config and builds what the run would otherwise wait for in silence
+   (embedded assets, the semantic partition: :func:`prepare_run`);
+3. submits the app with ``flwr run . <connection> --stream`` and a known run name;
+4. reads ``outputs/<run>/result.json`` (written last by the ServerApp) and exits
    non-zero unless it says ``completed``;
-4. always stops the SuperLink and everything it spawned (by process group).
+5. always stops the SuperLink and everything it spawned (by process group).
 """
 
 from __future__ import annotations
