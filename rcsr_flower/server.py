@@ -41,7 +41,7 @@ from rcsr_flower.federation import (
 from rcsr_flower.outputs import MetricsLog, run_dir, summary_table, write_json
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.retrieval_task import RetrievalTask, RouterBetas
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, make_evaluate_fn
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, make_evaluate_fn, unanswered
 from rcsr_flower.task import evaluate_retrieval, preprocess_split
 
 log = logging.getLogger(__name__)
@@ -153,24 +153,6 @@ class PartitionOrderedGrid:
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
-
-
-def unanswered(messages: list[Message], replies: list[Message]) -> list[tuple[Message, str | None]]:
-    """``(message, error)`` for each sent message without a good reply: ``error`` is None
-    when none came (timeout), else the error reply's reason.
-
-    An error the SuperLink makes for a node it lost (``NODE_UNAVAILABLE``) comes from the
-    SuperLink's own id, so replies are matched by ``reply_to_message_id``, not sender.
-    """
-    reply_to = {r.metadata.reply_to_message_id: r for r in replies}
-    out = []
-    for msg in messages:
-        reply = reply_to.get(msg.metadata.message_id)
-        if reply is None:
-            out.append((msg, None))
-        elif reply.has_error():
-            out.append((msg, reply.error.reason))
-    return out
 
 
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:

@@ -51,6 +51,24 @@ SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 
 # ============================================================================ pure steps
+def unanswered(messages: list[Message], replies: list[Message]) -> list[tuple[Message, str | None]]:
+    """``(message, error)`` for each sent message without a good reply: ``error`` is None
+    when none came (timeout), else the error reply's reason.
+
+    An error the SuperLink makes for a node it lost (``NODE_UNAVAILABLE``) comes from the
+    SuperLink's own id, so replies are matched by ``reply_to_message_id``, not sender.
+    """
+    reply_to = {r.metadata.reply_to_message_id: r for r in replies}
+    out = []
+    for msg in messages:
+        reply = reply_to.get(msg.metadata.message_id)
+        if reply is None:
+            out.append((msg, None))
+        elif reply.has_error():
+            out.append((msg, reply.error.reason))
+    return out
+
+
 def validate_replies(
     replies: Iterable[Message],
     template: ArrayRecord,
@@ -58,8 +76,12 @@ def validate_replies(
     min_examples: int = 1,
     max_update_norm: float = 0.0,
     num_clients: int | None = None,
+    sent: Iterable[Message] = (),
 ) -> tuple[list[ClientReport], list[tuple[int, str]]]:
     """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``.
+
+    ``sent``, the round's messages, names the node of each reply by the message it
+    answers: the SuperLink's error for a node it lost comes from the SuperLink's own id.
 
     Arrays are decoded without unpickling (Flower's ``np.load(allow_pickle=False)``) and
     checked against what they declare; ``max_update_norm > 0`` drops an update
@@ -68,9 +90,11 @@ def validate_replies(
     """
     expected = {k: (tuple(a.shape), a.dtype) for k, a in template.items()}
     theta = {k: a.numpy() for k, a in template.items()} if max_update_norm > 0 else {}
+    addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    addressed.pop("", None)  # not pushed yet: no id to match
     reports, dropped, seen = [], [], set()
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = addressed.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         try:
             if msg.has_error():
                 raise ReplyError(f"error reply: {_last_line(msg.error.reason)}")
@@ -261,6 +285,8 @@ class RCSRStrategy(FedAvg):
             )
             self.router_opt = torch.optim.Adam(self.router.parameters(), lr=options.router_lr)
         self.history: dict[int, dict] = {}
+        # (messages, timeout) of the train round in flight, set by start()
+        self.in_flight: tuple[list[Message], float] | None = None
 
     # ------------------------------------------------------------------ the round loop
     def start(
@@ -305,10 +331,9 @@ class RCSRStrategy(FedAvg):
         for server_round in range(first_round, num_rounds + 1):
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout,
-            )
+            messages = list(self.configure_train(server_round, arrays, train_config, grid))
+            replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+            self.in_flight = (messages, timeout)  # aggregate_train names whom it lost
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
@@ -408,13 +433,21 @@ class RCSRStrategy(FedAvg):
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         # 1. validate
+        replies = list(replies)
+        sent, waited = self.in_flight if self.in_flight is not None else ([], None)
+        self.in_flight = None
         reports, dropped = validate_replies(
             replies,
             self.current,
             self.task,
             max_update_norm=self.options.max_update_norm,
             num_clients=self.num_clients,
+            sent=sent,
         )
+        silent = [
+            m for m, why in unanswered(sent, replies) if why is None and m.metadata.message_id
+        ]
+        dropped += [(m.metadata.dst_node_id, f"no reply within {waited:.0f} s") for m in silent]
         record: dict = {"dropped": {str(n): why for n, why in dropped}}
         if len(reports) < max(self.options.min_valid_replies, 1):
             log.warning(

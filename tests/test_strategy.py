@@ -143,6 +143,32 @@ def test_rcsr_round_weights_aggregate_prototypes_and_router_step():
     assert max(range(3), key=lambda i: rec["weights"][str(i)]["minimax"]) == 1
 
 
+def test_lost_and_silent_nodes_are_recorded_under_their_own_ids():
+    """The SuperLink answers for a node it lost with an error from its own id; the
+    round's record names the node the message went to, and the nodes that sent nothing."""
+    s = rcsr()
+    sent = []
+    for node in (1, 2, 3, 4, 5):
+        msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = f"m{node}"  # what the grid's push does
+        sent.append(msg)
+    replies = [
+        Message(reply(n, theta(n), 10, st=stats(n)).content, reply_to=sent[n - 1]) for n in (1, 2)
+    ]
+    for lost in sent[2:4]:  # two lost nodes: the same sender, two records
+        err = Message(Error(code=5, reason="Error: Node Unavailable."), reply_to=lost)
+        err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id
+        replies.append(err)
+    s.in_flight = (sent, 30.0)
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None and s.in_flight is None
+    assert s.history[1]["dropped"] == {
+        "3": "error reply: Error: Node Unavailable.",
+        "4": "error reply: Error: Node Unavailable.",
+        "5": "no reply within 30 s",
+    }
+
+
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
