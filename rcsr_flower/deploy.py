@@ -39,11 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcsr_flower.launch import (
+    add_run_arguments,
     check_run_config,
     flower_env,
     flower_executable,
     free_port,
+    report,
     run_outcome,
+    run_path,
     stop_process_group,
     toml_value,
     wait_healthy,
@@ -513,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--app-dir", default=".")
+    add_run_arguments(parser)
     parser.add_argument("--root", default=".deploy", help="homes, credentials and logs")
     parser.add_argument("--num-supernodes", type=int, default=2)
     parser.add_argument(
@@ -523,20 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         "--insecure", action="store_true", help="no TLS, no SuperNode authentication"
     )
     parser.add_argument("--node-config", default="", help='extra keys for every node: "k=v ..."')
-    parser.add_argument("--output-dir", default="outputs")
-    parser.add_argument("--run-name", default="")
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument(
-        "-c",
-        "--run-config",
-        action="append",
-        default=[],
-        help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"',
-    )
     args = parser.parse_args(argv)
-
-    run_name = args.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")
-    output_dir = Path(args.output_dir).resolve()
+    run_name, output_dir = run_path(args, "deploy")
     deployment = LocalDeployment(
         app_dir=Path(args.app_dir),
         root=Path(args.root),
@@ -547,8 +538,6 @@ def main(argv: list[str] | None = None) -> int:
         raw_run_config=args.run_config,
         timeout=args.timeout,
     )
-    # SIGTERM (CI timeouts, `kill`) must unwind through `finally` and stop everything
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         deployment.check(run_name, output_dir)  # a bad key fails before anything starts
         deployment.start()
@@ -557,17 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:
         deployment.stop()
-    run_path = output_dir / run_name
-    if result.get("status") != "completed":
-        print(
-            f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
-            f"logs: {deployment.root}/{{superlink,node-*,run}}.log",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"\nrun completed in {result.get('seconds')} s: {run_path}")
-    print(f"logs: {deployment.root}")
-    return 0
+    code = report(result, output_dir / run_name, f"{deployment.root}/{{superlink,node-*,run}}.log")
+    if code == 0:
+        print(f"logs: {deployment.root}")
+    return code
 
 
 if __name__ == "__main__":

@@ -286,19 +286,11 @@ class SimulationLauncher:
         return run_outcome(output_dir, run_name, code, self.timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rcsr_flower.launch",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every launcher shares (this one and ``rcsr_flower.deploy``)."""
     parser.add_argument("--app-dir", default=".")
-    parser.add_argument("--flwr-home", default=".flwr")
-    parser.add_argument("--num-supernodes", type=int, default=10)
-    parser.add_argument("--cpus-per-client", type=int, default=1)
-    parser.add_argument("--gpus-per-client", type=float, default=0.0)
     parser.add_argument("--output-dir", default="outputs")
-    parser.add_argument("--run-name", default="")
+    parser.add_argument("--run-name", default="", help="default: <kind>-<date>-<time>")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument(
         "-c",
@@ -307,11 +299,42 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help='run-config overrides, e.g. -c "num-server-rounds=2 alpha=1.0"',
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    run_name = args.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    output_dir = Path(args.output_dir).resolve()
+
+def run_path(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
+    """``(run name, output directory)``; SIGTERM (CI timeouts, ``kill``) from now on
+    unwinds through the caller's ``finally``, which stops what it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    name = args.run_name or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+    return name, Path(args.output_dir).resolve()
+
+
+def report(result: dict, path: Path, logs: str) -> int:
+    """Print the outcome; the exit code: 0 only for a completed run."""
+    if result.get("status") != "completed":
+        print(
+            f"\nRUN FAILED ({path}): {result.get('error', 'unknown error')}\nlogs: {logs}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"\nrun completed in {result.get('seconds')} s: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rcsr_flower.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--flwr-home", default=".flwr")
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    run_name, output_dir = run_path(args, "run")
     launcher = SimulationLauncher(
         app_dir=Path(args.app_dir),
         flwr_home=Path(args.flwr_home),
@@ -321,23 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         raw_run_config=args.run_config,
         timeout=args.timeout,
     )
-    # SIGTERM (CI timeouts, `kill`) must unwind through `finally` and stop the SuperLink
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         launcher.start()
         result = launcher.run(run_name, output_dir)
     finally:
         launcher.stop()
-    run_path = output_dir / run_name
-    if result.get("status") != "completed":
-        print(
-            f"\nRUN FAILED ({run_path}): {result.get('error', 'unknown error')}\n"
-            f"SuperLink log: {launcher.flwr_home / 'superlink.log'}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"\nrun completed in {result.get('seconds')} s: {run_path}")
-    return 0
+    return report(result, output_dir / run_name, str(launcher.flwr_home / "superlink.log"))
 
 
 if __name__ == "__main__":

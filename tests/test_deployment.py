@@ -209,6 +209,7 @@ def test_secure_federation_survives_a_supernode_killed_mid_round(tmp_path, embed
     rows = [json.loads(x) for x in (outputs / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert set(rows[1]["weights"]) == {"0", "1"} and rows[1]["skipped"] is False
+    assert list(rows[1]["dropped"]) == [str(victim.node_id)], rows[1]["dropped"]
     server_log = (deployment.root / "run.log").read_text()
     named = re.search(
         rf"train round 1: node {victim.node_id} \(partition 2\) (sent no reply|failed).*"
