@@ -280,7 +280,9 @@ def handle_train(
     adapters and ``Δ`` go to ``state`` only.
     """
     server_round = int(config["server-round"])
-    before_training(node.cfg.faults, node.partition_id, server_round)  # test-only
+    before_training(  # test-only
+        node.cfg.faults, node.partition_id, server_round, node.cfg.round_timeout
+    )
     store = node.state_store(config)
     if store is not None:
         store.sync(state, upto=server_round - 1)

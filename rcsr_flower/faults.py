@@ -11,6 +11,8 @@ mid-round. Production runs leave the key empty (the default), and nothing here r
 - ``nan:P@R`` — client ``P`` replies adapters full of NaN in round ``R``;
 - ``huge:P@R`` — client ``P`` adds 100 to every adapter entry it replies in round ``R``
   (an update far beyond any sensible ``max-update-norm``);
+- ``hang:P@R`` — client ``P`` sleeps ``round-timeout`` + 3 s before training in round
+  ``R``: alive (its node keeps its heartbeat) but silent until the server has gone on;
 - ``server-kill@R`` — the ServerApp process sends itself ``SIGKILL`` as soon as round
   ``R``'s train replies have arrived, before it aggregates them: the clients have trained
   round ``R``, the last checkpoint is round ``R−1`` (a crash at the worst moment).
@@ -24,6 +26,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,9 +37,9 @@ if TYPE_CHECKING:  # the config schema imports this module: keep it free of torc
 
 log = logging.getLogger(__name__)
 
-CLIENT_FAULTS = ("raise", "nan", "huge")
-GRAMMAR = "comma-separated raise|nan|huge:<partition-id|*>@<round> and server-kill@<round>"
-_CLIENT_ITEM = re.compile(r"^(raise|nan|huge):(\*|\d+)@(\d+)$")
+CLIENT_FAULTS = ("raise", "nan", "huge", "hang")
+GRAMMAR = "comma-separated raise|nan|huge|hang:<partition-id|*>@<round> and server-kill@<round>"
+_CLIENT_ITEM = re.compile(r"^(raise|nan|huge|hang):(\*|\d+)@(\d+)$")
 _SERVER_ITEM = re.compile(r"^server-kill@(\d+)$")
 
 
@@ -79,9 +82,15 @@ class FaultPlan:
         return None
 
 
-def before_training(plan: FaultPlan, partition_id: int, server_round: int) -> None:
-    if plan.client_fault(partition_id, server_round) == "raise":
+def before_training(
+    plan: FaultPlan, partition_id: int, server_round: int, round_timeout: float = 0.0
+) -> None:
+    kind = plan.client_fault(partition_id, server_round)
+    if kind == "raise":
         raise InjectedFault(f"injected fault: client {partition_id} raises in round {server_round}")
+    if kind == "hang":
+        log.warning("injected fault: client %d hangs in round %d", partition_id, server_round)
+        time.sleep(round_timeout + 3.0)  # past the wait: the server started it earlier
 
 
 def corrupt_reply(

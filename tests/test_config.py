@@ -123,8 +123,10 @@ def test_keys_a_resume_may_change_exist():
 
 
 def test_fault_injection_plan():
-    plan = RunConfig.from_flower({"fault-injection": "raise:0@1, nan:*@2,server-kill@3"}).faults
+    spec = "raise:0@1, nan:*@2,server-kill@3,hang:4@5"
+    plan = RunConfig.from_flower({"fault-injection": spec}).faults
     assert plan.client_fault(0, 1) == "raise" and plan.client_fault(1, 1) is None
+    assert plan.client_fault(4, 5) == "hang" and plan.client_fault(4, 4) is None
     assert plan.client_fault(7, 2) == "nan" and plan.server_kill_round == 3
     assert RunConfig().faults.client == () and RunConfig().faults.server_kill_round is None
 

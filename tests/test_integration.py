@@ -74,6 +74,31 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     assert json.loads((out / "config.json").read_text())["num-server-rounds"] == 2
 
 
+def test_a_silent_client_is_left_behind_after_round_timeout(tmp_path, embedded_assets, capfd):
+    """A client that is alive but never answers (``hang``: its node keeps its heartbeat,
+    so only ``round-timeout`` ends the wait): the round goes on with the others after the
+    timeout, the node is named in the log and in the round's ``dropped``."""
+    result, out = launch(
+        tmp_path,
+        embedded_assets,
+        "silent",
+        **{
+            "num-server-rounds": 1,
+            "fraction-train": 1.0,
+            "round-timeout": 25.0,
+            "fault-injection": "hang:1@1",
+        },
+    )
+    assert result["status"] == "completed", result.get("error")
+    (row,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert set(row["weights"]) == {"0", "2", "3"} and row["skipped"] is False
+    (why,) = row["dropped"].values()
+    assert why == "no reply within 25 s"
+    (node,) = row["dropped"]
+    logged = capfd.readouterr().out
+    assert f"train round 1: node {node} (partition 1) sent no reply within 25 s" in logged
+
+
 def failing_run(tmp_path, embedded_assets, name: str, supernodes: int, *config: str) -> int:
     args = ["--app-dir", str(ROOT), "--flwr-home", str(tmp_path / "flwr")]
     args += ["--num-supernodes", str(supernodes), "--output-dir", str(tmp_path / "outputs")]
