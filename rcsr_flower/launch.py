@@ -125,6 +125,10 @@ def wait_healthy(
     raise RuntimeError(f"{process.args[0]} did not answer {url} in {timeout:.0f} s; see {log_file}")
 
 
+class LaunchError(RuntimeError):
+    """The run cannot be submitted: a bad run config, or data the run cannot find."""
+
+
 def check_run_config(
     app_dir: Path, raw_run_config: list[str], overrides: dict[str, object]
 ) -> RunConfig:
@@ -200,6 +204,7 @@ class SimulationLauncher:
         self.port = free_port()
         self.control_port = free_port()
         self.process: subprocess.Popen | None = None
+        self._checked: dict[str, object] | None = None  # the overrides check() accepted
 
     # ------------------------------------------------------------------ environment
     def _env(self) -> dict[str, str]:
@@ -248,18 +253,33 @@ class SimulationLauncher:
         stop_process_group(self.process)
         self.process = None
 
-    def run(self, run_name: str, output_dir: Path) -> dict:
-        """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
+    def check(self, run_name: str, output_dir: Path) -> dict[str, object]:
+        """Validate the run config and build what the run needs (:func:`prepare_run`);
+        raise :class:`LaunchError` with the reason. Returns the run's overrides.
+
+        ``main`` calls it before starting the SuperLink, so a bad key or missing data
+        fails before anything starts; ``run`` calls it too (a no-op the second time)."""
         overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
+        if self._checked == overrides:
+            return overrides
         try:
             cfg = check_run_config(self.app_dir, self.raw_run_config, overrides)
         except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            raise LaunchError(f"{type(exc).__name__}: {exc}") from None
         if self.prepare:
             try:
                 prepare_run(cfg, self.num_supernodes, self._env())
             except Exception as exc:  # a missing dataset or model: say so before submitting
-                return {"status": "failed", "error": f"preparing the data: {exc}"}
+                raise LaunchError(f"preparing the data: {exc}") from None
+        self._checked = dict(overrides)
+        return overrides
+
+    def run(self, run_name: str, output_dir: Path) -> dict:
+        """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
+        try:
+            overrides = self.check(run_name, output_dir)
+        except LaunchError as exc:
+            return {"status": "failed", "error": str(exc)}
         cmd = [
             sys.executable,
             "-m",
@@ -310,13 +330,13 @@ def run_path(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
     return name, Path(args.output_dir).resolve()
 
 
-def report(result: dict, path: Path, logs: str) -> int:
-    """Print the outcome; the exit code: 0 only for a completed run."""
+def report(result: dict, path: Path, logs: str | None) -> int:
+    """Print the outcome; the exit code: 0 only for a completed run. ``logs``: where to
+    look, or None when the run failed before anything was started."""
     if result.get("status") != "completed":
-        print(
-            f"\nRUN FAILED ({path}): {result.get('error', 'unknown error')}\nlogs: {logs}",
-            file=sys.stderr,
-        )
+        where = f"\nlogs: {logs}" if logs else ""
+        error = result.get("error", "unknown error")
+        print(f"\nRUN FAILED ({path}): {error}{where}", file=sys.stderr)
         return 1
     print(f"\nrun completed in {result.get('seconds')} s: {path}")
     return 0
@@ -345,11 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
     )
     try:
+        launcher.check(run_name, output_dir)  # before anything starts
         launcher.start()
         result = launcher.run(run_name, output_dir)
+    except LaunchError as exc:
+        result = {"status": "failed", "error": str(exc)}
     finally:
         launcher.stop()
-    return report(result, output_dir / run_name, str(launcher.flwr_home / "superlink.log"))
+    log_file = launcher.flwr_home / "superlink.log"
+    return report(result, output_dir / run_name, str(log_file) if log_file.exists() else None)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_a_failed_run_exits_non_zero(tmp_path, embedded_assets, capsys):
     err = capsys.readouterr().err
     assert "RUN FAILED" in err and "unknown run-config key 'alhpa' (did you mean alpha?)" in err
     assert not (tmp_path / "outputs" / "bad").exists()
+    assert not (tmp_path / "flwr").exists()  # no SuperLink was started for them
     # what only the running federation reveals fails in the ServerApp, before training,
     # with one line in result.json
     assert failing_run(tmp_path, embedded_assets, "small", 2, "min-train-nodes=3") == 1
