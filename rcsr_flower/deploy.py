@@ -46,7 +46,7 @@ from rcsr_flower.launch import (
     free_port,
     report,
     run_outcome,
-    run_path,
+    start_cli,
     stop_process_group,
     toml_value,
     wait_healthy,
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--node-config", default="", help='extra keys for every node: "k=v ..."')
     args = parser.parse_args(argv)
-    run_name, output_dir = run_path(args, "deploy")
+    run_name, output_dir = start_cli(args, "deploy")
     deployment = LocalDeployment(
         app_dir=Path(args.app_dir),
         root=Path(args.root),

@@ -321,9 +321,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_path(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
-    """``(run name, output directory)``; SIGTERM (CI timeouts, ``kill``) from now on
-    unwinds through the caller's ``finally``, which stops what it started."""
+def start_cli(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
+    """Set up a launcher's command line: INFO logs on the console, and SIGTERM (CI
+    timeouts, ``kill``) unwinding through the caller's ``finally``, which stops what it
+    started. Returns ``(run name, output directory)``."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     name = args.run_name or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     args = parser.parse_args(argv)
-    run_name, output_dir = run_path(args, "run")
+    run_name, output_dir = start_cli(args, "run")
     launcher = SimulationLauncher(
         app_dir=Path(args.app_dir),
         flwr_home=Path(args.flwr_home),
