@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:
         deployment.stop()
-    code = report(result, output_dir / run_name, f"{deployment.root}/{{superlink,node-*,run}}.log")
+    logs = f"{deployment.root}/{{superlink,node-*,run}}.log" if deployment.root.exists() else None
+    code = report(result, output_dir / run_name, logs)
     if code == 0:
         print(f"logs: {deployment.root}")
     return code
