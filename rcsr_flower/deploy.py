@@ -41,15 +41,17 @@ from pathlib import Path
 from rcsr_flower.launch import (
     add_run_arguments,
     check_run_config,
+    config_args,
     flower_env,
     flower_executable,
+    flwr_run_command,
     free_port,
     report,
     run_outcome,
     start_cli,
     stop_process_group,
-    toml_value,
     wait_healthy,
+    write_connection,
 )
 
 CONNECTION = "rcsr-deploy"
@@ -357,15 +359,8 @@ class LocalDeployment:
 
     def write_connection(self) -> None:
         """``$FLWR_HOME/config.toml`` of the user: how ``flwr`` reaches the SuperLink."""
-        self.user_home.mkdir(parents=True, exist_ok=True)
-        security = (
-            "insecure = true"
-            if self.tls is None
-            else f"root-certificates = {toml_value(str(self.tls.ca_cert))}"
-        )
-        (self.user_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
+        write_connection(
+            self.user_home, CONNECTION, self.address, self.tls.ca_cert if self.tls else None
         )
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -413,7 +408,7 @@ class LocalDeployment:
             "--port",
             str(port),
             "--node-config",
-            " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items()),
+            config_args(node_config),
             *extra_args,
         ]
         proc = LoggedProcess(cmd, self._env(home), self.root / f"node-{index}.log", cwd=home)
@@ -462,12 +457,7 @@ class LocalDeployment:
 
         ``extra``: run-config overrides for this run only."""
         overrides = self._overrides(run_name, output_dir, extra)
-        cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(self.app_dir), CONNECTION]
-        cmd += ["--stream"]
-        for raw in self.raw_run_config:
-            cmd += ["--run-config", raw]
-        cmd += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
-        print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
+        cmd = flwr_run_command(self.app_dir, CONNECTION, self.raw_run_config, overrides)
         self.run_proc = LoggedProcess(
             cmd, self._env(self.user_home), self.root / "run.log", echo=True
         )

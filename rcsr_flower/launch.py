@@ -31,6 +31,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,42 @@ def toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def config_args(values: Mapping[str, object]) -> str:
+    """``k=v ...`` with TOML values: what ``--run-config`` and ``--node-config`` parse."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None = None) -> None:
+    """``$FLWR_HOME/config.toml``: how ``flwr`` reaches the SuperLink ``name`` (TLS with
+    ``ca_cert``, else insecure)."""
+    security = (
+        "insecure = true" if ca_cert is None else f"root-certificates = {toml_value(str(ca_cert))}"
+    )
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def flwr_run_command(
+    app_dir: Path,
+    connection: str,
+    raw_run_config: Sequence[str],
+    overrides: Mapping[str, object],
+    *options: str,
+) -> list[str]:
+    """``flwr run APP CONNECTION --stream OPTIONS --run-config ...`` with this interpreter's
+    Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win)."""
+    cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(app_dir), connection, "--stream"]
+    cmd += options
+    for raw in raw_run_config:
+        cmd += ["--run-config", raw]
+    cmd += ["--run-config", config_args(overrides)]
+    print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
+    return cmd
 
 
 def flower_executable(name: str) -> str:
@@ -210,16 +247,9 @@ class SimulationLauncher:
     def _env(self) -> dict[str, str]:
         return flower_env(self.flwr_home, self.env)
 
-    def _write_config(self) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._write_config()
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}")
         log_file = self.flwr_home / "superlink.log"
         cmd = [
             flower_executable("flower-superlink"),
@@ -280,24 +310,16 @@ class SimulationLauncher:
             overrides = self.check(run_name, output_dir)
         except LaunchError as exc:
             return {"status": "failed", "error": str(exc)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "flwr.cli.app",
-            "run",
-            str(self.app_dir),
+        cmd = flwr_run_command(
+            self.app_dir,
             CONNECTION,
-            "--stream",
+            self.raw_run_config,
+            overrides,
             "--federation-config",
             f"num-supernodes={self.num_supernodes} "
             f"client-resources-num-cpus={self.cpus_per_client} "
             f"client-resources-num-gpus={self.gpus_per_client}",
-            "--run-config",
-            " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()),
-        ]
-        for raw in self.raw_run_config:
-            cmd[-2:-2] = ["--run-config", raw]
-        print("$ " + shlex.join(cmd[2:]), flush=True)
+        )
         try:
             proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)
             code = proc.returncode
