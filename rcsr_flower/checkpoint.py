@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 
 from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, RunConfig
-from rcsr_flower.outputs import resolve_output_path
+from rcsr_flower.outputs import durable_replace, resolve_output_path
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoint"
@@ -88,17 +87,6 @@ def restore_rng(ckpt: Checkpoint) -> None:
 
 
 # ---------------------------------------------------------------------------- write
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     server_round: int,
@@ -124,7 +112,7 @@ def save_checkpoint(
     name = f"round-{server_round:05d}.safetensors"
     tmp = ckpt_dir / (name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    _fsync_replace(tmp, ckpt_dir / name)
+    durable_replace(tmp, ckpt_dir / name)
     latest = {
         "format": FORMAT,
         "round": server_round,
@@ -140,7 +128,7 @@ def save_checkpoint(
     }
     tmp = ckpt_dir / (LATEST + ".tmp")
     tmp.write_text(json.dumps(latest))
-    _fsync_replace(tmp, ckpt_dir / LATEST)
+    durable_replace(tmp, ckpt_dir / LATEST)
     for old in ckpt_dir.glob("round-*.safetensors*"):
         if old.name != name:
             old.unlink(missing_ok=True)

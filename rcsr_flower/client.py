@@ -29,6 +29,7 @@ from rcsr_flower.backbones.clip import Backbone, load_backbone
 from rcsr_flower.config import RunConfig
 from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
+from rcsr_flower.outputs import durable_replace
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.task import (
     ClientData,
@@ -107,12 +108,11 @@ class ClientStateStore:
         path = self.dir / f"round-{server_round:05d}.safetensors"
         tmp = self.dir / f".round-{server_round:05d}.tmp"
         save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        durable_replace(tmp, path)  # a resume reads it after any crash
         state[STAMP_KEY] = ConfigRecord({"state-key": self.state_key, "round": server_round})
-        older = [r for r in self.snapshots() if r < server_round]
-        for r, p in self.snapshots().items():
-            if r < server_round and r != max(older):
-                p.unlink(missing_ok=True)
+        snapshots = self.snapshots()
+        for r in sorted(r for r in snapshots if r < server_round)[:-1]:  # keep the newest
+            snapshots[r].unlink(missing_ok=True)
 
     def release(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -36,6 +36,19 @@ def run_dir(output_dir: str, run_name: str) -> Path:
     return path
 
 
+def durable_replace(tmp: Path, final: Path) -> None:
+    """Rename a fully written ``tmp`` onto ``final``, both on disk before returning: for
+    state a resume depends on (a crash or power loss leaves the old file or the new one)."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -93,14 +93,14 @@ def test_a_kill_before_the_commit_point_leaves_the_previous_checkpoint(tmp_path,
     s = rcsr()
     arrays = play(s, ArrayRecord(theta(0)), (1,))
     save(tmp_path, 1, s, arrays)
-    real = checkpoint._fsync_replace
+    real = checkpoint.durable_replace
 
     def die_at_commit(tmp, final):
         if final.name == checkpoint.LATEST:
             raise KeyboardInterrupt("killed")  # the round-2 tensors are written, not committed
         real(tmp, final)
 
-    monkeypatch.setattr(checkpoint, "_fsync_replace", die_at_commit)
+    monkeypatch.setattr(checkpoint, "durable_replace", die_at_commit)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 2, s, play(s, arrays, (2,)))
     ckpt = load_checkpoint(tmp_path)
