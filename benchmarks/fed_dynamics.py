@@ -13,12 +13,17 @@ as such in docs.
     .venv/bin/python benchmarks/fed_dynamics.py                       # S4, anchoring on
     .venv/bin/python benchmarks/fed_dynamics.py --no-anchoring        # S4, FedAvg-like
     .venv/bin/python benchmarks/fed_dynamics.py --missing-rate 0 --partitioning iid  # S1
+
+With ``--json`` the per-round lines go to stderr and stdout ends with one JSON line:
+``{"settings": {...}, "rsum": [[round, rsum], ...]}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
 import time
 
 import torch
@@ -57,7 +62,9 @@ def main() -> None:
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--constant-lr", action="store_true", help="no SPEC §1 schedule")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
+    out = sys.stderr if args.json else sys.stdout
 
     cfg = RunConfig().replace(
         num_server_rounds=args.rounds,
@@ -76,7 +83,7 @@ def main() -> None:
         setup(raw, {"partition-id": i, "num-partitions": args.clients}) for i in range(args.clients)
     ]
     backbone = nodes[0].backbone
-    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes])
+    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes], file=out)
     anchoring = not args.no_anchoring
     bank = None
     if anchoring:
@@ -95,7 +102,8 @@ def main() -> None:
         template.load_state_dict(theta)
         return float(evaluate_retrieval(backbone, test, template)["rsum"])
 
-    print(f"round 0: rsum {global_rsum():.1f}", flush=True)
+    curve = [[0, global_rsum()]]
+    print(f"round 0: rsum {curve[0][1]:.1f}", file=out, flush=True)
     rng = random.Random(args.seed)
     per_round = max(2, int(args.clients * args.fraction))
     start = time.perf_counter()
@@ -128,12 +136,16 @@ def main() -> None:
                 n / total * d[k] for n, d in zip(sizes, deltas, strict=True)
             )
         mods = [nodes[c].data.modality[0] for c in chosen]
+        curve.append([server_round, global_rsum()])
         print(
-            f"round {server_round}: rsum {global_rsum():.1f}  lr {lr:.1e}  clients "
+            f"round {server_round}: rsum {curve[-1][1]:.1f}  lr {lr:.1e}  clients "
             f"{list(zip(chosen, mods, strict=True))}  loss {losses}  "
             f"{time.perf_counter() - start:.0f} s",
+            file=out,
             flush=True,
         )
+    if args.json:
+        print(json.dumps({"settings": vars(args), "rsum": curve}))
 
 
 if __name__ == "__main__":
