@@ -103,6 +103,7 @@ class RunConfig:
     anchoring: bool = True
     personal_adapters: bool = False
     prox: bool = True
+    tower_aggregation: bool = True  # SPEC §5 step 5 (ours, revised); every strategy
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     router_hidden: int = field(default=128, metadata=_range(1))
     router_heads: int = field(default=4, metadata=_range(1))

@@ -26,7 +26,7 @@ GEOMETRY_DIM = 4
 class RetrievalSummary:
     p_image: torch.Tensor  # [d]
     p_text: torch.Tensor  # [d]
-    geometry: torch.Tensor  # [4]: ‖Δ‖, ‖Δ_v‖/(‖Δ_t‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n
+    geometry: torch.Tensor  # [4]: log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖), cos(Δ,Δ_prev), log(1+‖Δ‖/√n)
     mask: torch.Tensor  # [2]: has image, has text
     slots: SlotStats
 
@@ -96,10 +96,18 @@ class RetrievalTask:
             if n is not None and (n < 0).any():
                 raise ReplyError(f"'{side}_count' has negative counts")
             sides[side] = (s, n)
+        geometry = get("geometry", (GEOMETRY_DIM,))
+        log_norm, share, cos, log_per_example = geometry.tolist()
+        if min(log_norm, log_per_example) < 0 or not 0 <= share <= 1 or abs(cos) > 1 + 1e-4:
+            raise ReplyError(
+                f"'geometry' is {[round(g, 4) for g in geometry.tolist()]}: expected "
+                "[log(1+‖Δ‖) ≥ 0, tower share in [0, 1], cos in [-1, 1], log(1+‖Δ‖/√n) ≥ 0] "
+                "(SPEC §4; a client from before the revision sends the unbounded ratio)"
+            )
         return RetrievalSummary(
             p_image=get("p_image", (d,)),
             p_text=get("p_text", (d,)),
-            geometry=get("geometry", (GEOMETRY_DIM,)),
+            geometry=geometry,
             mask=mask,
             slots=SlotStats(*sides["image"], *sides["text"]),
         )
@@ -125,9 +133,17 @@ class RetrievalTask:
 
     # ------------------------------------------------------------------ step 7
     def router_objective(self, w_router: torch.Tensor, reports: list[ClientReport]) -> torch.Tensor:
-        p_i = torch.stack([r.summary.p_image for r in reports])
-        p_t = torch.stack([r.summary.p_text for r in reports])
-        return router_loss(w_router, p_i, p_t, self.bank.g_image, self.bank.g_text, self.betas)
+        summaries: list[RetrievalSummary] = [r.summary for r in reports]
+        return router_loss(
+            w_router,
+            torch.stack([s.p_image for s in summaries]),
+            torch.stack([s.p_text for s in summaries]),
+            self.bank.g_image,
+            self.bank.g_text,
+            self.betas,
+            has_image=torch.stack([s.mask[0] > 0 for s in summaries]),
+            has_text=torch.stack([s.mask[1] > 0 for s in summaries]),
+        )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.bank.to_tensors()
@@ -150,23 +166,42 @@ def router_loss(
     g_image: torch.Tensor,
     g_text: torch.Tensor,
     betas: RouterBetas,
+    has_image: torch.Tensor | None = None,
+    has_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §5 step 7.
+    """SPEC §5 step 7 (ours, revised): only what a client holds enters the objective.
 
     ``softplus(β1(1−cos(ĝ_I,g_I)) + β2(1−cos(ĝ_T,g_T)) − β4·H(w) + β5·A)`` with
-    ``ĝ = normalize(Σ w_k p_k)``, ``a_k = normalize(p_I,k − p_T,k)``,
-    ``â = normalize(Σ w_k a_k)``,
-    ``A = ½(1−cos(â, normalize(g_I − g_T))) + ½ Σ_k w_k (1−cos(a_k, â))``.
+    ``ĝ_I = normalize(Σ_{k holds images} w_k p_I,k)`` and ``ĝ_T`` likewise over the text
+    holders (a term without holders is 0), ``a_k = normalize(p_I,k − p_T,k)`` over the
+    paired clients ``P``, ``â = normalize(Σ_{k∈P} w_k a_k)``,
+    ``A = ½(1−cos(â, normalize(g_I − g_T))) + ½ Σ_{k∈P} w_k (1−cos(a_k, â))`` and
+    ``A = 0`` without a paired client. A unimodal client's missing side is a placeholder
+    (the global prototype itself): summed in, it would reward weighting clients by what
+    they lack. ``has_image``/``has_text`` (bool ``[K]``) default to every client holding both.
     """
-    g_hat_i = F.normalize(w @ p_image, dim=0)
-    g_hat_t = F.normalize(w @ p_text, dim=0)
-    a = F.normalize(p_image - p_text, dim=1)
-    a_hat = F.normalize(w @ a, dim=0)
-    axis = F.normalize(g_image - g_text, dim=0)
-    align = 0.5 * (1 - a_hat @ axis) + 0.5 * (w * (1 - a @ a_hat)).sum()
+    ones = torch.ones(len(w), dtype=torch.bool)
+    has_image = ones if has_image is None else has_image.bool()
+    has_text = ones if has_text is None else has_text.bool()
+    paired = has_image & has_text
+    zero = w.new_zeros(())
+
+    def drift(holders: torch.Tensor, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if not holders.any():
+            return zero
+        g_hat = F.normalize(w[holders] @ p[holders], dim=0)
+        return 1 - g_hat @ F.normalize(g, dim=0)
+
+    align = zero
+    if paired.any():
+        wp = w[paired]
+        a = F.normalize(p_image[paired] - p_text[paired], dim=1)
+        a_hat = F.normalize(wp @ a, dim=0)
+        axis = F.normalize(g_image - g_text, dim=0)
+        align = 0.5 * (1 - a_hat @ axis) + 0.5 * (wp * (1 - a @ a_hat)).sum()
     inner = (
-        betas.image * (1 - g_hat_i @ F.normalize(g_image, dim=0))
-        + betas.text * (1 - g_hat_t @ F.normalize(g_text, dim=0))
+        betas.image * drift(has_image, p_image, g_image)
+        + betas.text * drift(has_text, p_text, g_text)
         - betas.entropy * entropy(w)
         + betas.axis * align
     )

@@ -276,6 +276,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             mode=cfg.strategy,
             router=cfg.router,
             minimax=cfg.minimax,
+            tower_aggregation=cfg.tower_aggregation,
             router_hidden=cfg.router_hidden,
             router_heads=cfg.router_heads,
             router_blocks=cfg.router_blocks,

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 from flwr.supercore import log as flwr_log
 
+from rcsr_flower.backbones.adapters import tower_of
 from rcsr_flower.metrics import RECALL_KEYS
 from rcsr_flower.outputs import MetricsLog
 from rcsr_flower.routing.minimax import MinimaxWeights
@@ -47,6 +48,12 @@ from rcsr_flower.routing.task import ClientReport, ReplyError, RoutedTask
 log = logging.getLogger(__name__)
 
 MODALITY_NAMES = ("paired", "image-only", "text-only")
+# the towers a client of each modality code trains (client.MODALITY_CODES)
+TOWERS_HELD = {
+    0: frozenset({"vision", "text"}),
+    1: frozenset({"vision"}),
+    2: frozenset({"text"}),
+}
 SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 
@@ -143,8 +150,9 @@ def validate_replies(
                 raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
             if pid in seen:
                 raise ReplyError(f"partition-id {pid} already replied this round")
+            holds = _holdings(metrics)
             summary = task.parse_reply(content) if task is not None else None
-            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary))
+            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary, holds))
             seen.add(pid)
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
@@ -152,6 +160,17 @@ def validate_replies(
     # replies arrive in completion order; a fixed order makes the float sums repeatable
     reports.sort(key=lambda r: (r.client_id, r.node_id))
     return reports, dropped
+
+
+def _holdings(metrics: MetricRecord) -> frozenset[str] | None:
+    """The towers a client trained, from its optional ``modality`` metric (0 paired,
+    1 image-only, 2 text-only); None (everything) when it sends none."""
+    if "modality" not in metrics:
+        return None
+    code = metrics["modality"]
+    if not isinstance(code, int) or code not in TOWERS_HELD:
+        raise ReplyError(f"modality is {code!r}, expected 0 (paired), 1 (image-only) or 2")
+    return TOWERS_HELD[code]
 
 
 def _last_line(reason: str, limit: int = 300) -> str:
@@ -182,21 +201,49 @@ def sample_weights(reports: list[ClientReport]) -> torch.Tensor:
     return n / n.sum()
 
 
-def aggregate(reports: list[ClientReport], weights: torch.Tensor | None) -> ArrayRecord:
-    """Step 5: ``θ <- θ + Σ_k w_k Δ_k`` = ``Σ_k w_k θ_k`` (Σ w = 1), with Flower's own
-    ``aggregate_arrayrecords``; ``weights=None`` means FedAvg's ``num-examples``."""
-    records = [
-        RecordDict(
-            {
-                "arrays": r.arrays,
-                "metrics": MetricRecord(
-                    {"w": r.num_examples if weights is None else float(weights[i])}
-                ),
-            }
-        )
-        for i, r in enumerate(reports)
-    ]
-    return aggregate_arrayrecords(records, "w")
+def aggregate(
+    reports: list[ClientReport],
+    weights: torch.Tensor | None,
+    current: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Step 5: ``θ <- Σ_k w_k θ_k / Σ_k w_k`` with Flower's own ``aggregate_arrayrecords``;
+    ``weights=None`` means FedAvg's ``num-examples``.
+
+    With ``current`` (the round's global θ) it is tower-wise (SPEC §5 step 5, ours,
+    revised): each tower ``t`` averages only over the clients holding it,
+    ``θ_t <- θ_t + Σ_{k∈H_t} w_k Δ_k,t / Σ_{k∈H_t} w_k``, and a tower no participant holds
+    stays as it is. A unimodal client's Δ is exactly zero on its missing tower; the plain
+    form (``current=None``) counts that zero with the client's full weight and slows the
+    tower down. With only paired clients both forms are the same computation.
+    """
+
+    def weighted_mean(members: list[int], keys: list[str]) -> ArrayRecord:
+        records = [
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: reports[i].arrays[k] for k in keys}),
+                    "metrics": MetricRecord(
+                        {"w": reports[i].num_examples if weights is None else float(weights[i])}
+                    ),
+                }
+            )
+            for i in members
+        ]
+        return aggregate_arrayrecords(records, "w")
+
+    everyone = list(range(len(reports)))
+    keys = list(reports[0].arrays.keys())
+    if current is None:
+        return weighted_mean(everyone, keys)
+    merged: dict = {}
+    for tower in dict.fromkeys(tower_of(k) for k in keys):
+        tower_keys = [k for k in keys if tower_of(k) == tower]
+        holders = [i for i in everyone if tower is None or reports[i].holds_tower(tower)]
+        if holders:
+            merged.update(weighted_mean(holders, tower_keys).items())
+        else:  # nobody trained this tower this round: it stays as it is
+            merged.update((k, current[k]) for k in tower_keys)
+    return ArrayRecord({k: merged[k] for k in keys})
 
 
 def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
@@ -232,6 +279,7 @@ class RoutingOptions:
     mode: str = "rcsr"  # "rcsr" | "fedavg" | "fedprox" | "fedper"
     router: bool = True
     minimax: bool = True
+    tower_aggregation: bool = True  # step 5 tower by tower (False: Flower's plain FedAvg)
     router_hidden: int = 128
     router_heads: int = 4
     router_blocks: int = 2
@@ -321,6 +369,12 @@ class RCSRStrategy(FedAvg):
         result.arrays = initial_arrays
         arrays = initial_arrays
         if first_round == 1:
+            # SPEC §6: zero-shot on every client's local test split too, so personalised
+            # curves start from the frozen backbone like the global one
+            res = self._federated_evaluate(0, arrays, evaluate_config, grid, timeout)
+            if res is not None:
+                flwr_log(INFO, "Initial federated evaluation results: %s", res)
+                result.evaluate_metrics_clientapp[0] = res
             if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
                 flwr_log(INFO, "Initial global evaluation results: %s", res)
                 result.evaluate_metrics_serverapp[0] = res
@@ -340,11 +394,8 @@ class RCSRStrategy(FedAvg):
             if train_metrics is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                timeout=timeout,
-            )
-            if (res := self.aggregate_evaluate(server_round, replies)) is not None:
+            res = self._federated_evaluate(server_round, arrays, evaluate_config, grid, timeout)
+            if res is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", res)
                 result.evaluate_metrics_clientapp[server_round] = res
             if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
@@ -354,6 +405,18 @@ class RCSRStrategy(FedAvg):
                 on_round_end(server_round, arrays)
         flwr_log(INFO, "")
         return result
+
+    def _federated_evaluate(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        timeout: float,
+    ) -> MetricRecord | None:
+        messages = self.configure_evaluate(server_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        return self.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -459,26 +522,28 @@ class RCSRStrategy(FedAvg):
             self._record(server_round, {**record, "skipped": True})
             return None, None
 
+        towers = self.current if self.options.tower_aggregation else None
         if self.task is None:  # FedAvg / FedProx / FedPer: Flower's sample-count weights
-            arrays = aggregate(reports, None)
+            arrays = aggregate(reports, None, towers)
             w = sample_weights(reports)
             weights = {"router": w, "minimax": torch.full_like(w, 1 / len(w)), "fused": w}
             router_loss = None
         else:
             updates = updates_of(reports, self.current)
-            # 2. router weights (with graph, for step 7)
-            w_router = self._router_weights(reports, updates)
+            tokens = self._tokens(reports, updates)
+            # 2. router weights: an eval-mode forward, so no dropout noise reaches θ
+            w_router = self._router_weights(reports, tokens)
             # 3. minimax weights
             w_minimax = self._minimax_weights(reports)
             # 4. fuse
-            w = fuse_weights(w_router.detach(), w_minimax)
+            w = fuse_weights(w_router, w_minimax)
             # 5. aggregate
-            arrays = aggregate(reports, w)
+            arrays = aggregate(reports, w, towers)
             # 6. prototypes
             self.task.update_state(w, reports)
-            # 7. router step
-            router_loss = self._router_step(w_router, reports)
-            weights = {"router": w_router.detach(), "minimax": w_minimax, "fused": w}
+            # 7. router step on a train-mode forward of the same tokens
+            router_loss = self._router_step(tokens, reports)
+            weights = {"router": w_router, "minimax": w_minimax, "fused": w}
 
         # 8. record
         record.update(
@@ -497,14 +562,23 @@ class RCSRStrategy(FedAvg):
         metrics = MetricRecord({"train-loss": record["train_loss"], "num-clients": len(reports)})
         return arrays, metrics
 
-    def _router_weights(
+    def _tokens(
         self, reports: list[ClientReport], updates: list[dict[str, torch.Tensor]]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         if self.router is None:
+            return None
+        return torch.stack([self.task.token(r, u) for r, u in zip(reports, updates, strict=True)])
+
+    def _router_weights(
+        self, reports: list[ClientReport], tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SPEC §5 step 2: the router's weights from an eval-mode forward (deterministic:
+        the same tokens give the same weights); sample-count weights without a router."""
+        if self.router is None or tokens is None:
             return sample_weights(reports)
-        tokens = torch.stack([self.task.token(r, u) for r, u in zip(reports, updates, strict=True)])
-        self.router.train()
-        return self.router(tokens)
+        self.router.eval()
+        with torch.no_grad():
+            return self.router(tokens)
 
     def _minimax_weights(self, reports: list[ClientReport]) -> torch.Tensor:
         if self.minimax is None:
@@ -512,13 +586,19 @@ class RCSRStrategy(FedAvg):
         w = self.minimax.step([r.client_id for r in reports], [r.loss for r in reports])
         return torch.as_tensor(w, dtype=torch.float32)
 
-    def _router_step(self, w_router: torch.Tensor, reports: list[ClientReport]) -> float | None:
-        if self.router is None or self.router_opt is None:
+    def _router_step(
+        self, tokens: torch.Tensor | None, reports: list[ClientReport]
+    ) -> float | None:
+        """SPEC §5 step 7: one Adam step on the objective of a train-mode forward (dropout
+        regularises the router; it never reaches the aggregation weights)."""
+        if self.router is None or self.router_opt is None or tokens is None:
             return None
-        loss = self.task.router_objective(w_router, reports)
+        self.router.train()
+        loss = self.task.router_objective(self.router(tokens), reports)
         self.router_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.router_opt.step()
+        self.router.eval()
         return float(loss.detach())
 
     def _record(self, server_round: int, record: dict) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rcsr_flower import losses
-from rcsr_flower.backbones.adapters import AdapterSet
+from rcsr_flower.backbones.adapters import AdapterSet, tower_of
 from rcsr_flower.backbones.clip import Backbone, preprocess_images
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset
@@ -460,26 +460,33 @@ def update_geometry(
     delta: dict[str, torch.Tensor],
     previous: dict[str, torch.Tensor] | None,
     num_examples: int,
-    eps: float = 1e-8,
+    eps: float = 1e-12,
 ) -> torch.Tensor:
-    """``[‖Δ‖, ‖Δ_vision‖/(‖Δ_text‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n]`` (cos = 0 without Δ_prev)."""
-    flat = torch.cat([v.flatten() for v in delta.values()])
-    vision = torch.cat(
-        [v.flatten() for k, v in delta.items() if k.startswith("adapters.vision")]
-        or [torch.zeros(1)]
-    )
-    text = torch.cat(
-        [v.flatten() for k, v in delta.items() if k.startswith("adapters.text")] or [torch.zeros(1)]
-    )
+    """SPEC §4 (ours, revised): ``[log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖+ε), cos(Δ, Δ_prev),
+    log(1+‖Δ‖/√n)]``, every feature O(1).
+
+    The authors' ratio ``‖Δ_v‖/(‖Δ_t‖+ε)`` is ~1e8 for an image-only client (its text tower
+    never moves) and swamps the router's LayerNorm; the tower share lies in [0, 1]
+    (1 = only the vision tower moved, 0.5 for a client that moved neither) and norms
+    enter as ``log(1+x)``. ``cos`` is 0 without ``Δ_prev``.
+    """
+    flat = torch.cat([v.flatten() for v in delta.values()]).double()
+
+    def tower_norm(tower: str) -> torch.Tensor:
+        parts = [v.flatten() for k, v in delta.items() if tower_of(k) == tower]
+        return torch.cat(parts).double().norm() if parts else torch.zeros((), dtype=flat.dtype)
+
+    vision, text = tower_norm("vision"), tower_norm("text")
     norm = flat.norm()
-    cos = torch.zeros(())
+    moved = vision + text
+    share = vision / moved if moved > eps else torch.tensor(0.5, dtype=flat.dtype)
+    cos = torch.zeros((), dtype=flat.dtype)
     if previous is not None:
-        prev = torch.cat([previous[k].flatten() for k in delta])
+        prev = torch.cat([previous[k].flatten() for k in delta]).double()
         if norm > eps and prev.norm() > eps:
             cos = torch.dot(flat, prev) / (norm * prev.norm())
-    return torch.stack(
-        [norm, vision.norm() / (text.norm() + eps), cos, norm / max(num_examples, 1) ** 0.5]
-    ).float()
+    per_example = norm / max(num_examples, 1) ** 0.5
+    return torch.stack([torch.log1p(norm), share, cos, torch.log1p(per_example)]).float()
 
 
 def client_statistics(

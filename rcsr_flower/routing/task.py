@@ -37,6 +37,10 @@ class ClientReport:
     loss: float
     arrays: ArrayRecord  # the client's trained shared parameters θ_k
     summary: Any  # task-specific statistics (prototypes, slot stats, geometry, ...)
+    holds: frozenset[str] | None = None  # towers the client trained; None = all
+
+    def holds_tower(self, tower: str) -> bool:
+        return self.holds is None or tower in self.holds
 
 
 class RoutedTask(Protocol):
