@@ -19,11 +19,13 @@ personal adapters on the client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -271,6 +273,26 @@ def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict
     return out
 
 
+class RoundClock:
+    """Wall seconds per phase of one round, as the server sees them."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    def seconds(self) -> dict:
+        total = time.perf_counter() - self.started
+        return {"round": round(total, 3), **{k: round(v, 3) for k, v in self._phases.items()}}
+
+
 # ============================================================================ strategy
 @dataclass
 class RoutingOptions:
@@ -333,6 +355,8 @@ class RCSRStrategy(FedAvg):
             )
             self.router_opt = torch.optim.Adam(self.router.parameters(), lr=options.router_lr)
         self.history: dict[int, dict] = {}
+        self._router_seconds: dict[int, float] = {}
+        self._client_seconds: dict[int, dict[str, float]] = {}
         # (messages, timeout) of the train round in flight, set by start()
         self.in_flight: tuple[list[Message], float] | None = None
 
@@ -369,15 +393,20 @@ class RCSRStrategy(FedAvg):
         result.arrays = initial_arrays
         arrays = initial_arrays
         if first_round == 1:
+            clock = RoundClock()
             # SPEC §6: zero-shot on every client's local test split too, so personalised
             # curves start from the frozen backbone like the global one
-            res = self._federated_evaluate(0, arrays, evaluate_config, grid, timeout)
+            with clock("federated_evaluate"):
+                res = self._federated_evaluate(0, arrays, evaluate_config, grid, timeout)
             if res is not None:
                 flwr_log(INFO, "Initial federated evaluation results: %s", res)
                 result.evaluate_metrics_clientapp[0] = res
-            if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
+            with clock("central_evaluate"):
+                res = evaluate_fn(0, arrays) if evaluate_fn is not None else None
+            if res is not None:
                 flwr_log(INFO, "Initial global evaluation results: %s", res)
                 result.evaluate_metrics_serverapp[0] = res
+            self._end_round(0, clock)
             if on_round_end is not None:
                 on_round_end(0, arrays)
         else:
@@ -385,26 +414,58 @@ class RCSRStrategy(FedAvg):
         for server_round in range(first_round, num_rounds + 1):
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            messages = list(self.configure_train(server_round, arrays, train_config, grid))
-            replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+            clock = RoundClock()
+            with clock("train_wait"):
+                messages = list(self.configure_train(server_round, arrays, train_config, grid))
+                replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
             self.in_flight = (messages, timeout)  # aggregate_train names whom it lost
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            with clock("aggregate"):
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
             if train_metrics is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
-            res = self._federated_evaluate(server_round, arrays, evaluate_config, grid, timeout)
+            with clock("federated_evaluate"):
+                res = self._federated_evaluate(server_round, arrays, evaluate_config, grid, timeout)
             if res is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", res)
                 result.evaluate_metrics_clientapp[server_round] = res
-            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+            with clock("central_evaluate"):
+                res = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            if res is not None:
                 flwr_log(INFO, "Global evaluation\t└──> MetricRecord: %s", res)
                 result.evaluate_metrics_serverapp[server_round] = res
+            self._end_round(server_round, clock)
             if on_round_end is not None:
                 on_round_end(server_round, arrays)
         flwr_log(INFO, "")
         return result
+
+    def _end_round(self, server_round: int, clock: RoundClock) -> None:
+        """Write the round's row: what the hooks recorded plus where its time went."""
+        seconds = clock.seconds()
+        if "aggregate" in seconds:  # the router step runs inside aggregate_train
+            router = self._router_seconds.pop(server_round, 0.0)
+            seconds["aggregate"] = round(seconds["aggregate"] - router, 3)
+            seconds["router_step"] = round(router, 3)
+        seconds["clients"] = {
+            k: round(v, 3) for k, v in sorted(self._client_seconds.pop(server_round, {}).items())
+        }
+        if self.metrics_log is not None:
+            self.metrics_log.add(server_round, seconds=seconds)
+            self.metrics_log.flush(server_round)
+
+    def _add_client_seconds(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Sum the clients' own compute seconds (``*-seconds`` metrics) for the round row."""
+        totals = self._client_seconds.setdefault(server_round, {})
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                continue
+            for key, value in msg.content.metric_records["metrics"].items():
+                if key.endswith("-seconds") and isinstance(value, int | float):
+                    name = key.removesuffix("-seconds")
+                    totals[name] = totals.get(name, 0.0) + float(value)
 
     def _federated_evaluate(
         self,
@@ -497,6 +558,7 @@ class RCSRStrategy(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         # 1. validate
         replies = list(replies)
+        self._add_client_seconds(server_round, replies)
         sent, waited = self.in_flight if self.in_flight is not None else ([], None)
         self.in_flight = None
         reports, dropped = validate_replies(
@@ -542,7 +604,7 @@ class RCSRStrategy(FedAvg):
             # 6. prototypes
             self.task.update_state(w, reports)
             # 7. router step on a train-mode forward of the same tokens
-            router_loss = self._router_step(tokens, reports)
+            router_loss = self._router_step(server_round, tokens, reports)
             weights = {"router": w_router, "minimax": w_minimax, "fused": w}
 
         # 8. record
@@ -587,18 +649,20 @@ class RCSRStrategy(FedAvg):
         return torch.as_tensor(w, dtype=torch.float32)
 
     def _router_step(
-        self, tokens: torch.Tensor | None, reports: list[ClientReport]
+        self, server_round: int, tokens: torch.Tensor | None, reports: list[ClientReport]
     ) -> float | None:
         """SPEC §5 step 7: one Adam step on the objective of a train-mode forward (dropout
         regularises the router; it never reaches the aggregation weights)."""
         if self.router is None or self.router_opt is None or tokens is None:
             return None
+        started = time.perf_counter()
         self.router.train()
         loss = self.task.router_objective(self.router(tokens), reports)
         self.router_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.router_opt.step()
         self.router.eval()
+        self._router_seconds[server_round] = time.perf_counter() - started
         return float(loss.detach())
 
     def _record(self, server_round: int, record: dict) -> None:
@@ -610,6 +674,8 @@ class RCSRStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        replies = list(replies)
+        self._add_client_seconds(server_round, replies)
         per_client = []
         for msg in replies:
             if msg.has_error():
@@ -641,7 +707,7 @@ def make_evaluate_fn(
 ) -> Callable:
     """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
 
-    It is the last hook of each round, so it also writes the round's record."""
+    Its metrics join the round's row, which the strategy writes when the round ends."""
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
@@ -651,7 +717,6 @@ def make_evaluate_fn(
             metrics_log.add(server_round, **{"global": metrics})
             log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
             result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
-        metrics_log.flush(server_round)
         return result
 
     return evaluate_fn

@@ -1,6 +1,7 @@
 """The strategy on real Flower ``Message`` replies (no simulation): SPEC §5 steps 1–8."""
 
 import io
+import json
 import pickle
 from pathlib import Path
 from unittest.mock import Mock
@@ -643,19 +644,35 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
             calls.append((m.metadata.message_type, cfg["server-round"]))
             if m.metadata.message_type == MessageType.EVALUATE:
                 metrics = {k: float(node) for k in (*RECALL_KEYS, "rsum")}
+                metrics["evaluate-seconds"] = 0.125
                 content = RecordDict(
                     {"metrics": MetricRecord({**metrics, "modality": 0, "partition-id": node - 1})}
                 )
                 out.append(Message(content, reply_to=m))
             else:
-                out.append(Message(reply(node, theta(node), 10).content, reply_to=m))
+                metrics = {"num-examples": 10, "train-loss": 1.0, "partition-id": node - 1}
+                timed = {**metrics, "train-seconds": 1.25}
+                out.append(Message(reply(node, theta(node), 10, metrics=timed).content, reply_to=m))
         return out
 
     grid.send_and_receive.side_effect = send_and_receive
-    s.start(
-        grid, ArrayRecord(theta(0)), num_rounds=1, evaluate_fn=lambda r, a: metrics_log.flush(r)
-    )
+    s.start(grid, ArrayRecord(theta(0)), num_rounds=1)
     assert calls[:2] == [(MessageType.EVALUATE, 0)] * 2  # zero-shot, before any training
     assert calls[2:4] == [(MessageType.TRAIN, 1)] * 2
     rows = {r["round"]: r for r in s.metrics_log.rows}
     assert rows[0]["personalized"]["mean"]["rsum"] == pytest.approx(1.5)
+    # the strategy writes every round's row itself, with where the time went
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").open()] == [0, 1]
+    assert set(rows[0]["seconds"]) == {"round", "federated_evaluate", "central_evaluate", "clients"}
+    phases = rows[1]["seconds"]
+    assert set(phases) == {
+        "round",
+        "train_wait",
+        "aggregate",
+        "router_step",
+        "federated_evaluate",
+        "central_evaluate",
+        "clients",
+    }
+    assert phases["clients"] == {"train": 2.5, "evaluate": 0.25}  # 2 nodes
+    assert phases["round"] >= phases["train_wait"] + phases["federated_evaluate"] >= 0
