@@ -86,6 +86,7 @@ class RunConfig:
     adapter_layers: str = "all"
     adapter_bottleneck: int = field(default=64, metadata=_range(1))
     adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
+    prefix_cache: bool = True  # adapter-layers = L: train from cached frozen prefixes
     # prototypes (SPEC §3)
     prototype_slots: int = field(default=32, metadata=_range(1))
     prototype_momentum: float = field(default=0.95, metadata=_range(0.0, 1.0))
