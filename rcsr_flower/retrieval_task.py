@@ -8,15 +8,23 @@ router objective of SPEC §5 step 7, and the prototype-bank update of §3.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from rcsr_flower.metrics import RECALL_KEYS
+from rcsr_flower.outputs import MetricsLog
 from rcsr_flower.prototypes import PrototypeBank, SlotStats
 from rcsr_flower.routing.router import entropy
 from rcsr_flower.routing.task import ClientReport, ReplyError
+
+log = logging.getLogger(__name__)
 
 STATS_KEY = "stats"
 GEOMETRY_DIM = 4
@@ -206,3 +214,78 @@ def router_loss(
         + betas.axis * align
     )
     return F.softplus(inner)
+
+
+# ---------------------------------------------------------------------------- evaluation
+MODALITY_NAMES = ("paired", "image-only", "text-only")  # the codes client.MODALITY_CODES sends
+SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
+
+
+class PersonalizedRetrieval:
+    """SPEC §6 personalised evaluation as the strategy's :class:`FederatedEvaluation`:
+    each client's recalls on its local test split, summarised overall and per modality
+    group (``metrics.jsonl`` field ``personalized``)."""
+
+    key = "personalized"
+
+    def parse(self, metrics: dict) -> dict | None:
+        if "rsum" not in metrics:
+            return None  # a local test split too small to rank
+        missing = [k for k in (*SUMMARY_KEYS, "modality") if k not in metrics]
+        if missing:
+            raise ReplyError(f"evaluation metrics lack {missing}")
+        code = metrics["modality"]
+        if not isinstance(code, int) or not 0 <= code < len(MODALITY_NAMES):
+            raise ReplyError(f"modality is {code!r}, expected 0, 1 or 2")
+        return {**metrics, "group": MODALITY_NAMES[code]}
+
+    def summarise(self, rows: list[dict]) -> dict:
+        return personalized_summary([(r["group"], r) for r in rows])
+
+
+def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
+    """SPEC §6: mean, std and worst 10% of clients (by rsum; at least one client),
+    overall and per modality group."""
+
+    def stats(rows: list[dict[str, float]]) -> dict:
+        if not rows:
+            return {}
+        table = {k: np.array([r[k] for r in rows], dtype=float) for k in SUMMARY_KEYS}
+        worst = np.argsort(table["rsum"], kind="stable")[: max(1, math.ceil(0.1 * len(rows)))]
+        return {
+            "mean": {k: float(v.mean()) for k, v in table.items()},
+            "std": {k: float(v.std()) for k, v in table.items()},
+            "worst10": {k: float(v[worst].mean()) for k, v in table.items()},
+            "clients": len(rows),
+        }
+
+    out = stats([m for _, m in per_client])
+    out["by_group"] = {
+        name: group
+        for name in MODALITY_NAMES
+        if (group := stats([m for mod, m in per_client if mod == name]))
+    }
+    return out
+
+
+def make_evaluate_fn(
+    num_rounds: int,
+    eval_every: int,
+    metrics_log: MetricsLog,
+    evaluate: Callable[[ArrayRecord], dict],
+) -> Callable:
+    """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
+
+    Its metrics join the round's row, which the strategy writes when the round ends."""
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
+        result = None
+        if due:
+            metrics = evaluate(arrays)
+            metrics_log.add(server_round, **{"global": metrics})
+            log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
+            result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
+        return result
+
+    return evaluate_fn

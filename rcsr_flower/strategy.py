@@ -41,22 +41,25 @@ from flwr.serverapp.strategy.strategy_utils import (
 from flwr.supercore import log as flwr_log
 
 from rcsr_flower.backbones.adapters import tower_of
-from rcsr_flower.metrics import RECALL_KEYS
 from rcsr_flower.outputs import MetricsLog
 from rcsr_flower.routing.minimax import MinimaxWeights
 from rcsr_flower.routing.router import SemanticRouter, entropy, fuse_weights
-from rcsr_flower.routing.task import ClientReport, ReplyError, RoutedTask
+from rcsr_flower.routing.task import (
+    ClientReport,
+    FederatedEvaluation,
+    ReplyError,
+    RoutedTask,
+    WeightedAverage,
+)
 
 log = logging.getLogger(__name__)
 
-MODALITY_NAMES = ("paired", "image-only", "text-only")
 # the towers a client of each modality code trains (client.MODALITY_CODES)
 TOWERS_HELD = {
     0: frozenset({"vision", "text"}),
     1: frozenset({"vision"}),
     2: frozenset({"text"}),
 }
-SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 
 # ============================================================================ pure steps
@@ -248,31 +251,6 @@ def aggregate(
     return ArrayRecord({k: merged[k] for k in keys})
 
 
-def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
-    """SPEC §6: mean, std and worst 10% of clients (by rsum; at least one client),
-    overall and per modality group."""
-
-    def stats(rows: list[dict[str, float]]) -> dict:
-        if not rows:
-            return {}
-        table = {k: np.array([r[k] for r in rows], dtype=float) for k in SUMMARY_KEYS}
-        worst = np.argsort(table["rsum"], kind="stable")[: max(1, math.ceil(0.1 * len(rows)))]
-        return {
-            "mean": {k: float(v.mean()) for k, v in table.items()},
-            "std": {k: float(v.std()) for k, v in table.items()},
-            "worst10": {k: float(v[worst].mean()) for k, v in table.items()},
-            "clients": len(rows),
-        }
-
-    out = stats([m for _, m in per_client])
-    out["by_group"] = {
-        name: group
-        for name in MODALITY_NAMES
-        if (group := stats([m for mod, m in per_client if mod == name]))
-    }
-    return out
-
-
 class RoundClock:
     """Wall seconds per phase of one round, as the server sees them."""
 
@@ -329,10 +307,12 @@ class RCSRStrategy(FedAvg):
         options: RoutingOptions,
         num_clients: int,
         metrics_log: MetricsLog | None = None,
+        evaluation: FederatedEvaluation | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.task = task if options.routed else None
+        self.evaluation = evaluation if evaluation is not None else WeightedAverage()
         self.options = options
         self.metrics_log = metrics_log
         self.num_clients = num_clients
@@ -674,49 +654,35 @@ class RCSRStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Federated evaluation through the run's :class:`FederatedEvaluation` (weighted
+        averages of numeric metrics unless the app names one); a reply that cannot be
+        used is logged with its reason and left out."""
         replies = list(replies)
         self._add_client_seconds(server_round, replies)
-        per_client = []
+        rows = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning(
-                    "evaluate: node %d failed: %s",
-                    msg.metadata.src_node_id,
-                    _last_line(msg.error.reason),
-                )
+                log.warning("evaluate: node %d failed: %s", node, _last_line(msg.error.reason))
                 continue
-            m = msg.content.metric_records.get("metrics")
-            if m is None or "rsum" not in m:
-                continue  # a client with too small a local test split
-            per_client.append((MODALITY_NAMES[int(m["modality"])], dict(m)))
-        if not per_client:
+            metrics = msg.content.metric_records.get("metrics")
+            try:
+                if metrics is None:
+                    raise ReplyError("missing MetricRecord 'metrics'")
+                row = self.evaluation.parse(dict(metrics))
+            except ReplyError as exc:
+                log.warning("evaluate: dropping reply from node %d: %s", node, exc)
+                continue
+            if row is None:
+                log.info("evaluate: node %d had nothing to evaluate", node)
+                continue
+            rows.append(row)
+        if not rows:
             return None
         # replies arrive in completion order; a fixed order makes the float sums repeatable
-        per_client.sort(key=lambda c: c[1].get("partition-id", -1))
-        summary = personalized_summary(per_client)
+        rows.sort(key=lambda r: r.get("partition-id", -1))
+        summary = self.evaluation.summarise(rows)
         if self.metrics_log is not None:
-            self.metrics_log.add(server_round, personalized=summary)
-        return MetricRecord({f"personalized-{k}": v for k, v in summary["mean"].items()})
-
-
-def make_evaluate_fn(
-    num_rounds: int,
-    eval_every: int,
-    metrics_log: MetricsLog,
-    evaluate: Callable[[ArrayRecord], dict],
-) -> Callable:
-    """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
-
-    Its metrics join the round's row, which the strategy writes when the round ends."""
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
-        result = None
-        if due:
-            metrics = evaluate(arrays)
-            metrics_log.add(server_round, **{"global": metrics})
-            log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
-            result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
-        return result
-
-    return evaluate_fn
+            self.metrics_log.add(server_round, **{self.evaluation.key: summary})
+        key = self.evaluation.key
+        return MetricRecord({f"{key}-{k}": float(v) for k, v in summary["mean"].items()})

@@ -23,8 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import RetrievalTask
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, personalized_summary
+from rcsr_flower.retrieval_task import PersonalizedRetrieval, RetrievalTask, personalized_summary
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
 
 D, C = 4, 3
 
@@ -627,6 +627,7 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
         RoutingOptions(mode="fedavg"),
         num_clients=2,
         metrics_log=metrics_log,
+        evaluation=PersonalizedRetrieval(),
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=2,
@@ -676,3 +677,45 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
     }
     assert phases["clients"] == {"train": 2.5, "evaluate": 0.25}  # 2 nodes
     assert phases["round"] >= phases["train_wait"] + phases["federated_evaluate"] >= 0
+
+
+def evaluate_reply(node: int, metrics: dict) -> Message:
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics)}),
+        reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE),
+    )
+
+
+def test_federated_evaluation_defaults_to_flowers_weighted_average(tmp_path, caplog):
+    from rcsr_flower.outputs import MetricsLog
+
+    caplog.set_level("INFO", logger="rcsr_flower.strategy")
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    s = RCSRStrategy(None, RoutingOptions(mode="fedavg"), num_clients=3, metrics_log=log)
+    replies = [
+        evaluate_reply(1, {"num-examples": 10, "accuracy": 0.5, "loss": 2.0, "partition-id": 0}),
+        evaluate_reply(2, {"num-examples": 30, "accuracy": 0.9, "loss": 1.0, "partition-id": 1}),
+        evaluate_reply(3, {"num-examples": 2.5, "accuracy": 1.0, "partition-id": 2}),
+        evaluate_reply(4, {"num-examples": 0, "accuracy": 1.0, "partition-id": 3}),
+    ]
+    record = s.aggregate_evaluate(1, replies)
+    assert record["evaluation-accuracy"] == pytest.approx((5 + 27) / 40)
+    assert record["evaluation-loss"] == pytest.approx((20 + 30) / 40)
+    assert "evaluation-partition-id" not in record
+    assert log.pending[1]["evaluation"]["clients"] == 2
+    assert "dropping reply from node 3: num-examples is 2.5" in caplog.text
+    assert "node 4 had nothing to evaluate" in caplog.text
+
+
+def test_a_retrieval_evaluation_reply_without_its_modality_is_dropped_not_a_crash(caplog):
+    from rcsr_flower.metrics import RECALL_KEYS
+
+    s = RCSRStrategy(
+        None, RoutingOptions(mode="fedavg"), num_clients=2, evaluation=PersonalizedRetrieval()
+    )
+    recall = {k: 50.0 for k in (*RECALL_KEYS, "rsum")}
+    good = evaluate_reply(1, {**recall, "modality": 1, "partition-id": 0})
+    bad = evaluate_reply(2, {**recall, "partition-id": 1})
+    record = s.aggregate_evaluate(1, [good, bad])
+    assert record["personalized-rsum"] == 50.0
+    assert "dropping reply from node 2: evaluation metrics lack ['modality']" in caplog.text
