@@ -424,7 +424,7 @@ class LocalDeployment:
         self.supernodes.append(node)
         return node
 
-    def wait_joined(self, node: SuperNode, timeout: float = 60) -> int:
+    def wait_joined(self, node: SuperNode, timeout: float = 300) -> int:
         """Wait until ``node`` is registered with the SuperLink; return its node id."""
         match = node.proc.wait_for(_NODE_ID, timeout)
         if match is None:

@@ -236,7 +236,7 @@ def wait_healthy(
     url: str,
     log_file: Path,
     cafile: Path | None = None,
-    timeout: float = 60,
+    timeout: float = 300,
 ) -> None:
     """Wait until ``url`` answers (any HTTP status) or the process exits."""
     context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
