@@ -94,7 +94,7 @@ class ClientStateStore:
                 records.setdefault(record, {})[key] = tensor
             for record, arrays in records.items():
                 state[record] = ArrayRecord(arrays)
-            log.info("restored client state after round %d from %s", loaded, self.dir)
+            startup_log.info("restored client state after round %d from %s", loaded, self.dir)
         state[STAMP_KEY] = ConfigRecord({"state-key": self.state_key, "round": loaded})
 
     def save(self, server_round: int, state: RecordDict) -> None:

@@ -28,6 +28,7 @@ RESUME_MAY_CHANGE = frozenset(
         "cache-dir",
         "client-state-dir",
         "round-timeout",
+        "node-wait-timeout",
         "fault-injection",
     }
 )
@@ -75,6 +76,7 @@ class RunConfig:
     min_evaluate_nodes: int = field(default=2, metadata=_range(0))
     min_available_nodes: int = field(default=2, metadata=_range(1))
     round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    node_wait_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
     max_update_norm: float = field(default=0.0, metadata=_range(0.0))  # 0 = no bound
     local_epochs: int = field(default=1, metadata=_range(1))
     batch_size: int = field(default=64, metadata=_range(2))

@@ -301,12 +301,19 @@ def _load(path: str, device: torch.device, name: str) -> Backbone:
 
 
 def _load_image_processor(path: str):
-    """The PIL/numpy CLIP processor: same numbers as the torchvision one, no torchvision."""
-    from transformers import CLIPImageProcessor
+    """The PIL/numpy CLIP processor: same numbers as the torchvision one, no torchvision.
 
+    Imported by its own name, as transformers asks: the name ``CLIPImageProcessor`` means
+    the torchvision backend since transformers 5, and without torchvision asking for it
+    logs "requires torchvision (not installed); falling back to CLIPImageProcessorPil"
+    in every process that loads a backbone (each ClientApp, the ServerApp) before it
+    hands out this very class.
+    """
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers < 5: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor
+
         return CLIPImageProcessor.from_pretrained(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
