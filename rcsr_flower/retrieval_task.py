@@ -120,6 +120,22 @@ class RetrievalTask:
             slots=SlotStats(*sides["image"], *sides["text"]),
         )
 
+    def example_content(self) -> RecordDict:
+        """A well-formed paired client's ``"stats"`` record (for ``check_task``)."""
+        g = torch.Generator().manual_seed(0)
+        d, c = self.dim, self.bank.slots
+        stats = {
+            "p_image": F.normalize(torch.randn(d, generator=g), dim=0),
+            "p_text": F.normalize(torch.randn(d, generator=g), dim=0),
+            "geometry": torch.tensor([0.1, 0.5, 0.0, 0.01]),
+            "mask": torch.ones(2),
+            "image_sum": torch.randn(c, d, generator=g),
+            "image_count": torch.ones(c),
+            "text_sum": torch.randn(c, d, generator=g),
+            "text_count": torch.ones(c),
+        }
+        return RecordDict({STATS_KEY: ArrayRecord(stats)})
+
     # ------------------------------------------------------------------ step 2
     def token(self, report: ClientReport, update: dict[str, torch.Tensor]) -> torch.Tensor:
         s: RetrievalSummary = report.summary

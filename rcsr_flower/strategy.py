@@ -42,6 +42,7 @@ from flwr.supercore import log as flwr_log
 
 from rcsr_flower.backbones.adapters import tower_of
 from rcsr_flower.outputs import MetricsLog
+from rcsr_flower.routing.check import check_task
 from rcsr_flower.routing.minimax import MinimaxWeights
 from rcsr_flower.routing.router import SemanticRouter, entropy, fuse_weights
 from rcsr_flower.routing.task import (
@@ -369,6 +370,8 @@ class RCSRStrategy(FedAvg):
         flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
+        if self.task is not None:  # a task's mistakes in one line, before anyone trains
+            check_task(self.task, initial_arrays)
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
