@@ -5,8 +5,10 @@ from non-IID data, from missing modalities, from prototype anchoring or from too
 local steps?" needs many runs. This loop runs the *same* client code
 (``client.setup``, ``task.local_train`` with the SPEC §4 loss, the bootstrap bank of
 ``server.bootstrap_bank``) for all clients in one process, aggregates
-``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` (sample-count weights: no router, no minimax, no bank
-update: it isolates the client side) and evaluates the global adapters on the global test
+``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` tower by tower over the clients holding each tower, as
+SPEC §5 step 5 (revised) and the default ``tower-aggregation`` (``--plain-aggregation``:
+over all clients) (sample-count weights: no router, no minimax, no bank update: it
+isolates the client side) and evaluates the global adapters on the global test
 split after every round. It is a diagnostic, not the product: numbers from it are labelled
 as such in docs.
 
@@ -61,6 +63,9 @@ def main() -> None:
     parser.add_argument("--prototype-slots", type=int, default=32)
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--constant-lr", action="store_true", help="no SPEC §1 schedule")
+    parser.add_argument(
+        "--plain-aggregation", action="store_true", help="average every tower over all clients"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
@@ -130,12 +135,15 @@ def main() -> None:
             deltas.append({k: trained[k].detach() - theta[k] for k in theta})
             sizes.append(out["num_examples"])
             losses.append(round(out["loss"], 3))
-        total = sum(sizes)
-        for k in theta:
-            theta[k] = theta[k] + args.server_lr * sum(
-                n / total * d[k] for n, d in zip(sizes, deltas, strict=True)
-            )
         mods = [nodes[c].data.modality[0] for c in chosen]
+        for k in theta:
+            lacks = "t" if k.startswith("adapters.vision") else "i"  # clients without this tower
+            members = [j for j, m in enumerate(mods) if args.plain_aggregation or m != lacks]
+            total = sum(sizes[j] for j in members)
+            if total:
+                theta[k] = theta[k] + args.server_lr * sum(
+                    sizes[j] / total * deltas[j][k] for j in members
+                )
         curve.append([server_round, global_rsum()])
         print(
             f"round {server_round}: rsum {curve[-1][1]:.1f}  lr {lr:.1e}  clients "
