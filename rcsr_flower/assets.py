@@ -43,7 +43,7 @@ _DONE = "rcsr_pretrain.json"
 
 SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "embedded" / "tiny-clip"
 """The backbone built by ``python -m rcsr_flower.assets pretrain``, shipped in the repository."""
-SHIPPED_SHA256 = ""  # sha256 of SHIPPED_BACKBONE/model.safetensors
+SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"  # sha256 of SHIPPED_BACKBONE/model.safetensors
 
 
 @dataclass(frozen=True)
