@@ -126,7 +126,7 @@ def validate_replies(
                 if got[k] != (shape, dtype):
                     raise ReplyError(
                         f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
-                        f"expected {dtype}{list(shape)}"
+                        f"expected {dtype}{list(shape)} like the global parameters sent"
                     )
                 x = _decode(arrays, k)
                 if (tuple(x.shape), str(x.dtype)) != (shape, dtype):
@@ -149,8 +149,13 @@ def validate_replies(
             n, loss, pid = metrics["num-examples"], metrics["train-loss"], metrics["partition-id"]
             if not isinstance(loss, int | float) or not math.isfinite(loss):
                 raise ReplyError(f"train-loss is {loss!r}")
-            if not isinstance(n, int) or n < min_examples:
-                raise ReplyError(f"num-examples is {n!r}: nothing trained")
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise ReplyError(
+                    f"num-examples is {n!r} ({type(n).__name__}), expected an int: the "
+                    "number of local training examples"
+                )
+            if n < min_examples:
+                raise ReplyError(f"num-examples is {n}: nothing trained")
             limit = num_clients if num_clients is not None else 1 << 62
             if not isinstance(pid, int) or not 0 <= pid < limit:
                 raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
@@ -423,6 +428,14 @@ class RCSRStrategy(FedAvg):
             if on_round_end is not None:
                 on_round_end(server_round, arrays)
         flwr_log(INFO, "")
+        ran = range(first_round, num_rounds + 1)
+        if len(ran) and all(self.history.get(r, {}).get("skipped") for r in ran):
+            reasons = sorted({why for r in ran for why in self.history[r]["dropped"].values()})
+            raise RuntimeError(
+                f"every round ({first_round}..{num_rounds}) was skipped for too few valid "
+                f"replies, so nothing was learnt; the replies were dropped because: "
+                f"{'; '.join(reasons[:3]) or 'no client answered'}"
+            )
         return result
 
     def _end_round(self, server_round: int, clock: RoundClock) -> None:

@@ -273,6 +273,16 @@ def test_lost_and_silent_nodes_are_recorded_under_their_own_ids():
             "partition-id 1 already replied",
         ),
         (lambda: reply_with_array(9, lying_array()), "declares float32[2, 2]"),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5.0, "train-loss": 1.0, "partition-id": 8},
+            ),
+            "num-examples is 5.0 (float), expected an int",
+        ),
     ],
 )
 def test_malformed_replies_are_dropped_with_a_reason(bad, reason, caplog):
@@ -719,3 +729,28 @@ def test_a_retrieval_evaluation_reply_without_its_modality_is_dropped_not_a_cras
     record = s.aggregate_evaluate(1, [good, bad])
     assert record["personalized-rsum"] == 50.0
     assert "dropping reply from node 2: evaluation metrics lack ['modality']" in caplog.text
+
+
+def test_a_run_whose_every_round_is_skipped_fails_with_the_reasons():
+    s = RCSRStrategy(
+        None,
+        RoutingOptions(mode="fedavg", min_valid_replies=2),
+        num_clients=2,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+
+    def send_and_receive(messages, timeout=None):
+        metrics = {"num-examples": 0, "train-loss": 1.0, "partition-id": 0}
+        return [
+            Message(reply(1, theta(1), 0, metrics=metrics).content, reply_to=m) for m in messages
+        ]
+
+    grid.send_and_receive.side_effect = send_and_receive
+    with pytest.raises(RuntimeError, match=r"every round \(1\.\.2\) was skipped") as err:
+        s.start(grid, ArrayRecord(theta(0)), num_rounds=2)
+    assert "num-examples is 0: nothing trained" in str(err.value)
