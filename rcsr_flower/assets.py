@@ -43,7 +43,8 @@ _DONE = "rcsr_pretrain.json"
 
 SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "embedded" / "tiny-clip"
 """The backbone built by ``python -m rcsr_flower.assets pretrain``, shipped in the repository."""
-SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"  # sha256 of SHIPPED_BACKBONE/model.safetensors
+# sha256 of SHIPPED_BACKBONE/model.safetensors
+SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     report = assets.pretrain_report()
     print(f"corpus:   {assets.corpus_json}")
     print(f"backbone: {assets.backbone_dir}")
-    print(f"pretrain: {report['seconds']} s, test {json.dumps(report['pretrain_test'])}")
+    print(
+        f"pretrain: {report['steps']} steps in {report['seconds']} s when it was built, "
+        f"in-domain test {json.dumps(report['pretrain_test'])}"
+    )
     return 0
 
 
