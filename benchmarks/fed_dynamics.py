@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
-    out = sys.stderr if args.json else sys.stdout
+    log_to = sys.stderr if args.json else sys.stdout
 
     cfg = RunConfig().replace(
         num_server_rounds=args.rounds,
@@ -88,7 +88,7 @@ def main() -> None:
         setup(raw, {"partition-id": i, "num-partitions": args.clients}) for i in range(args.clients)
     ]
     backbone = nodes[0].backbone
-    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes], file=out)
+    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes], file=log_to)
     anchoring = not args.no_anchoring
     bank = None
     if anchoring:
@@ -108,7 +108,7 @@ def main() -> None:
         return float(evaluate_retrieval(backbone, test, template)["rsum"])
 
     curve = [[0, global_rsum()]]
-    print(f"round 0: rsum {curve[0][1]:.1f}", file=out, flush=True)
+    print(f"round 0: rsum {curve[0][1]:.1f}", file=log_to, flush=True)
     rng = random.Random(args.seed)
     per_round = max(2, int(args.clients * args.fraction))
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def main() -> None:
             f"round {server_round}: rsum {curve[-1][1]:.1f}  lr {lr:.1e}  clients "
             f"{list(zip(chosen, mods, strict=True))}  loss {losses}  "
             f"{time.perf_counter() - start:.0f} s",
-            file=out,
+            file=log_to,
             flush=True,
         )
     if args.json:
