@@ -46,8 +46,13 @@ from rcsr_flower.outputs import (
     write_json,
 )
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import RetrievalTask, RouterBetas
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, make_evaluate_fn, unanswered
+from rcsr_flower.retrieval_task import (
+    PersonalizedRetrieval,
+    RetrievalTask,
+    RouterBetas,
+    make_evaluate_fn,
+)
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, unanswered
 from rcsr_flower.task import evaluate_retrieval, preprocess_split
 
 log = logging.getLogger(__name__)
@@ -413,6 +418,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             mode=cfg.strategy,
             router=cfg.router,
             minimax=cfg.minimax,
+            tower_aggregation=cfg.tower_aggregation,
             router_hidden=cfg.router_hidden,
             router_heads=cfg.router_heads,
             router_blocks=cfg.router_blocks,
@@ -434,6 +440,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         ),
         num_clients=num_partitions,
         metrics_log=metrics_log,
+        evaluation=PersonalizedRetrieval(),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
