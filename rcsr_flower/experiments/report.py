@@ -224,7 +224,9 @@ def _provenance_lines(configs: list[dict], provenances: list[dict]) -> list[str]
             return "not recorded"
         if len(distinct) == 1:
             return f"`{distinct[0]}`"
-        return ", ".join(f"`{v}` ({values.count(v)} cells)" for v in distinct)
+        return ", ".join(
+            f"`{v}` ({values.count(v)} cell{'s' if values.count(v) > 1 else ''})" for v in distinct
+        )
 
     from rcsr_flower.plot import backbone_name
 
