@@ -28,6 +28,7 @@ RESUME_MAY_CHANGE = frozenset(
         "cache-dir",
         "client-state-dir",
         "round-timeout",
+        "node-wait-timeout",
         "fault-injection",
     }
 )
@@ -75,6 +76,7 @@ class RunConfig:
     min_evaluate_nodes: int = field(default=2, metadata=_range(0))
     min_available_nodes: int = field(default=2, metadata=_range(1))
     round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    node_wait_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
     max_update_norm: float = field(default=0.0, metadata=_range(0.0))  # 0 = no bound
     local_epochs: int = field(default=1, metadata=_range(1))
     batch_size: int = field(default=64, metadata=_range(2))
@@ -86,6 +88,7 @@ class RunConfig:
     adapter_layers: str = "all"
     adapter_bottleneck: int = field(default=64, metadata=_range(1))
     adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
+    prefix_cache: bool = True  # adapter-layers = L: train from cached frozen prefixes
     # prototypes (SPEC §3)
     prototype_slots: int = field(default=32, metadata=_range(1))
     prototype_momentum: float = field(default=0.95, metadata=_range(0.0, 1.0))
@@ -105,6 +108,7 @@ class RunConfig:
     anchoring: bool = True
     personal_adapters: bool = False
     prox: bool = True
+    tower_aggregation: bool = True  # SPEC §5 step 5 (ours, revised); every strategy
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     router_hidden: int = field(default=128, metadata=_range(1))
     router_heads: int = field(default=4, metadata=_range(1))

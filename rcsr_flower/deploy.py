@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcsr_flower.launch import (
+    TAG_VAR,
+    LaunchError,
     add_run_arguments,
     check_run_config,
     config_args,
@@ -46,10 +48,13 @@ from rcsr_flower.launch import (
     flower_executable,
     flwr_run_command,
     free_port,
+    new_tag,
     report,
     run_outcome,
     start_cli,
     stop_process_group,
+    stop_tagged,
+    track,
     wait_healthy,
     write_connection,
 )
@@ -204,6 +209,8 @@ class LoggedProcess:
             bufsize=1,
             start_new_session=True,
         )
+        if TAG_VAR in env:  # stopped with its launcher, also on a signal (launch.track)
+            track(env[TAG_VAR], self.process)
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
 
@@ -292,6 +299,7 @@ class LocalDeployment:
         self.supernodes: list[SuperNode] = []
         self.tls: TlsFiles | None = None
         self.run_proc: LoggedProcess | None = None
+        self.tag = new_tag()  # in the environment of every process this deployment starts
 
     @property
     def user_home(self) -> Path:
@@ -303,7 +311,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.port}"
 
     def _env(self, home: Path) -> dict[str, str]:
-        return flower_env(home, self.env)
+        return {**flower_env(home, self.env), TAG_VAR: self.tag}
 
     # ------------------------------------------------------------------ SuperLink
     def start(self) -> None:
@@ -416,7 +424,7 @@ class LocalDeployment:
         self.supernodes.append(node)
         return node
 
-    def wait_joined(self, node: SuperNode, timeout: float = 60) -> int:
+    def wait_joined(self, node: SuperNode, timeout: float = 300) -> int:
         """Wait until ``node`` is registered with the SuperLink; return its node id."""
         match = node.proc.wait_for(_NODE_ID, timeout)
         if match is None:
@@ -480,10 +488,12 @@ class LocalDeployment:
         return self.wait_run(run_name, output_dir)
 
     def stop(self) -> None:
-        """Stop every process this deployment started, SuperNodes first."""
+        """Stop every process this deployment started, SuperNodes first, then anything
+        left that carries its tag."""
         for proc in [self.run_proc, *(n.proc for n in self.supernodes), self.superlink]:
             if proc is not None:
                 proc.stop()
+        stop_tagged(self.tag)
 
 
 def parse_pairs(text: str) -> dict[str, object]:
@@ -517,7 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--node-config", default="", help='extra keys for every node: "k=v ..."')
     args = parser.parse_args(argv)
-    run_name, output_dir = start_cli(args, "deploy")
+    try:
+        run_name, output_dir = start_cli(args, "deploy")
+    except LaunchError as exc:
+        return report(
+            {"status": "failed", "error": str(exc)}, Path(args.output_dir or "outputs"), None
+        )
     deployment = LocalDeployment(
         app_dir=Path(args.app_dir),
         root=Path(args.root),

@@ -12,25 +12,32 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
 3. submits the app with ``flwr run . <connection> --stream`` and a known run name;
 4. reads ``outputs/<run>/result.json`` (written last by the ServerApp) and exits
    non-zero unless it says ``completed``;
-5. always stops the SuperLink and everything it spawned (by process group).
+5. always stops the SuperLink and everything it spawned (by process group, and by a
+   tag in their environment for what left the group), on SIGTERM and SIGINT too.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +94,7 @@ def flwr_run_command(
     Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win)."""
     cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(app_dir), connection, "--stream"]
     cmd += options
-    for raw in raw_run_config:
+    for raw in quote_bare_strings(raw_run_config):
         cmd += ["--run-config", raw]
     cmd += ["--run-config", config_args(overrides)]
     print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
@@ -139,12 +146,99 @@ def stop_process_group(process: subprocess.Popen | None) -> None:
         process.wait(timeout=5)
 
 
+# ------------------------------------------------------------- what a launcher started
+# Every process a launcher starts carries TAG_VAR=<its tag> in its environment, and so
+# does everything those start (Flower's SuperExec, ServerApp and ClientApp processes,
+# Ray's workers and daemons, some of which leave the process group). The tag finds them
+# all, by PID, when the launcher stops, and from a SIGTERM/SIGINT handler when the
+# launcher's own process is told to stop (a CI timeout, Ctrl-C), which would otherwise
+# leave servers running in their own sessions.
+TAG_VAR = "RCSR_LAUNCH_TAG"
+_LEADERS: dict[str, list[subprocess.Popen]] = {}  # tag -> session leaders started
+_HANDLERS: dict[int, object] = {}  # signal -> the handler ours replaced
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
+
+
+def track(tag: str, process: subprocess.Popen) -> None:
+    """Stop ``process``'s session and everything tagged ``tag`` on exit or a signal."""
+    _install_handlers()
+    _LEADERS.setdefault(tag, []).append(process)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries ``TAG_VAR=tag``."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    pids = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = Path(entry.path, "environ").read_bytes()  # empty for a zombie
+            except OSError:
+                continue
+            if needle in environ.split(b"\0"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop_tagged(tag: str, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every session started under ``tag`` and every process
+    that carries it. Uses no ``Popen.wait``, so it is safe in a signal handler that
+    interrupted one."""
+    leaders = [p for p in _LEADERS.pop(tag, []) if p.returncode is None]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for process in leaders:  # not yet reaped: the pid is still this session's
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+        for pid in tagged_pids(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while tagged_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not tagged_pids(tag):
+            break
+    for process in leaders:
+        with contextlib.suppress(Exception):
+            process.poll()  # reap when we can; a zombie holds nothing
+
+
+def stop_all() -> None:
+    """Stop everything every launcher in this process started."""
+    for tag in list(_LEADERS):
+        stop_tagged(tag)
+
+
+def _install_handlers() -> None:
+    if _HANDLERS or threading.current_thread() is not threading.main_thread():
+        return
+    atexit.register(stop_all)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        _HANDLERS[sig] = signal.getsignal(sig)
+        signal.signal(sig, functools.partial(_on_signal, _HANDLERS[sig]))
+
+
+def _on_signal(previous, signum: int, frame) -> None:
+    """Stop what we started, then do what the signal did before: raise
+    KeyboardInterrupt, call the program's own handler, or die of the signal."""
+    stop_all()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 def wait_healthy(
     process: subprocess.Popen,
     url: str,
     log_file: Path,
     cafile: Path | None = None,
-    timeout: float = 60,
+    timeout: float = 300,
 ) -> None:
     """Wait until ``url`` answers (any HTTP status) or the process exits."""
     context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
@@ -179,7 +273,54 @@ def check_run_config(
 
     pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
     table = pyproject["tool"]["flwr"]["app"]["config"]
-    return RunConfig.from_flower({**table, **parse_config_args(raw_run_config), **overrides})
+    given = parse_config_args(quote_bare_strings(raw_run_config))
+    return RunConfig.from_flower({**table, **given, **overrides})
+
+
+# flwr's own pattern for one ``key=value`` of a ``-c`` string (flwr.common.config)
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def quote_bare_strings(raw_run_config: Sequence[str]) -> list[str]:
+    """The ``-c`` strings with unquoted values of string keys quoted.
+
+    ``-c strategy=fedavg`` is not TOML, and flwr refuses it with a generic "invalid
+    format" naming no key. The schema knows which keys are strings: their values are
+    taken as written (``run-name=2024`` is the name "2024"). A value of another type
+    that is not TOML raises :class:`LaunchError` naming the key. A ``.toml`` file and
+    values that already parse are passed on unchanged; unknown keys too (quoted if
+    bare), for the schema to name them.
+    """
+    import dataclasses
+
+    from rcsr_flower.config import RunConfig
+
+    kinds = {
+        f.name.replace("_", "-"): f.type if isinstance(f.type, str) else f.type.__name__
+        for f in dataclasses.fields(RunConfig)
+    }
+    out = []
+    for raw in raw_run_config:
+        if raw.strip().endswith(".toml"):
+            out.append(raw)
+            continue
+        pairs = []
+        for key, value in _PAIR.findall(raw):
+            try:
+                parsed = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = None
+            kind = kinds.get(key, "str")
+            if kind == "str" and not isinstance(parsed, str):
+                value = json.dumps(value)  # as written: a JSON string is a TOML string
+            elif parsed is None:
+                raise LaunchError(
+                    f"run-config '{key}' = {value}: not a valid {kind} "
+                    f'(-c "{key}=..." takes TOML values: numbers, true/false, "strings")'
+                )
+            pairs.append(f"{key}={value}")
+        out.append(" ".join(pairs))
+    return out
 
 
 def prepare_run(cfg: RunConfig, num_partitions: int, env: dict[str, str]) -> None:
@@ -244,10 +385,11 @@ class SimulationLauncher:
         self.control_port = free_port()
         self.process: subprocess.Popen | None = None
         self._checked: dict[str, object] | None = None  # the overrides check() accepted
+        self.tag = new_tag()  # in the environment of every process this launcher starts
 
     # ------------------------------------------------------------------ environment
     def _env(self) -> dict[str, str]:
-        return flower_env(self.flwr_home, self.env)
+        return {**flower_env(self.flwr_home, self.env), TAG_VAR: self.tag}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -278,11 +420,14 @@ class SimulationLauncher:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        track(self.tag, self.process)
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", log_file)
 
     def stop(self) -> None:
-        """Stop the SuperLink and its whole process group (ServerApp, Ray)."""
+        """Stop the SuperLink, its whole process group (ServerApp, Ray) and anything
+        else this launcher started (by its tag)."""
         stop_process_group(self.process)
+        stop_tagged(self.tag)
         self.process = None
 
     def check(self, run_name: str, output_dir: Path) -> dict[str, object]:
@@ -333,8 +478,12 @@ class SimulationLauncher:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every launcher shares (this one and ``rcsr_flower.deploy``)."""
     parser.add_argument("--app-dir", default=".")
-    parser.add_argument("--output-dir", default="outputs")
-    parser.add_argument("--run-name", default="", help="default: <kind>-<date>-<time>")
+    parser.add_argument(
+        "--output-dir", default="", help='default: -c output-dir="...", else outputs'
+    )
+    parser.add_argument(
+        "--run-name", default="", help='default: -c run-name="...", else <kind>-<date>-<time>'
+    )
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument(
         "-c",
@@ -348,11 +497,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def start_cli(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
     """Set up a launcher's command line: INFO logs on the console, and SIGTERM (CI
     timeouts, ``kill``) unwinding through the caller's ``finally``, which stops what it
-    started. Returns ``(run name, output directory)``."""
+    started (and :func:`track`'s handler, which stops it first). Returns ``(run name,
+    output directory)``: ``--run-name``/``--output-dir``, else ``run-name``/``output-dir``
+    given with ``-c``, else a timestamped name in ``outputs``. Raises
+    :class:`LaunchError` when ``-c`` cannot be read or contradicts the options."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    name = args.run_name or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
-    return name, Path(args.output_dir).resolve()
+    from flwr.common.config import parse_config_args
+
+    args.run_config = quote_bare_strings(args.run_config)
+    try:
+        given = parse_config_args(args.run_config)
+    except Exception as exc:  # click's "invalid format", a missing .toml file
+        raise LaunchError(f"-c {' '.join(args.run_config)!r}: {exc}") from None
+    chosen = {}
+    for key, option in (("run-name", args.run_name), ("output-dir", args.output_dir)):
+        value = given.get(key)
+        if option and value is not None and str(value) != option:
+            raise LaunchError(
+                f"{key} given twice: --{key} {option!r} and -c {key}={value!r}; give one"
+            )
+        chosen[key] = option or (str(value) if value is not None else "")
+    name = chosen["run-name"] or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+    return name, Path(chosen["output-dir"] or "outputs").resolve()
 
 
 def report(result: dict, path: Path, logs: str | None) -> int:
@@ -380,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     args = parser.parse_args(argv)
-    run_name, output_dir = start_cli(args, "run")
+    try:
+        run_name, output_dir = start_cli(args, "run")
+    except LaunchError as exc:
+        return report(
+            {"status": "failed", "error": str(exc)}, Path(args.output_dir or "outputs"), None
+        )
     launcher = SimulationLauncher(
         app_dir=Path(args.app_dir),
         flwr_home=Path(args.flwr_home),

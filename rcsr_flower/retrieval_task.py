@@ -8,15 +8,23 @@ router objective of SPEC §5 step 7, and the prototype-bank update of §3.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from rcsr_flower.metrics import RECALL_KEYS
+from rcsr_flower.outputs import MetricsLog
 from rcsr_flower.prototypes import PrototypeBank, SlotStats
 from rcsr_flower.routing.router import entropy
 from rcsr_flower.routing.task import ClientReport, ReplyError
+
+log = logging.getLogger(__name__)
 
 STATS_KEY = "stats"
 GEOMETRY_DIM = 4
@@ -26,7 +34,7 @@ GEOMETRY_DIM = 4
 class RetrievalSummary:
     p_image: torch.Tensor  # [d]
     p_text: torch.Tensor  # [d]
-    geometry: torch.Tensor  # [4]: ‖Δ‖, ‖Δ_v‖/(‖Δ_t‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n
+    geometry: torch.Tensor  # [4]: log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖), cos(Δ,Δ_prev), log(1+‖Δ‖/√n)
     mask: torch.Tensor  # [2]: has image, has text
     slots: SlotStats
 
@@ -96,13 +104,37 @@ class RetrievalTask:
             if n is not None and (n < 0).any():
                 raise ReplyError(f"'{side}_count' has negative counts")
             sides[side] = (s, n)
+        geometry = get("geometry", (GEOMETRY_DIM,))
+        log_norm, share, cos, log_per_example = geometry.tolist()
+        if min(log_norm, log_per_example) < 0 or not 0 <= share <= 1 or abs(cos) > 1 + 1e-4:
+            raise ReplyError(
+                f"'geometry' is {[round(g, 4) for g in geometry.tolist()]}: expected "
+                "[log(1+‖Δ‖) ≥ 0, tower share in [0, 1], cos in [-1, 1], log(1+‖Δ‖/√n) ≥ 0] "
+                "(SPEC §4; a client from before the revision sends the unbounded ratio)"
+            )
         return RetrievalSummary(
             p_image=get("p_image", (d,)),
             p_text=get("p_text", (d,)),
-            geometry=get("geometry", (GEOMETRY_DIM,)),
+            geometry=geometry,
             mask=mask,
             slots=SlotStats(*sides["image"], *sides["text"]),
         )
+
+    def example_content(self) -> RecordDict:
+        """A well-formed paired client's ``"stats"`` record (for ``check_task``)."""
+        g = torch.Generator().manual_seed(0)
+        d, c = self.dim, self.bank.slots
+        stats = {
+            "p_image": F.normalize(torch.randn(d, generator=g), dim=0),
+            "p_text": F.normalize(torch.randn(d, generator=g), dim=0),
+            "geometry": torch.tensor([0.1, 0.5, 0.0, 0.01]),
+            "mask": torch.ones(2),
+            "image_sum": torch.randn(c, d, generator=g),
+            "image_count": torch.ones(c),
+            "text_sum": torch.randn(c, d, generator=g),
+            "text_count": torch.ones(c),
+        }
+        return RecordDict({STATS_KEY: ArrayRecord(stats)})
 
     # ------------------------------------------------------------------ step 2
     def token(self, report: ClientReport, update: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,9 +157,17 @@ class RetrievalTask:
 
     # ------------------------------------------------------------------ step 7
     def router_objective(self, w_router: torch.Tensor, reports: list[ClientReport]) -> torch.Tensor:
-        p_i = torch.stack([r.summary.p_image for r in reports])
-        p_t = torch.stack([r.summary.p_text for r in reports])
-        return router_loss(w_router, p_i, p_t, self.bank.g_image, self.bank.g_text, self.betas)
+        summaries: list[RetrievalSummary] = [r.summary for r in reports]
+        return router_loss(
+            w_router,
+            torch.stack([s.p_image for s in summaries]),
+            torch.stack([s.p_text for s in summaries]),
+            self.bank.g_image,
+            self.bank.g_text,
+            self.betas,
+            has_image=torch.stack([s.mask[0] > 0 for s in summaries]),
+            has_text=torch.stack([s.mask[1] > 0 for s in summaries]),
+        )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.bank.to_tensors()
@@ -150,24 +190,118 @@ def router_loss(
     g_image: torch.Tensor,
     g_text: torch.Tensor,
     betas: RouterBetas,
+    has_image: torch.Tensor | None = None,
+    has_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §5 step 7.
+    """SPEC §5 step 7 (ours, revised): only what a client holds enters the objective.
 
     ``softplus(β1(1−cos(ĝ_I,g_I)) + β2(1−cos(ĝ_T,g_T)) − β4·H(w) + β5·A)`` with
-    ``ĝ = normalize(Σ w_k p_k)``, ``a_k = normalize(p_I,k − p_T,k)``,
-    ``â = normalize(Σ w_k a_k)``,
-    ``A = ½(1−cos(â, normalize(g_I − g_T))) + ½ Σ_k w_k (1−cos(a_k, â))``.
+    ``ĝ_I = normalize(Σ_{k holds images} w_k p_I,k)`` and ``ĝ_T`` likewise over the text
+    holders (a term without holders is 0), ``a_k = normalize(p_I,k − p_T,k)`` over the
+    paired clients ``P``, ``â = normalize(Σ_{k∈P} w_k a_k)``,
+    ``A = ½(1−cos(â, normalize(g_I − g_T))) + ½ Σ_{k∈P} w_k (1−cos(a_k, â))`` and
+    ``A = 0`` without a paired client. A unimodal client's missing side is a placeholder
+    (the global prototype itself): summed in, it would reward weighting clients by what
+    they lack. ``has_image``/``has_text`` (bool ``[K]``) default to every client holding both.
     """
-    g_hat_i = F.normalize(w @ p_image, dim=0)
-    g_hat_t = F.normalize(w @ p_text, dim=0)
-    a = F.normalize(p_image - p_text, dim=1)
-    a_hat = F.normalize(w @ a, dim=0)
-    axis = F.normalize(g_image - g_text, dim=0)
-    align = 0.5 * (1 - a_hat @ axis) + 0.5 * (w * (1 - a @ a_hat)).sum()
+    ones = torch.ones(len(w), dtype=torch.bool)
+    has_image = ones if has_image is None else has_image.bool()
+    has_text = ones if has_text is None else has_text.bool()
+    paired = has_image & has_text
+    zero = w.new_zeros(())
+
+    def drift(holders: torch.Tensor, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if not holders.any():
+            return zero
+        g_hat = F.normalize(w[holders] @ p[holders], dim=0)
+        return 1 - g_hat @ F.normalize(g, dim=0)
+
+    align = zero
+    if paired.any():
+        wp = w[paired]
+        a = F.normalize(p_image[paired] - p_text[paired], dim=1)
+        a_hat = F.normalize(wp @ a, dim=0)
+        axis = F.normalize(g_image - g_text, dim=0)
+        align = 0.5 * (1 - a_hat @ axis) + 0.5 * (wp * (1 - a @ a_hat)).sum()
     inner = (
-        betas.image * (1 - g_hat_i @ F.normalize(g_image, dim=0))
-        + betas.text * (1 - g_hat_t @ F.normalize(g_text, dim=0))
+        betas.image * drift(has_image, p_image, g_image)
+        + betas.text * drift(has_text, p_text, g_text)
         - betas.entropy * entropy(w)
         + betas.axis * align
     )
     return F.softplus(inner)
+
+
+# ---------------------------------------------------------------------------- evaluation
+MODALITY_NAMES = ("paired", "image-only", "text-only")  # the codes client.MODALITY_CODES sends
+SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
+
+
+class PersonalizedRetrieval:
+    """SPEC §6 personalised evaluation as the strategy's :class:`FederatedEvaluation`:
+    each client's recalls on its local test split, summarised overall and per modality
+    group (``metrics.jsonl`` field ``personalized``)."""
+
+    key = "personalized"
+
+    def parse(self, metrics: dict) -> dict | None:
+        if "rsum" not in metrics:
+            return None  # a local test split too small to rank
+        missing = [k for k in (*SUMMARY_KEYS, "modality") if k not in metrics]
+        if missing:
+            raise ReplyError(f"evaluation metrics lack {missing}")
+        code = metrics["modality"]
+        if not isinstance(code, int) or not 0 <= code < len(MODALITY_NAMES):
+            raise ReplyError(f"modality is {code!r}, expected 0, 1 or 2")
+        return {**metrics, "group": MODALITY_NAMES[code]}
+
+    def summarise(self, rows: list[dict]) -> dict:
+        return personalized_summary([(r["group"], r) for r in rows])
+
+
+def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
+    """SPEC §6: mean, std and worst 10% of clients (by rsum; at least one client),
+    overall and per modality group."""
+
+    def stats(rows: list[dict[str, float]]) -> dict:
+        if not rows:
+            return {}
+        table = {k: np.array([r[k] for r in rows], dtype=float) for k in SUMMARY_KEYS}
+        worst = np.argsort(table["rsum"], kind="stable")[: max(1, math.ceil(0.1 * len(rows)))]
+        return {
+            "mean": {k: float(v.mean()) for k, v in table.items()},
+            "std": {k: float(v.std()) for k, v in table.items()},
+            "worst10": {k: float(v[worst].mean()) for k, v in table.items()},
+            "clients": len(rows),
+        }
+
+    out = stats([m for _, m in per_client])
+    out["by_group"] = {
+        name: group
+        for name in MODALITY_NAMES
+        if (group := stats([m for mod, m in per_client if mod == name]))
+    }
+    return out
+
+
+def make_evaluate_fn(
+    num_rounds: int,
+    eval_every: int,
+    metrics_log: MetricsLog,
+    evaluate: Callable[[ArrayRecord], dict],
+) -> Callable:
+    """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
+
+    Its metrics join the round's row, which the strategy writes when the round ends."""
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
+        result = None
+        if due:
+            metrics = evaluate(arrays)
+            metrics_log.add(server_round, **{"global": metrics})
+            log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
+            result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
+        return result
+
+    return evaluate_fn

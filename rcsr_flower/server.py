@@ -39,10 +39,21 @@ from rcsr_flower.federation import (
     reported_partition,
 )
 from rcsr_flower.local_only import LocalOnlyStrategy
-from rcsr_flower.outputs import MetricsLog, run_dir, summary_table, write_json
+from rcsr_flower.outputs import (
+    MetricsLog,
+    resolve_output_path,
+    run_dir,
+    summary_table,
+    write_json,
+)
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import RetrievalTask, RouterBetas
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, make_evaluate_fn, unanswered
+from rcsr_flower.retrieval_task import (
+    PersonalizedRetrieval,
+    RetrievalTask,
+    RouterBetas,
+    make_evaluate_fn,
+)
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, unanswered
 from rcsr_flower.task import evaluate_retrieval, preprocess_split
 
 log = logging.getLogger(__name__)
@@ -76,29 +87,117 @@ def _query(grid: Grid, node_ids: list[int], config: dict, cfg: RunConfig) -> lis
     return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
 
 
-def wait_for_federation(grid: Grid, cfg: RunConfig, timeout: float = 600.0) -> list[int]:
-    """Wait for ``min-available-nodes``; fail fast when the federation is too small.
+class NodeWaitTimeout(RuntimeError):
+    """Fewer nodes than the run's minimum stayed connected for ``node-wait-timeout`` s."""
+
+
+WAIT_LOG_EVERY = 30.0  # seconds between "waiting for nodes" lines
+
+
+def nodes_needed(cfg: RunConfig) -> dict[str, int]:
+    """The minimums that make Flower wait for nodes, by run-config key."""
+    needs = {
+        "min-available-nodes": cfg.min_available_nodes,
+        "min-train-nodes": cfg.min_train_nodes,
+    }
+    if cfg.fraction_evaluate > 0:
+        needs["min-evaluate-nodes"] = cfg.min_evaluate_nodes
+    return needs
+
+
+class NodeWait:
+    """One bounded wait for nodes: how long it has lasted, a progress line every 30 s,
+    and :class:`NodeWaitTimeout` (one line: who is missing) when ``timeout`` is up."""
+
+    def __init__(self, needs: dict[str, int], timeout: float, where: str) -> None:
+        self.needs = needs
+        self.needed = max(needs.values())
+        self.timeout = timeout
+        self.where = where
+        self.started = time.monotonic()
+        self.logged: float | None = None  # the first check logs
+
+    def due(self) -> bool:
+        """Whether :meth:`check` will log or raise now."""
+        now = time.monotonic()
+        if self.logged is None or now - self.started >= self.timeout:
+            return True
+        return now - self.logged >= WAIT_LOG_EVERY
+
+    def check(self, connected: int, missing: str) -> None:
+        """Log progress, or raise once the time is up."""
+        now = time.monotonic()
+        waited = now - self.started
+        if waited >= self.timeout:
+            raise NodeWaitTimeout(
+                f"waited {waited:.0f} s (node-wait-timeout) for nodes {self.where}: "
+                f"{self._status(connected, missing)}"
+            )
+        if self.logged is None or now - self.logged >= WAIT_LOG_EVERY:
+            self.logged = now
+            self._log(connected, missing)
+
+    def _log(self, connected: int, missing: str) -> None:
+        left = max(0.0, self.timeout - (time.monotonic() - self.started))
+        log.warning(
+            "waiting for nodes %s: %s; the run ends in %.0f s unless they connect",
+            self.where,
+            self._status(connected, missing),
+            left,
+        )
+
+    def _status(self, connected: int, missing: str) -> str:
+        keys = ", ".join(f"{k} {v}" for k, v in self.needs.items() if v == self.needed)
+        return f"{connected} connected, {self.needed} needed ({keys}){missing}"
+
+
+def wait_for_federation(grid: Grid, cfg: RunConfig, timeout: float | None = None) -> list[int]:
+    """Wait for ``min-available-nodes``, at most ``node-wait-timeout`` s (or ``timeout``);
+    fail fast when the federation is too small.
 
     As soon as one node is up, it is asked for ``num-partitions`` (the federation's size;
     the node answers without loading anything): minimums above it would make Flower's
-    sampling wait forever, so they stop the run here with one line naming the key.
+    sampling wait forever, so they stop the run here with one line naming the key. While
+    the wait lasts, every 30 s the new nodes are asked who they are, so the log names the
+    partitions that are still missing.
     """
-    start, checked = time.monotonic(), False
+    wait = NodeWait(
+        {"min-available-nodes": cfg.min_available_nodes},
+        cfg.node_wait_timeout if timeout is None else timeout,
+        "to start the run",
+    )
+    checked, partition_of, num_partitions = False, {}, None
     while True:
         nodes = list(grid.get_node_ids())
         if nodes and not checked:
             sized = query_nodes(grid, cfg, "size", nodes[:1])
             if sized:
-                cfg.check_federation(int(sized[0]["num-partitions"]))
+                num_partitions = int(sized[0]["num-partitions"])
+                cfg.check_federation(num_partitions)
+                partition_of[sized[0]["node_id"]] = int(sized[0]["partition-id"])
                 checked = True
         if checked and len(nodes) >= cfg.min_available_nodes:
             return nodes
-        if time.monotonic() - start > timeout:
-            raise RuntimeError(
-                f"only {len(nodes)} nodes connected after {timeout:.0f} s; "
-                f"min-available-nodes is {cfg.min_available_nodes}"
-            )
+        if wait.due():  # about to log or give up: who is here?
+            new = [n for n in nodes if n not in partition_of]
+            if new:
+                for entry in query_nodes(grid, cfg, "size", new):
+                    partition_of[entry["node_id"]] = int(entry["partition-id"])
+        wait.check(len(nodes), _missing(partition_of, nodes, num_partitions))
         time.sleep(1.0)
+
+
+def _missing(partition_of: dict[int, int], nodes: list[int], num_partitions: int | None) -> str:
+    """``"; partitions not connected: 1, 3"`` (those known to the run), else ``""``."""
+    here = {partition_of[n] for n in nodes if n in partition_of}
+    if num_partitions is not None:
+        missing = sorted(set(range(num_partitions)) - here)
+    else:
+        missing = sorted(set(partition_of.values()) - here)
+    if not missing:
+        return ""
+    shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+    return f"; partitions not connected: {shown}"
 
 
 def release_client_state(grid: Grid, cfg: RunConfig, state_key: str) -> None:
@@ -111,36 +210,66 @@ def release_client_state(grid: Grid, cfg: RunConfig, state_key: str) -> None:
 
 
 class PartitionOrderedGrid:
-    """The run's grid, listing nodes in partition order.
+    """The run's grid, listing nodes in partition order, and bounding Flower's waits.
 
     SuperNode ids are random per launch and Flower samples with ``random.sample`` over
     ``get_node_ids()``: ordered by partition id, the seeded sample picks the same clients
-    in every launch. Everything else is delegated to the real grid.
+    in every launch.
+
+    Flower's ``sample_nodes`` polls ``get_node_ids()`` once a second, without end, while
+    fewer nodes are connected than the strategy's minimum. With ``needs`` (the minimums,
+    :func:`nodes_needed`) and ``wait_timeout``, the polling is timed here: once it has
+    seen too few nodes for ``wait_timeout`` seconds with no message sent in between, it
+    raises :class:`NodeWaitTimeout` out of the strategy (every 30 s before that it logs
+    who is missing). Everything else is delegated to the real grid.
     """
 
-    def __init__(self, grid: Grid, partition_of: dict[int, int]) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        partition_of: dict[int, int],
+        *,
+        needs: dict[str, int] | None = None,
+        wait_timeout: float | None = None,
+    ) -> None:
         self._grid = grid
         self._partition_of = partition_of
+        self._needs = needs or {}
+        self._wait_timeout = wait_timeout
+        self._wait: NodeWait | None = None
+        self._last_sent: str | None = None  # where the run is, for the wait's log lines
 
     def get_node_ids(self) -> list[int]:
         unknown = 1 << 62  # nodes that joined after the query round go last
-        return sorted(
+        nodes = sorted(
             self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, unknown), n)
         )
+        self._time_wait(nodes)
+        return nodes
+
+    def _time_wait(self, nodes: list[int]) -> None:
+        if self._wait_timeout is None or not self._needs or len(nodes) >= max(self._needs.values()):
+            self._wait = None
+            return
+        missing = _missing(self._partition_of, nodes, None)
+        if self._wait is None:  # Flower may be about to wait: it polls again if so
+            where = f"after {self._last_sent}" if self._last_sent else "before the first round"
+            self._wait = NodeWait(self._needs, self._wait_timeout, where)
+        else:
+            self._wait.check(len(nodes), missing)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """The real grid's, then a warning naming every node that did not answer."""
         messages = list(messages)
+        self._wait = None  # Flower sends only once it has its nodes: no wait in progress
+        if messages:
+            self._last_sent = _describe(messages[0])
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for msg, why in unanswered(messages, replies):
             node = msg.metadata.dst_node_id
-            config = msg.content.config_records.get("config")
-            server_round = config.get("server-round") if config is not None else None
-            what = msg.metadata.message_type
-            if server_round is not None:
-                what += f" round {server_round}"
+            what = _describe(msg)
             waited = f"{timeout:.0f} s" if timeout is not None else "the round"
             outcome = f"failed: {why.rstrip('.')}" if why else f"sent no reply within {waited}"
             log.warning(
@@ -154,6 +283,14 @@ class PartitionOrderedGrid:
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
+
+
+def _describe(msg: Message) -> str:
+    """``"train round 3"``, ``"query"``: a message's type and round, for log lines."""
+    config = msg.content.config_records.get("config")
+    server_round = config.get("server-round") if config is not None else None
+    what = msg.metadata.message_type
+    return what if server_round is None else f"{what} round {server_round}"
 
 
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
@@ -181,6 +318,8 @@ def run_server(grid: Grid, context: Context) -> None:
         write_json(out / "config.json", cfg.to_flower())
         rows = _run(grid, cfg, out, resume)
     except BaseException as exc:
+        if isinstance(exc, NodeWaitTimeout):  # one line that says why and how to go on
+            log.error("run failed: %s", exc)
         write_json(
             out / "result.json",
             {
@@ -213,7 +352,10 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    node_ids = wait_for_federation(grid, cfg)
+    try:
+        node_ids = wait_for_federation(grid, cfg)
+    except NodeWaitTimeout as exc:
+        raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, None)}") from None
     backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
     # a resumed run has its prototype bank: no bootstrap, only who is who
     bootstrap = cfg.routed and resume is None
@@ -277,6 +419,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             mode=cfg.strategy,
             router=cfg.router,
             minimax=cfg.minimax,
+            tower_aggregation=cfg.tower_aggregation,
             router_hidden=cfg.router_hidden,
             router_heads=cfg.router_heads,
             router_blocks=cfg.router_blocks,
@@ -298,12 +441,15 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         ),
         num_clients=num_partitions,
         metrics_log=metrics_log,
+        evaluation=PersonalizedRetrieval(),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
     )
+
+    checkpointed: list[int] = []  # the rounds this run checkpointed
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         save_checkpoint(
@@ -316,8 +462,14 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             state_key=state_key,
             num_clients=num_partitions,
         )
+        checkpointed.append(server_round)
 
-    run_grid = PartitionOrderedGrid(grid, {n["node_id"]: int(n["partition-id"]) for n in nodes})
+    run_grid = PartitionOrderedGrid(
+        grid,
+        {n["node_id"]: int(n["partition-id"]) for n in nodes},
+        needs=nodes_needed(cfg),
+        wait_timeout=cfg.node_wait_timeout,
+    )
     if cfg.faults.server_kill_round is not None:
         run_grid = ServerKillGrid(run_grid, cfg.faults.server_kill_round)
     first_round = 1
@@ -326,19 +478,40 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         initial = resume.arrays
         first_round = resume.round + 1
         restore_rng(resume)  # last: setup above drew from the global RNGs
-    result = strategy.start(
-        grid=run_grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_config=ConfigRecord({"state-key": state_key}),
-        evaluate_fn=make_evaluate_fn(cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate),
-        first_round=first_round,
-        on_round_end=checkpoint,
-    )
+    try:
+        result = strategy.start(
+            grid=run_grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            evaluate_config=ConfigRecord({"state-key": state_key}),
+            evaluate_fn=make_evaluate_fn(
+                cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate
+            ),
+            first_round=first_round,
+            on_round_end=checkpoint,
+        )
+    except NodeWaitTimeout as exc:
+        last = checkpointed[-1] if checkpointed else None
+        raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, last)}") from None
     save_state(out, result.arrays or initial, strategy)
     release_client_state(grid, cfg, state_key)
     return metrics_log.rows
+
+
+def continue_hint(
+    cfg: RunConfig, out: Path, resume: Checkpoint | None, checkpointed: int | None
+) -> str:
+    """How to go on after a run that gave up waiting for nodes: which checkpoint is
+    intact and the ``resume-from`` that continues it (one sentence)."""
+    if checkpointed is None and resume is not None:  # nothing new since the resumed one
+        checkpointed, out = resume.round, resolve_output_path(cfg.resume_from)
+    if checkpointed is None:
+        return "Nothing was trained: submit the run again once the nodes are up"
+    return (
+        f"Round {checkpointed} is the last complete round, checkpointed in {out}: once the "
+        f"nodes are back, continue with -c 'resume-from=\"{out}\"'"
+    )
 
 
 def save_state(out: Path, arrays: ArrayRecord, strategy: RCSRStrategy) -> None:

@@ -19,11 +19,13 @@ personal adapters on the client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -38,16 +40,27 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 from flwr.supercore import log as flwr_log
 
-from rcsr_flower.metrics import RECALL_KEYS
+from rcsr_flower.backbones.adapters import tower_of
 from rcsr_flower.outputs import MetricsLog
+from rcsr_flower.routing.check import check_task
 from rcsr_flower.routing.minimax import MinimaxWeights
 from rcsr_flower.routing.router import SemanticRouter, entropy, fuse_weights
-from rcsr_flower.routing.task import ClientReport, ReplyError, RoutedTask
+from rcsr_flower.routing.task import (
+    ClientReport,
+    FederatedEvaluation,
+    ReplyError,
+    RoutedTask,
+    WeightedAverage,
+)
 
 log = logging.getLogger(__name__)
 
-MODALITY_NAMES = ("paired", "image-only", "text-only")
-SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
+# the towers a client of each modality code trains (client.MODALITY_CODES)
+TOWERS_HELD = {
+    0: frozenset({"vision", "text"}),
+    1: frozenset({"vision"}),
+    2: frozenset({"text"}),
+}
 
 
 # ============================================================================ pure steps
@@ -113,7 +126,7 @@ def validate_replies(
                 if got[k] != (shape, dtype):
                     raise ReplyError(
                         f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
-                        f"expected {dtype}{list(shape)}"
+                        f"expected {dtype}{list(shape)} like the global parameters sent"
                     )
                 x = _decode(arrays, k)
                 if (tuple(x.shape), str(x.dtype)) != (shape, dtype):
@@ -136,15 +149,21 @@ def validate_replies(
             n, loss, pid = metrics["num-examples"], metrics["train-loss"], metrics["partition-id"]
             if not isinstance(loss, int | float) or not math.isfinite(loss):
                 raise ReplyError(f"train-loss is {loss!r}")
-            if not isinstance(n, int) or n < min_examples:
-                raise ReplyError(f"num-examples is {n!r}: nothing trained")
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise ReplyError(
+                    f"num-examples is {n!r} ({type(n).__name__}), expected an int: the "
+                    "number of local training examples"
+                )
+            if n < min_examples:
+                raise ReplyError(f"num-examples is {n}: nothing trained")
             limit = num_clients if num_clients is not None else 1 << 62
             if not isinstance(pid, int) or not 0 <= pid < limit:
                 raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
             if pid in seen:
                 raise ReplyError(f"partition-id {pid} already replied this round")
+            holds = _holdings(metrics)
             summary = task.parse_reply(content) if task is not None else None
-            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary))
+            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary, holds))
             seen.add(pid)
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
@@ -152,6 +171,17 @@ def validate_replies(
     # replies arrive in completion order; a fixed order makes the float sums repeatable
     reports.sort(key=lambda r: (r.client_id, r.node_id))
     return reports, dropped
+
+
+def _holdings(metrics: MetricRecord) -> frozenset[str] | None:
+    """The towers a client trained, from its optional ``modality`` metric (0 paired,
+    1 image-only, 2 text-only); None (everything) when it sends none."""
+    if "modality" not in metrics:
+        return None
+    code = metrics["modality"]
+    if not isinstance(code, int) or code not in TOWERS_HELD:
+        raise ReplyError(f"modality is {code!r}, expected 0 (paired), 1 (image-only) or 2")
+    return TOWERS_HELD[code]
 
 
 def _last_line(reason: str, limit: int = 300) -> str:
@@ -182,46 +212,69 @@ def sample_weights(reports: list[ClientReport]) -> torch.Tensor:
     return n / n.sum()
 
 
-def aggregate(reports: list[ClientReport], weights: torch.Tensor | None) -> ArrayRecord:
-    """Step 5: ``θ <- θ + Σ_k w_k Δ_k`` = ``Σ_k w_k θ_k`` (Σ w = 1), with Flower's own
-    ``aggregate_arrayrecords``; ``weights=None`` means FedAvg's ``num-examples``."""
-    records = [
-        RecordDict(
-            {
-                "arrays": r.arrays,
-                "metrics": MetricRecord(
-                    {"w": r.num_examples if weights is None else float(weights[i])}
-                ),
-            }
-        )
-        for i, r in enumerate(reports)
-    ]
-    return aggregate_arrayrecords(records, "w")
+def aggregate(
+    reports: list[ClientReport],
+    weights: torch.Tensor | None,
+    current: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Step 5: ``θ <- Σ_k w_k θ_k / Σ_k w_k`` with Flower's own ``aggregate_arrayrecords``;
+    ``weights=None`` means FedAvg's ``num-examples``.
+
+    With ``current`` (the round's global θ) it is tower-wise (SPEC §5 step 5, ours,
+    revised): each tower ``t`` averages only over the clients holding it,
+    ``θ_t <- θ_t + Σ_{k∈H_t} w_k Δ_k,t / Σ_{k∈H_t} w_k``, and a tower no participant holds
+    stays as it is. A unimodal client's Δ is exactly zero on its missing tower; the plain
+    form (``current=None``) counts that zero with the client's full weight and slows the
+    tower down. With only paired clients both forms are the same computation.
+    """
+
+    def weighted_mean(members: list[int], keys: list[str]) -> ArrayRecord:
+        records = [
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: reports[i].arrays[k] for k in keys}),
+                    "metrics": MetricRecord(
+                        {"w": reports[i].num_examples if weights is None else float(weights[i])}
+                    ),
+                }
+            )
+            for i in members
+        ]
+        return aggregate_arrayrecords(records, "w")
+
+    everyone = list(range(len(reports)))
+    keys = list(reports[0].arrays.keys())
+    if current is None:
+        return weighted_mean(everyone, keys)
+    merged: dict = {}
+    for tower in dict.fromkeys(tower_of(k) for k in keys):
+        tower_keys = [k for k in keys if tower_of(k) == tower]
+        holders = [i for i in everyone if tower is None or reports[i].holds_tower(tower)]
+        if holders:
+            merged.update(weighted_mean(holders, tower_keys).items())
+        else:  # nobody trained this tower this round: it stays as it is
+            merged.update((k, current[k]) for k in tower_keys)
+    return ArrayRecord({k: merged[k] for k in keys})
 
 
-def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
-    """SPEC §6: mean, std and worst 10% of clients (by rsum; at least one client),
-    overall and per modality group."""
+class RoundClock:
+    """Wall seconds per phase of one round, as the server sees them."""
 
-    def stats(rows: list[dict[str, float]]) -> dict:
-        if not rows:
-            return {}
-        table = {k: np.array([r[k] for r in rows], dtype=float) for k in SUMMARY_KEYS}
-        worst = np.argsort(table["rsum"], kind="stable")[: max(1, math.ceil(0.1 * len(rows)))]
-        return {
-            "mean": {k: float(v.mean()) for k, v in table.items()},
-            "std": {k: float(v.std()) for k, v in table.items()},
-            "worst10": {k: float(v[worst].mean()) for k, v in table.items()},
-            "clients": len(rows),
-        }
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._phases: dict[str, float] = {}
 
-    out = stats([m for _, m in per_client])
-    out["by_group"] = {
-        name: group
-        for name in MODALITY_NAMES
-        if (group := stats([m for mod, m in per_client if mod == name]))
-    }
-    return out
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    def seconds(self) -> dict:
+        total = time.perf_counter() - self.started
+        return {"round": round(total, 3), **{k: round(v, 3) for k, v in self._phases.items()}}
 
 
 # ============================================================================ strategy
@@ -232,6 +285,7 @@ class RoutingOptions:
     mode: str = "rcsr"  # "rcsr" | "fedavg" | "fedprox" | "fedper"
     router: bool = True
     minimax: bool = True
+    tower_aggregation: bool = True  # step 5 tower by tower (False: Flower's plain FedAvg)
     router_hidden: int = 128
     router_heads: int = 4
     router_blocks: int = 2
@@ -259,10 +313,12 @@ class RCSRStrategy(FedAvg):
         options: RoutingOptions,
         num_clients: int,
         metrics_log: MetricsLog | None = None,
+        evaluation: FederatedEvaluation | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.task = task if options.routed else None
+        self.evaluation = evaluation if evaluation is not None else WeightedAverage()
         self.options = options
         self.metrics_log = metrics_log
         self.num_clients = num_clients
@@ -285,6 +341,8 @@ class RCSRStrategy(FedAvg):
             )
             self.router_opt = torch.optim.Adam(self.router.parameters(), lr=options.router_lr)
         self.history: dict[int, dict] = {}
+        self._router_seconds: dict[int, float] = {}
+        self._client_seconds: dict[int, dict[str, float]] = {}
         # (messages, timeout) of the train round in flight, set by start()
         self.in_flight: tuple[list[Message], float] | None = None
 
@@ -317,13 +375,26 @@ class RCSRStrategy(FedAvg):
         flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
+        if self.task is not None:  # a task's mistakes in one line, before anyone trains
+            check_task(self.task, initial_arrays)
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
         if first_round == 1:
-            if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
+            clock = RoundClock()
+            # SPEC §6: zero-shot on every client's local test split too, so personalised
+            # curves start from the frozen backbone like the global one
+            with clock("federated_evaluate"):
+                res = self._federated_evaluate(0, arrays, evaluate_config, grid, timeout)
+            if res is not None:
+                flwr_log(INFO, "Initial federated evaluation results: %s", res)
+                result.evaluate_metrics_clientapp[0] = res
+            with clock("central_evaluate"):
+                res = evaluate_fn(0, arrays) if evaluate_fn is not None else None
+            if res is not None:
                 flwr_log(INFO, "Initial global evaluation results: %s", res)
                 result.evaluate_metrics_serverapp[0] = res
+            self._end_round(0, clock)
             if on_round_end is not None:
                 on_round_end(0, arrays)
         else:
@@ -331,29 +402,78 @@ class RCSRStrategy(FedAvg):
         for server_round in range(first_round, num_rounds + 1):
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            messages = list(self.configure_train(server_round, arrays, train_config, grid))
-            replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+            clock = RoundClock()
+            with clock("train_wait"):
+                messages = list(self.configure_train(server_round, arrays, train_config, grid))
+                replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
             self.in_flight = (messages, timeout)  # aggregate_train names whom it lost
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            with clock("aggregate"):
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
             if train_metrics is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                timeout=timeout,
-            )
-            if (res := self.aggregate_evaluate(server_round, replies)) is not None:
+            with clock("federated_evaluate"):
+                res = self._federated_evaluate(server_round, arrays, evaluate_config, grid, timeout)
+            if res is not None:
                 flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", res)
                 result.evaluate_metrics_clientapp[server_round] = res
-            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+            with clock("central_evaluate"):
+                res = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            if res is not None:
                 flwr_log(INFO, "Global evaluation\t└──> MetricRecord: %s", res)
                 result.evaluate_metrics_serverapp[server_round] = res
+            self._end_round(server_round, clock)
             if on_round_end is not None:
                 on_round_end(server_round, arrays)
         flwr_log(INFO, "")
+        ran = range(first_round, num_rounds + 1)
+        if len(ran) and all(self.history.get(r, {}).get("skipped") for r in ran):
+            reasons = sorted({why for r in ran for why in self.history[r]["dropped"].values()})
+            raise RuntimeError(
+                f"every round ({first_round}..{num_rounds}) was skipped for too few valid "
+                f"replies, so nothing was learnt; the replies were dropped because: "
+                f"{'; '.join(reasons[:3]) or 'no client answered'}"
+            )
         return result
+
+    def _end_round(self, server_round: int, clock: RoundClock) -> None:
+        """Write the round's row: what the hooks recorded plus where its time went."""
+        seconds = clock.seconds()
+        if "aggregate" in seconds:  # the router step runs inside aggregate_train
+            router = self._router_seconds.pop(server_round, 0.0)
+            seconds["aggregate"] = round(seconds["aggregate"] - router, 3)
+            seconds["router_step"] = round(router, 3)
+        seconds["clients"] = {
+            k: round(v, 3) for k, v in sorted(self._client_seconds.pop(server_round, {}).items())
+        }
+        if self.metrics_log is not None:
+            self.metrics_log.add(server_round, seconds=seconds)
+            self.metrics_log.flush(server_round)
+
+    def _add_client_seconds(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Sum the clients' own compute seconds (``*-seconds`` metrics) for the round row."""
+        totals = self._client_seconds.setdefault(server_round, {})
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                continue
+            for key, value in msg.content.metric_records["metrics"].items():
+                if key.endswith("-seconds") and isinstance(value, int | float):
+                    name = key.removesuffix("-seconds")
+                    totals[name] = totals.get(name, 0.0) + float(value)
+
+    def _federated_evaluate(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        timeout: float,
+    ) -> MetricRecord | None:
+        messages = self.configure_evaluate(server_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        return self.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -434,6 +554,7 @@ class RCSRStrategy(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         # 1. validate
         replies = list(replies)
+        self._add_client_seconds(server_round, replies)
         sent, waited = self.in_flight if self.in_flight is not None else ([], None)
         self.in_flight = None
         reports, dropped = validate_replies(
@@ -459,26 +580,28 @@ class RCSRStrategy(FedAvg):
             self._record(server_round, {**record, "skipped": True})
             return None, None
 
+        towers = self.current if self.options.tower_aggregation else None
         if self.task is None:  # FedAvg / FedProx / FedPer: Flower's sample-count weights
-            arrays = aggregate(reports, None)
+            arrays = aggregate(reports, None, towers)
             w = sample_weights(reports)
             weights = {"router": w, "minimax": torch.full_like(w, 1 / len(w)), "fused": w}
             router_loss = None
         else:
             updates = updates_of(reports, self.current)
-            # 2. router weights (with graph, for step 7)
-            w_router = self._router_weights(reports, updates)
+            tokens = self._tokens(reports, updates)
+            # 2. router weights: an eval-mode forward, so no dropout noise reaches θ
+            w_router = self._router_weights(reports, tokens)
             # 3. minimax weights
             w_minimax = self._minimax_weights(reports)
             # 4. fuse
-            w = fuse_weights(w_router.detach(), w_minimax)
+            w = fuse_weights(w_router, w_minimax)
             # 5. aggregate
-            arrays = aggregate(reports, w)
+            arrays = aggregate(reports, w, towers)
             # 6. prototypes
             self.task.update_state(w, reports)
-            # 7. router step
-            router_loss = self._router_step(w_router, reports)
-            weights = {"router": w_router.detach(), "minimax": w_minimax, "fused": w}
+            # 7. router step on a train-mode forward of the same tokens
+            router_loss = self._router_step(server_round, tokens, reports)
+            weights = {"router": w_router, "minimax": w_minimax, "fused": w}
 
         # 8. record
         record.update(
@@ -497,14 +620,23 @@ class RCSRStrategy(FedAvg):
         metrics = MetricRecord({"train-loss": record["train_loss"], "num-clients": len(reports)})
         return arrays, metrics
 
-    def _router_weights(
+    def _tokens(
         self, reports: list[ClientReport], updates: list[dict[str, torch.Tensor]]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         if self.router is None:
+            return None
+        return torch.stack([self.task.token(r, u) for r, u in zip(reports, updates, strict=True)])
+
+    def _router_weights(
+        self, reports: list[ClientReport], tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SPEC §5 step 2: the router's weights from an eval-mode forward (deterministic:
+        the same tokens give the same weights); sample-count weights without a router."""
+        if self.router is None or tokens is None:
             return sample_weights(reports)
-        tokens = torch.stack([self.task.token(r, u) for r, u in zip(reports, updates, strict=True)])
-        self.router.train()
-        return self.router(tokens)
+        self.router.eval()
+        with torch.no_grad():
+            return self.router(tokens)
 
     def _minimax_weights(self, reports: list[ClientReport]) -> torch.Tensor:
         if self.minimax is None:
@@ -512,13 +644,21 @@ class RCSRStrategy(FedAvg):
         w = self.minimax.step([r.client_id for r in reports], [r.loss for r in reports])
         return torch.as_tensor(w, dtype=torch.float32)
 
-    def _router_step(self, w_router: torch.Tensor, reports: list[ClientReport]) -> float | None:
-        if self.router is None or self.router_opt is None:
+    def _router_step(
+        self, server_round: int, tokens: torch.Tensor | None, reports: list[ClientReport]
+    ) -> float | None:
+        """SPEC §5 step 7: one Adam step on the objective of a train-mode forward (dropout
+        regularises the router; it never reaches the aggregation weights)."""
+        if self.router is None or self.router_opt is None or tokens is None:
             return None
-        loss = self.task.router_objective(w_router, reports)
+        started = time.perf_counter()
+        self.router.train()
+        loss = self.task.router_objective(self.router(tokens), reports)
         self.router_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.router_opt.step()
+        self.router.eval()
+        self._router_seconds[server_round] = time.perf_counter() - started
         return float(loss.detach())
 
     def _record(self, server_round: int, record: dict) -> None:
@@ -530,48 +670,35 @@ class RCSRStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        per_client = []
+        """Federated evaluation through the run's :class:`FederatedEvaluation` (weighted
+        averages of numeric metrics unless the app names one); a reply that cannot be
+        used is logged with its reason and left out."""
+        replies = list(replies)
+        self._add_client_seconds(server_round, replies)
+        rows = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning(
-                    "evaluate: node %d failed: %s",
-                    msg.metadata.src_node_id,
-                    _last_line(msg.error.reason),
-                )
+                log.warning("evaluate: node %d failed: %s", node, _last_line(msg.error.reason))
                 continue
-            m = msg.content.metric_records.get("metrics")
-            if m is None or "rsum" not in m:
-                continue  # a client with too small a local test split
-            per_client.append((MODALITY_NAMES[int(m["modality"])], dict(m)))
-        if not per_client:
+            metrics = msg.content.metric_records.get("metrics")
+            try:
+                if metrics is None:
+                    raise ReplyError("missing MetricRecord 'metrics'")
+                row = self.evaluation.parse(dict(metrics))
+            except ReplyError as exc:
+                log.warning("evaluate: dropping reply from node %d: %s", node, exc)
+                continue
+            if row is None:
+                log.info("evaluate: node %d had nothing to evaluate", node)
+                continue
+            rows.append(row)
+        if not rows:
             return None
         # replies arrive in completion order; a fixed order makes the float sums repeatable
-        per_client.sort(key=lambda c: c[1].get("partition-id", -1))
-        summary = personalized_summary(per_client)
+        rows.sort(key=lambda r: r.get("partition-id", -1))
+        summary = self.evaluation.summarise(rows)
         if self.metrics_log is not None:
-            self.metrics_log.add(server_round, personalized=summary)
-        return MetricRecord({f"personalized-{k}": v for k, v in summary["mean"].items()})
-
-
-def make_evaluate_fn(
-    num_rounds: int,
-    eval_every: int,
-    metrics_log: MetricsLog,
-    evaluate: Callable[[ArrayRecord], dict],
-) -> Callable:
-    """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
-
-    It is the last hook of each round, so it also writes the round's record."""
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
-        result = None
-        if due:
-            metrics = evaluate(arrays)
-            metrics_log.add(server_round, **{"global": metrics})
-            log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
-            result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
-        metrics_log.flush(server_round)
-        return result
-
-    return evaluate_fn
+            self.metrics_log.add(server_round, **{self.evaluation.key: summary})
+        key = self.evaluation.key
+        return MetricRecord({f"{key}-{k}": float(v) for k, v in summary["mean"].items()})

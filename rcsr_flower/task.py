@@ -12,17 +12,19 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from rcsr_flower import losses
-from rcsr_flower.backbones.adapters import AdapterSet
+from rcsr_flower.backbones.adapters import AdapterSet, tower_of
 from rcsr_flower.backbones.clip import Backbone, preprocess_images
+from rcsr_flower.backbones.prefix import TowerPrefix, image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset
 from rcsr_flower.metrics import retrieval_recall
@@ -50,6 +52,8 @@ class ClientData:
     modality: str  # "paired" | "image-only" | "text-only"
     train: SplitTensors
     test: SplitTensors
+    # the training split's frozen prefix per tower (SPEC §2; ``prefix-cache``)
+    prefix: dict[str, TowerPrefix] = field(default_factory=dict)
 
     @property
     def has_image(self) -> bool:
@@ -122,11 +126,12 @@ CLIENT_CACHE_VERSION = 1
 
 
 def _pixel_bytes(data: ClientData) -> int:
-    return sum(
+    pixels = sum(
         s.pixels.numel() * s.pixels.element_size()
         for s in (data.train, data.test)
         if s.pixels is not None
     )
+    return pixels + sum(p.nbytes for p in data.prefix.values())
 
 
 def _remember(key: tuple, data: ClientData, budget_bytes: float) -> None:
@@ -208,8 +213,69 @@ def load_client_data(
             test=preprocess_split(backbone, train_set.subset(client.test), workers=workers),
         )
         write_client_cache(path, data)
+    if cfg.prefix_cache and not data.prefix:
+        data.prefix = client_prefix(cfg, backbone, data, path)
     _remember(key, data, cfg.data_cache_gb * 2**30)
     return data
+
+
+def prefix_blocks(cfg: RunConfig, backbone: Backbone) -> dict[str, int]:
+    """The block whose output starts each tower's adapted part: the frozen prefix ends
+    there. Empty for ``adapter-layers = "all"``: its prefix is the embeddings and one
+    block, and captions (5 per item) would cost more to cache than they save."""
+    if cfg.adapter_layers == "all":
+        return {}
+    adapters = backbone.new_adapters(cfg.adapter_layers, 1)
+    return {t: b for t in ("vision", "text") if (b := adapters.first_block(t)) is not None}
+
+
+def client_prefix(
+    cfg: RunConfig, backbone: Backbone, data: ClientData, data_path: Path
+) -> dict[str, TowerPrefix]:
+    """The training split's frozen prefix per tower the client holds, computed once per
+    node and kept on its disk beside the client data (safetensors, keyed by the same
+    things plus the tower and block; skipped when larger than ``data-cache-gb``; safe to
+    delete)."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    budget = cfg.data_cache_gb * 2**30
+    for tower, block in prefix_blocks(cfg, backbone).items():
+        held = data.has_image if tower == "vision" else data.has_text
+        if not held or len(data.train) == 0:
+            continue
+        path = data_path.with_name(f"{data_path.stem}.prefix-{tower}-{block}.safetensors")
+        prefix = None
+        if path.is_file():
+            try:
+                prefix = TowerPrefix.from_tensors(tower, block, load_file(str(path)))
+            except Exception as exc:  # torn or foreign: rebuild
+                log.warning("ignoring unreadable prefix cache %s: %s", path, exc)
+        if prefix is None:
+            started = time.perf_counter()
+            if tower == "vision":
+                prefix = image_prefix(backbone, data.train.pixels, block)
+            else:
+                prefix = text_prefix(backbone, data.train.captions, block)
+            log.info(
+                "client %d: %s prefix (blocks 0..%d) of %d inputs in %.1f s, %.0f MB",
+                data.client_id,
+                tower,
+                block,
+                len(prefix.length) if prefix.length is not None else len(prefix.hidden),
+                time.perf_counter() - started,
+                prefix.nbytes / 2**20,
+            )
+            if prefix.nbytes <= budget:
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+                try:
+                    save_file(prefix.to_tensors(), str(tmp))
+                    os.replace(tmp, path)
+                except OSError as exc:  # a full disk costs speed, not the round
+                    log.warning("could not cache the %s prefix in %s: %s", tower, path, exc)
+                    tmp.unlink(missing_ok=True)
+        out[tower] = prefix
+    return out
 
 
 def client_cache_path(
@@ -343,10 +409,50 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
 
 def pick_captions(
     captions: Sequence[list[str]], idx: torch.Tensor, generator: torch.Generator
-) -> list[str]:
-    """One caption per image, drawn at random each epoch."""
+) -> list[tuple[int, int]]:
+    """One caption per image, drawn at random each epoch: ``(item, caption index)``."""
     draws = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
-    return [captions[i][d % len(captions[i])] for i, d in zip(idx.tolist(), draws, strict=True)]
+    return [(i, d % len(captions[i])) for i, d in zip(idx.tolist(), draws, strict=True)]
+
+
+def _first_block(tower: str, adapters: Sequence[AdapterSet | None]) -> int | None:
+    blocks = [b for a in adapters if a is not None and (b := a.first_block(tower)) is not None]
+    return min(blocks) if blocks else None
+
+
+def _prefix(data: ClientData, tower: str, adapters: Sequence[AdapterSet | None]):
+    """The cached prefix of ``tower`` when it ends where these adapters start, else None."""
+    prefix = data.prefix.get(tower)
+    if prefix is not None and prefix.block == _first_block(tower, adapters):
+        return prefix
+    return None
+
+
+def train_image_features(
+    backbone: Backbone, data: ClientData, idx: torch.Tensor, adapters: Sequence[AdapterSet | None]
+) -> torch.Tensor:
+    """``z_I`` of training items ``idx``: from the cached frozen prefix when there is one."""
+    prefix = _prefix(data, "vision", adapters)
+    if prefix is not None:
+        return backbone.image_features(prefix.images(idx), *adapters, prefix_block=prefix.block)
+    return backbone.image_features(data.train.pixels[idx], *adapters)
+
+
+def train_text_features(
+    backbone: Backbone,
+    data: ClientData,
+    picks: Sequence[tuple[int, int]],
+    adapters: Sequence[AdapterSet | None],
+) -> torch.Tensor:
+    """``z_T`` of training captions ``(item, caption index)``, from the cached prefix when
+    there is one (same captions, same padding, so the same embeddings)."""
+    prefix = _prefix(data, "text", adapters)
+    if prefix is not None:
+        rows = [int(prefix.row[i]) + j for i, j in picks]
+        hidden, tokens = prefix.captions(rows, backbone.tokenizer.pad_token_id or 0)
+        return backbone.text_features(tokens, *adapters, prefix=(prefix.block, hidden))
+    texts = [data.train.captions[i][j] for i, j in picks]
+    return backbone.text_features(backbone.tokenize(texts), *adapters)
 
 
 def client_loss(
@@ -365,9 +471,9 @@ def client_loss(
     """
     anchor = settings.anchoring and bank is not None
     if data.modality == "paired":
-        texts = pick_captions(data.train.captions, idx, generator)
-        z_i = backbone.image_features(data.train.pixels[idx], *adapters)
-        z_t = backbone.text_features(backbone.tokenize(texts), *adapters)
+        picks = pick_captions(data.train.captions, idx, generator)
+        z_i = train_image_features(backbone, data, idx, adapters)
+        z_t = train_text_features(backbone, data, picks, adapters)
         loss = losses.info_nce_sym(z_i, z_t, settings.temperature)
         if anchor and settings.lambda_align > 0:
             loss = loss + settings.lambda_align * losses.proto_alignment(
@@ -377,11 +483,11 @@ def client_loss(
     if not anchor:
         return None
     if data.modality == "image-only":
-        z = backbone.image_features(data.train.pixels[idx], *adapters)
+        z = train_image_features(backbone, data, idx, adapters)
         own, other = bank.image, bank.text
     else:
-        texts = pick_captions(data.train.captions, idx, generator)
-        z = backbone.text_features(backbone.tokenize(texts), *adapters)
+        picks = pick_captions(data.train.captions, idx, generator)
+        z = train_text_features(backbone, data, picks, adapters)
         own, other = bank.text, bank.image
     slots = losses.assign_slots(z.detach(), own)
     return settings.lambda_anchor * losses.anchor_ce(z, other, slots, settings.proto_temperature)
@@ -448,11 +554,23 @@ def local_embeddings(
     """``(z_I, z_T)`` of up to ``limit`` training items (first caption), None if missing."""
     idx = _sample(len(data.train), limit, seed)
     z_i = z_t = None
-    if data.has_image:
-        z_i = backbone.embed_images(data.train.pixels, *adapters, index=idx, batch_size=batch_size)
-    if data.has_text:
-        caps = [data.train.captions[i][0] for i in idx.tolist()]
-        z_t = backbone.embed_texts(caps, *adapters, batch_size=batch_size)
+    with torch.no_grad():
+        if data.has_image:
+            z_i = torch.cat(
+                [
+                    train_image_features(backbone, data, b, adapters).cpu()
+                    for b in idx.split(batch_size)
+                ]
+            )
+        if data.has_text:
+            z_t = torch.cat(
+                [
+                    train_text_features(
+                        backbone, data, [(i, 0) for i in b.tolist()], adapters
+                    ).cpu()
+                    for b in idx.split(batch_size)
+                ]
+            )
     return z_i, z_t
 
 
@@ -460,26 +578,33 @@ def update_geometry(
     delta: dict[str, torch.Tensor],
     previous: dict[str, torch.Tensor] | None,
     num_examples: int,
-    eps: float = 1e-8,
+    eps: float = 1e-12,
 ) -> torch.Tensor:
-    """``[‖Δ‖, ‖Δ_vision‖/(‖Δ_text‖+ε), cos(Δ, Δ_prev), ‖Δ‖/√n]`` (cos = 0 without Δ_prev)."""
-    flat = torch.cat([v.flatten() for v in delta.values()])
-    vision = torch.cat(
-        [v.flatten() for k, v in delta.items() if k.startswith("adapters.vision")]
-        or [torch.zeros(1)]
-    )
-    text = torch.cat(
-        [v.flatten() for k, v in delta.items() if k.startswith("adapters.text")] or [torch.zeros(1)]
-    )
+    """SPEC §4 (ours, revised): ``[log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖+ε), cos(Δ, Δ_prev),
+    log(1+‖Δ‖/√n)]``, every feature O(1).
+
+    The authors' ratio ``‖Δ_v‖/(‖Δ_t‖+ε)`` is ~1e8 for an image-only client (its text tower
+    never moves) and swamps the router's LayerNorm; the tower share lies in [0, 1]
+    (1 = only the vision tower moved, 0.5 for a client that moved neither) and norms
+    enter as ``log(1+x)``. ``cos`` is 0 without ``Δ_prev``.
+    """
+    flat = torch.cat([v.flatten() for v in delta.values()]).double()
+
+    def tower_norm(tower: str) -> torch.Tensor:
+        parts = [v.flatten() for k, v in delta.items() if tower_of(k) == tower]
+        return torch.cat(parts).double().norm() if parts else torch.zeros((), dtype=flat.dtype)
+
+    vision, text = tower_norm("vision"), tower_norm("text")
     norm = flat.norm()
-    cos = torch.zeros(())
+    moved = vision + text
+    share = vision / moved if moved > eps else torch.tensor(0.5, dtype=flat.dtype)
+    cos = torch.zeros((), dtype=flat.dtype)
     if previous is not None:
-        prev = torch.cat([previous[k].flatten() for k in delta])
+        prev = torch.cat([previous[k].flatten() for k in delta]).double()
         if norm > eps and prev.norm() > eps:
             cos = torch.dot(flat, prev) / (norm * prev.norm())
-    return torch.stack(
-        [norm, vision.norm() / (text.norm() + eps), cos, norm / max(num_examples, 1) ** 0.5]
-    ).float()
+    per_example = norm / max(num_examples, 1) ** 0.5
+    return torch.stack([torch.log1p(norm), share, cos, torch.log1p(per_example)]).float()
 
 
 def client_statistics(

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from test_strategy import task_identity  # noqa: F401
 
 from rcsr_flower.client import (
     PERSONAL_KEY,
@@ -163,7 +164,7 @@ def test_bootstrap_query_reply(backbone, splits):
     out = handle_query(node, ConfigRecord({"kind": "bootstrap", "prototype-slots": 32}))
     g = out["groups"]
     # over prototype-samples = 32 local items: min(C, n/4) = min(32, 32 // 4) = 8 groups
-    assert g["image_means"].shape[0] == g["counts"].shape[0] <= 8
+    assert g["image_means"].shape[0] == g["counts"].shape[0] == 8
     assert g["counts"].sum().item() == 32
     unimodal = node_for(backbone, splits, "text-only")
     assert "groups" not in handle_query(
@@ -241,3 +242,91 @@ def test_an_injected_raise_fails_the_handler(backbone, splits):
     theta = ArrayRecord({k: v.detach().cpu() for k, v in node.adapters().state_dict().items()})
     with pytest.raises(InjectedFault, match="client 0 raises in round 2"):
         handle_train(node, theta, round_config(**{"server-round": 2}), None, RecordDict())
+
+
+def test_router_tokens_of_real_updates_are_bounded_and_tell_image_only_clients_apart(
+    backbone, splits, bank
+):
+    """SPEC §4 (ours, revised): real Δ of a paired, two image-only and a text-only client
+    through the real client and server code; every token feature stays O(1), and two
+    image-only clients that report different prototypes get different router weights."""
+    from flwr.app import MetricRecord
+
+    from rcsr_flower.retrieval_task import RetrievalTask
+    from rcsr_flower.routing import SemanticRouter
+    from rcsr_flower.strategy import updates_of, validate_replies
+
+    train, test = splits
+
+    def client(modality: str, items: slice, pid: int) -> ClientNode:
+        part = SplitTensors(
+            train.pixels[items] if modality != "text-only" else None,
+            train.captions[items] if modality != "image-only" else None,
+        )
+        cfg = RunConfig(batch_size=8, prototype_samples=24)
+        return ClientNode(cfg, backbone, ClientData(pid, modality, part, test), pid, 4)
+
+    nodes = [
+        client("paired", slice(0, 24), 0),
+        client("image-only", slice(0, 24), 1),
+        client("image-only", slice(24, 48), 2),
+        client("text-only", slice(24, 48), 3),
+    ]
+    theta = {k: v.detach().cpu() for k, v in nodes[0].adapters().state_dict().items()}
+    protos = ArrayRecord(bank.to_tensors())
+    config = round_config(**{"lr": 1e-2})
+    replies = []
+    for node in nodes:
+        out = handle_train(node, ArrayRecord(theta), config, protos, RecordDict())
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(out["arrays"]),
+                "metrics": MetricRecord(out["metrics"]),
+                "stats": ArrayRecord(out["stats"]),
+            }
+        )
+        replies.append(
+            Message(
+                content,
+                reply_to=Message(
+                    RecordDict(), dst_node_id=node.partition_id + 1, message_type=MessageType.TRAIN
+                ),
+            )
+        )
+    task = RetrievalTask(bank)
+    reports, dropped = validate_replies(replies, ArrayRecord(theta), task, num_clients=4)
+    assert not dropped and [r.client_id for r in reports] == [0, 1, 2, 3]
+    tokens = torch.stack(
+        [
+            task.token(r, u)
+            for r, u in zip(reports, updates_of(reports, ArrayRecord(theta)), strict=True)
+        ]
+    )
+    assert tokens.abs().max().item() < 1e3
+    share = [r.summary.geometry[1].item() for r in reports]
+    assert share[1] == share[2] == 1.0 and share[3] == 0.0 and 0.0 < share[0] < 1.0
+    assert not torch.allclose(reports[1].summary.p_image, reports[2].summary.p_image)
+    torch.manual_seed(0)
+    router = SemanticRouter(task.token_dim, hidden=32, heads=4).eval()
+    with torch.no_grad():
+        w = router(tokens)
+    assert abs(w[1].item() - w[2].item()) > 1e-4, w
+
+
+def test_personalised_evaluation_uses_the_personal_adapters(backbone, splits):
+    """SPEC §6: a client scores θ + its own personal adapters; non-zero personal adapters
+    must change its score, and an empty state scores the shared adapters alone."""
+    node = node_for(backbone, splits, "paired", personal_adapters=True)
+    theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
+    alone = handle_evaluate(node, ArrayRecord(theta), RecordDict())
+    g = torch.Generator().manual_seed(3)
+    personal = {
+        k: torch.randn(v.shape, generator=g) * 0.5
+        for k, v in node.personal(RecordDict()).state_dict().items()
+    }
+    state = RecordDict({PERSONAL_KEY: ArrayRecord(personal)})
+    with_personal = handle_evaluate(node, ArrayRecord(theta), state)
+    scores = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum")
+    assert [alone[k] for k in scores] != [with_personal[k] for k in scores]
+    shared_only = node_for(backbone, splits, "paired")  # no personal adapters configured
+    assert handle_evaluate(shared_only, ArrayRecord(theta), state)["rsum"] == alone["rsum"]

@@ -181,10 +181,22 @@ def test_the_shipped_suites_are_valid():
         "S4",
     }
     assert len(embedded.cells()) == (len(embedded.methods) - 1) * 4 * 3 + 3
-    try:
-        embedded.check(ROOT, embedded.cells())
-    except SuiteError as exc:  # until the run-config key it needs lands (SPEC §5 step 5)
-        assert "unknown run-config key 'tower-aggregation'" in str(exc)
+    embedded.check(ROOT, embedded.cells())
+    assert {m.name for m in embedded.methods} == {
+        "fedavg",
+        "fedavg-tower",
+        "fedprox-stab",
+        "fedprox-spec",
+        "fedper",
+        "local",
+        "centralised",
+        "rcsr",
+        "rcsr-no-router",
+        "rcsr-no-minimax",
+        "rcsr-no-anchoring",
+        "rcsr-no-tower",
+        "rcsr-personal",
+    }
 
 
 # ============================================================================ the runner
@@ -209,16 +221,16 @@ def fake_run(path: Path, overrides: dict, status: str = "completed", base: float
     for r in range(rounds + 1):
         rsum = base + (0 if local else 3 * r) + seed
         row = {"round": r, "global": {"rsum": rsum, "i2t_r1": rsum / 20, "t2i_r1": rsum / 25}}
+        groups = {}  # personalised from round 0 on: the clients' zero-shot
+        for g in sorted(set(modalities)):
+            v = 300 + 10 * r + (5 if g == "paired" else 0) + seed
+            groups[g] = {"mean": {"rsum": v}, "clients": modalities.count(g)}
+        row["personalized"] = {
+            "mean": {"rsum": 300 + 10 * r + seed},
+            "worst10": {"rsum": 250 + 10 * r + seed},
+            "by_group": groups,
+        }
         if r > 0:
-            groups = {}
-            for g in sorted(set(modalities)):
-                v = 300 + 10 * r + (5 if g == "paired" else 0) + seed
-                groups[g] = {"mean": {"rsum": v}, "clients": modalities.count(g)}
-            row["personalized"] = {
-                "mean": {"rsum": 300 + 10 * r + seed},
-                "worst10": {"rsum": 250 + 10 * r + seed},
-                "by_group": groups,
-            }
             picked = rng.choice(4, 2, replace=False)
             w = rng.dirichlet([1, 1])
             row["weights"] = (
@@ -391,7 +403,10 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
         "| RCSR | 2 | 116.5 ± 0.7 | 5.8 ± 0.0 | 4.7 ± 0.0 | 320.5 ± 0.7 | 325.5 ± 0.7 | — | — "
         "| 270.5 ± 0.7 |"
     )
-    assert rows["zero-shot (round 0)"].startswith("| zero-shot (round 0) | 2 | 100.5 ± 0.7 |")
+    assert rows["zero-shot (round 0)"] == (
+        "| zero-shot (round 0) | 2 | 100.5 ± 0.7 | 5.0 ± 0.0 | 4.0 ± 0.0 | 300.5 ± 0.7 "
+        "| 305.5 ± 0.7 | — | — | 250.5 ± 0.7 |"
+    )
     assert rows["local"].startswith("| local | 2 | — | — | — | 320.5 ± 0.7 |")  # no global model
     assert rows["central"].startswith("| central | 2 | 156.5 ± 0.7 |") and rows["central"].endswith(
         "| — | — | — | — | — |"

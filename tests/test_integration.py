@@ -46,10 +46,11 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     assert result["status"] == "completed", result.get("error")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    # round 0 is the frozen backbone: centralised zero-shot only
+    # round 0 is the frozen backbone: zero-shot, centralised and on every client's split
     zero = rows[0]["global"]
-    assert set(rows[0]) == {"round", "global"} and zero["protocol"] == "standard"
+    assert set(rows[0]) == {"round", "global", "personalized"} and zero["protocol"] == "standard"
     assert 0 < zero["rsum"] < 600
+    assert rows[0]["personalized"]["clients"] == 4
     for row in rows[1:]:
         assert row["skipped"] is False
         fused = [w["fused"] for w in row["weights"].values()]

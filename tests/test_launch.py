@@ -11,10 +11,15 @@ from test_node_data import write_flickr
 from rcsr_flower import federation
 from rcsr_flower.backbones import clip
 from rcsr_flower.backbones.clip import load_backbone
-from rcsr_flower.config import RunConfig
+from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.partition import Partition
 from rcsr_flower.federation import load_partition, prepare_partition
-from rcsr_flower.launch import SimulationLauncher
+from rcsr_flower.launch import (
+    LaunchError,
+    SimulationLauncher,
+    check_run_config,
+    quote_bare_strings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +73,55 @@ def test_launcher_names_missing_data_before_starting_anything(cfg, tmp_path):
     assert result["status"] == "failed"
     assert "preparing the data" in result["error"] and "missing.json" in result["error"]
     assert launcher.process is None and not (tmp_path / "outputs").exists()
+
+
+# ------------------------------------------------------------------ -c on the command line
+def cli_args(*argv: str):
+    import argparse
+
+    from rcsr_flower.launch import add_run_arguments
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_run_name_and_output_dir_given_with_c_are_honoured(tmp_path, monkeypatch):
+    import signal
+
+    from rcsr_flower.launch import start_cli
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # start_cli's SIGTERM handler
+    monkeypatch.chdir(tmp_path)
+    args = cli_args("-c", 'run-name="x" num-server-rounds=2', "-c", "output-dir=out")
+    assert start_cli(args, "run") == ("x", tmp_path / "out")
+    assert start_cli(cli_args("--run-name", "y"), "run") == ("y", tmp_path / "outputs")
+    name, out = start_cli(cli_args(), "run")
+    assert name.startswith("run-") and out == tmp_path / "outputs"
+    # the same value twice is fine, two different ones are refused with one line
+    assert start_cli(cli_args("--run-name", "x", "-c", 'run-name="x"'), "run")[0] == "x"
+    with pytest.raises(LaunchError) as exc:
+        start_cli(cli_args("--run-name", "x", "-c", 'run-name="z"'), "run")
+    assert str(exc.value) == "run-name given twice: --run-name 'x' and -c run-name='z'; give one"
+    # and what the launcher submits carries that name
+    launcher = SimulationLauncher(app_dir=ROOT, flwr_home=tmp_path / "f", prepare=False)
+    launcher.raw_run_config = args.run_config
+    overrides = launcher.check("x", tmp_path / "out")
+    assert overrides["run-name"] == "x" and overrides["output-dir"] == str(tmp_path / "out")
+
+
+def test_bare_words_are_taken_for_string_keys_and_refused_for_others():
+    assert quote_bare_strings(["strategy=fedavg num-server-rounds=2", "run-name=2024"]) == [
+        'strategy="fedavg" num-server-rounds=2',
+        'run-name="2024"',
+    ]
+    already = ['strategy="fedavg" alpha=0.5', "dataset='/a b/c.json'"]
+    assert quote_bare_strings(already) == already
+    cfg = check_run_config(ROOT, ["strategy=fedavg eval-protocol=paired"], {})
+    assert (cfg.strategy, cfg.eval_protocol) == ("fedavg", "paired")
+    with pytest.raises(LaunchError) as exc:
+        quote_bare_strings(["num-server-rounds=two"])
+    assert str(exc.value).startswith("run-config 'num-server-rounds' = two: not a valid int")
+    # an unknown key is named by the schema, not lost in flwr's "invalid format"
+    with pytest.raises(ConfigError, match="unknown run-config key 'stratgy'"):
+        check_run_config(ROOT, ["stratgy=fedavg"], {})

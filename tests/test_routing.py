@@ -213,3 +213,114 @@ def test_proto_alignment_uses_text_side_slots():
     assert value.item() == pytest.approx(
         ce(torch.tensor([1.0, 0.0]), 1) + ce(torch.tensor([0.0, 1.0]), 1)
     )
+
+
+# ------------------------------------------------------------------ holders-only objective
+def test_router_loss_holders_only_hand_computed():
+    """SPEC §5 step 7 (ours, revised): a placeholder never enters ĝ or A."""
+    g_i, g_t = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])
+    # 0 paired; 1 image-only (text side: the placeholder g_T); 2 text-only (image: g_I)
+    p_i = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), g_i])
+    p_t = torch.stack([torch.tensor([-1.0, 0.0]), g_t, torch.tensor([0.0, -1.0])])
+    has_i, has_t = torch.tensor([True, True, False]), torch.tensor([True, False, True])
+    w = torch.tensor([0.5, 0.25, 0.25])
+    # ĝ_I = normalize(0.5·(1,0) + 0.25·(0,1)): 1-cos = 1 - 0.5/√0.3125; ĝ_T the mirror image
+    drift = 1 - 0.5 / math.sqrt(0.3125)
+    # only client 0 is paired: a_0 = (1,0) = â = axis, so A = 0
+    h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    inner = 2 * drift - 0.1 * h
+    loss = router_loss(w, p_i, p_t, g_i, g_t, RouterBetas(), has_image=has_i, has_text=has_t)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(inner)), rel=1e-6)
+
+
+def test_router_loss_axis_term_is_zero_without_a_paired_client():
+    g = torch.Generator().manual_seed(0)
+    p_i, p_t = F.normalize(torch.randn(3, 6, generator=g), dim=1), torch.zeros(3, 6)
+    p_t[2] = F.normalize(torch.randn(6, generator=g), dim=0)
+    has_i, has_t = torch.tensor([True, True, False]), torch.tensor([False, False, True])
+    g_i, g_t = F.normalize(torch.randn(6, generator=g), dim=0), p_t[2].clone()
+    w = torch.tensor([0.2, 0.3, 0.5])
+
+    def loss(axis: float) -> float:
+        betas = RouterBetas(1.0, 1.0, 0.1, axis)
+        return router_loss(w, p_i, p_t, g_i, g_t, betas, has_image=has_i, has_text=has_t).item()
+
+    assert loss(0.3) == loss(0.0) == loss(5.0)
+
+
+def symmetric_round():
+    """2 paired, 2 image-only, 1 text-only clients; every held prototype is its global
+    prototype plus an equal-sized orthogonal perturbation, every missing side the global
+    prototype itself (what a unimodal client reports)."""
+    e = torch.eye(16)
+    g_i, g_t = e[0], e[1]
+    has_i = torch.tensor([True, True, True, True, False])
+    has_t = torch.tensor([True, True, False, False, True])
+    p_i, p_t, j = [], [], 2
+    for k in range(5):
+        p_i.append(F.normalize(g_i + 0.5 * e[j], dim=0) if has_i[k] else g_i)
+        j += int(has_i[k])
+        p_t.append(F.normalize(g_t + 0.5 * e[j], dim=0) if has_t[k] else g_t)
+        j += int(has_t[k])
+    return torch.stack(p_i), torch.stack(p_t), g_i, g_t, has_i, has_t
+
+
+def logit_gradient(revised: bool) -> torch.Tensor:
+    p_i, p_t, g_i, g_t, has_i, has_t = symmetric_round()
+    logits = torch.zeros(5, requires_grad=True)
+    masks = {"has_image": has_i, "has_text": has_t} if revised else {}
+    betas = RouterBetas(1.0, 1.0, 0.0, 0.0)  # the prototype terms alone
+    router_loss(torch.softmax(logits, 0), p_i, p_t, g_i, g_t, betas, **masks).backward()
+    return logits.grad
+
+
+def test_router_gradient_no_longer_pushes_weight_toward_clients_lacking_a_modality():
+    # literal reading (every client in every term): the placeholders look perfect, so the
+    # gradient moves weight from the paired clients (0, 1) onto the unimodal ones (2, 3, 4)
+    literal = logit_gradient(revised=False)
+    assert (literal[:2] > 1e-4).all() and (literal[2:] < -1e-4).all()
+    # holders only: equally good clients, no push either way
+    assert logit_gradient(revised=True).abs().max().item() < 1e-6
+
+
+def test_router_loss_does_not_depend_on_placeholder_values():
+    p_i, p_t, g_i, g_t, has_i, has_t = symmetric_round()
+    w = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15])
+    masks = {"has_image": has_i, "has_text": has_t}
+    before = router_loss(w, p_i, p_t, g_i, g_t, RouterBetas(), **masks)
+    p_t2, p_i2 = p_t.clone(), p_i.clone()
+    p_t2[2:4] = F.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    p_i2[4] = -g_i
+    assert router_loss(w, p_i2, p_t2, g_i, g_t, RouterBetas(), **masks).item() == before.item()
+
+
+def test_router_weights_in_eval_mode_are_deterministic_and_equivariant():
+    torch.manual_seed(0)
+    router = SemanticRouter(token_dim=11, hidden=16, heads=4, blocks=2, dropout=0.5).eval()
+    tokens = torch.randn(5, 11)
+    with torch.no_grad():
+        first, second = router(tokens), router(tokens)
+        perm = torch.tensor([4, 2, 0, 3, 1])
+        permuted = router(tokens[perm])
+        noisy = router.train()(tokens)
+    assert torch.equal(first, second)
+    assert torch.allclose(permuted, first[perm], atol=1e-6)
+    assert not torch.allclose(noisy, first)  # what dropout would have let into θ
+
+
+def test_update_geometry_is_bounded_hand_computed():
+    from rcsr_flower.task import update_geometry
+
+    v, t = "adapters.vision_0.up.weight", "adapters.text_0.up.weight"
+    image_only = {v: torch.tensor([3.0, 4.0]), t: torch.zeros(2)}  # the text tower never moved
+    g = update_geometry(image_only, None, num_examples=25)
+    # [log(1+5), 5/(5+0), cos 0 without Δ_prev, log(1+5/√25)]
+    assert g.tolist() == pytest.approx([math.log(6), 1.0, 0.0, math.log(2)])
+    both = {v: torch.tensor([3.0, 4.0]), t: torch.tensor([0.0, 15.0])}
+    g = update_geometry(both, {v: torch.tensor([3.0, 4.0]), t: torch.zeros(2)}, num_examples=4)
+    norm = math.sqrt(250)
+    assert g.tolist() == pytest.approx(
+        [math.log1p(norm), 5 / 20, 25 / (norm * 5), math.log1p(norm / 2)], rel=1e-6
+    )
+    idle = update_geometry({v: torch.zeros(2), t: torch.zeros(2)}, None, num_examples=4)
+    assert idle.tolist() == [0.0, 0.5, 0.0, 0.0]  # moved neither tower: share ½

@@ -1,6 +1,7 @@
 """The strategy on real Flower ``Message`` replies (no simulation): SPEC §5 steps 1–8."""
 
 import io
+import json
 import pickle
 from pathlib import Path
 from unittest.mock import Mock
@@ -22,8 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import RetrievalTask
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, personalized_summary
+from rcsr_flower.retrieval_task import PersonalizedRetrieval, RetrievalTask, personalized_summary
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
 
 D, C = 4, 3
 
@@ -215,6 +216,12 @@ def test_lost_and_silent_nodes_are_recorded_under_their_own_ids():
             "'geometry' has shape",
         ),
         (
+            lambda: reply(
+                9, theta(9), 5, st={**stats(9), "geometry": torch.tensor([1.0, 1e8, 0.0, 0.1])}
+            ),
+            "tower share in [0, 1]",
+        ),
+        (
             lambda: reply(9, theta(9), 5, st={**stats(9, (1.0, 0.0)), "mask": torch.ones(2)}),
             "mask says has-text=1",
         ),
@@ -266,6 +273,16 @@ def test_lost_and_silent_nodes_are_recorded_under_their_own_ids():
             "partition-id 1 already replied",
         ),
         (lambda: reply_with_array(9, lying_array()), "declares float32[2, 2]"),
+        (
+            lambda: reply(
+                9,
+                theta(9),
+                5,
+                st=stats(9),
+                metrics={"num-examples": 5.0, "train-loss": 1.0, "partition-id": 8},
+            ),
+            "num-examples is 5.0 (float), expected an int",
+        ),
     ],
 )
 def test_malformed_replies_are_dropped_with_a_reason(bad, reason, caplog):
@@ -495,3 +512,245 @@ def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
     fresh = []
     s.start(grid, ArrayRecord(theta(0)), num_rounds=1, on_round_end=lambda r, a: fresh.append(r))
     assert fresh == [0, 1]  # a fresh run checkpoints its zero-shot state too
+
+
+# ------------------------------------------------------------------ SPEC §5 (ours, revised)
+def modality_reply(node: int, params, n: int, modality: int, loss: float = 1.0, st=None):
+    metrics = {"num-examples": n, "train-loss": loss, "partition-id": node - 1}
+    return reply(node, params, n, loss, st, metrics={**metrics, "modality": modality})
+
+
+def image_only_theta(seed: int) -> dict[str, torch.Tensor]:
+    """An image-only client's θ_k: its text tower never trains, so Δ_text is exactly 0."""
+    return {**theta(seed), "adapters.text_0.up.weight": theta(0)["adapters.text_0.up.weight"]}
+
+
+def fedavg(tower_aggregation: bool) -> RCSRStrategy:
+    s = RCSRStrategy(
+        None, RoutingOptions(mode="fedavg", tower_aggregation=tower_aggregation), num_clients=4
+    )
+    s.current = ArrayRecord(theta(0))
+    return s
+
+
+def test_naive_fedavg_stays_flowers_fedavg_with_unimodal_clients():
+    replies = [
+        modality_reply(1, theta(1), 10, 0),
+        modality_reply(2, image_only_theta(2), 30, 1),
+        modality_reply(3, theta(3), 7, 0),
+    ]
+    mine, _ = fedavg(tower_aggregation=False).aggregate_train(1, replies)
+    theirs, _ = FedAvg().aggregate_train(1, replies)
+    for key in theirs:
+        assert mine[key].numpy().tobytes() == theirs[key].numpy().tobytes(), key
+
+
+def test_tower_aggregation_is_plain_aggregation_when_every_client_is_paired():
+    replies = [modality_reply(n, theta(n), 5 * n, 0, st=stats(n)) for n in (1, 2, 3)]
+    tower, _ = fedavg(True).aggregate_train(1, replies)
+    plain, _ = fedavg(False).aggregate_train(1, replies)
+    routed, _ = rcsr().aggregate_train(1, replies)
+    routed_plain, _ = rcsr(tower_aggregation=False).aggregate_train(1, replies)
+    for key in theta(0):
+        assert tower[key].numpy().tobytes() == plain[key].numpy().tobytes(), key
+        assert routed[key].numpy().tobytes() == routed_plain[key].numpy().tobytes(), key
+
+
+def test_a_zero_text_update_of_an_image_only_client_does_not_slow_the_text_tower():
+    paired = [modality_reply(1, theta(1), 10, 0), modality_reply(3, theta(3), 7, 0)]
+    image_only = modality_reply(2, image_only_theta(2), 30, 1)
+    mine, _ = fedavg(True).aggregate_train(1, [paired[0], image_only, paired[1]])
+    everyone, _ = FedAvg().aggregate_train(1, [paired[0], image_only, paired[1]])
+    absent, _ = FedAvg().aggregate_train(1, paired)
+    text, vision = "adapters.text_0.up.weight", "adapters.vision_0.up.weight"
+    # the text tower moves as if the image-only client were absent ...
+    assert mine[text].numpy().tobytes() == absent[text].numpy().tobytes()
+    # ... while it still counts, with its full weight, for the tower it trained
+    assert mine[vision].numpy().tobytes() == everyone[vision].numpy().tobytes()
+    # the naive form dilutes the text update by the client's weight (30 of 47 examples)
+    step = everyone[text].numpy() - theta(0)[text].numpy()
+    full = absent[text].numpy() - theta(0)[text].numpy()
+    assert np.allclose(step, full * 17 / 47, atol=1e-6)
+
+
+def test_a_tower_no_participant_holds_stays_as_it_is():
+    replies = [modality_reply(n, image_only_theta(n), 10, 1) for n in (1, 2)]
+    arrays, _ = fedavg(True).aggregate_train(1, replies)
+    text = "adapters.text_0.up.weight"
+    assert arrays[text].numpy().tobytes() == ArrayRecord(theta(0))[text].numpy().tobytes()
+
+
+def test_aggregation_weights_come_from_an_eval_mode_router_and_repeat():
+    s = rcsr(num_clients=4, router_dropout=0.5)
+    replies = [
+        reply(1, theta(1), 10, 0.5, stats(1)),
+        reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
+        reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0))),
+    ]
+    from rcsr_flower.strategy import updates_of, validate_replies
+
+    reports, _ = validate_replies(replies, s.current, s.task)
+    tokens = s._tokens(reports, updates_of(reports, s.current))
+    first, second = s._router_weights(reports, tokens), s._router_weights(reports, tokens)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        noisy = s.router.train()(tokens)
+    assert not torch.allclose(noisy, first)
+    s.aggregate_train(1, replies)
+    rec = s.history[1]["weights"]
+    recorded = torch.tensor([rec[str(i)]["router"] for i in range(3)])
+    assert torch.allclose(recorded, first, atol=1e-7)  # the router before its own step
+
+
+def test_fused_weights_are_router_times_minimax_and_move_the_bank():
+    s = rcsr()
+    twin = bank()
+    replies = [
+        reply(1, theta(1), 10, 0.5, stats(1)),
+        reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
+        reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0))),
+    ]
+    s.aggregate_train(1, replies)
+    rec = s.history[1]["weights"]
+    w = {kind: torch.tensor([rec[str(i)][kind] for i in range(3)]) for kind in rec["0"]}
+    product = w["router"] * w["minimax"]
+    assert torch.allclose(w["fused"], product / product.sum(), atol=1e-7)
+    # step 6 used the fused weights: the same update on a twin bank gives the same bank
+    from rcsr_flower.strategy import validate_replies
+
+    reports, _ = validate_replies(replies, ArrayRecord(theta(0)), RetrievalTask(twin))
+    RetrievalTask(twin).update_state(w["fused"], reports)
+    assert torch.allclose(s.task.bank.image, twin.image, atol=1e-6)
+    assert torch.allclose(s.task.bank.g_text, twin.g_text, atol=1e-6)
+    other = bank()
+    RetrievalTask(other).update_state(w["router"], reports)  # not the router's alone
+    assert not torch.allclose(s.task.bank.image, other.image, atol=1e-6)
+
+
+def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_path):
+    from rcsr_flower.metrics import RECALL_KEYS
+    from rcsr_flower.outputs import MetricsLog
+
+    metrics_log = MetricsLog(tmp_path / "metrics.jsonl")
+    s = RCSRStrategy(
+        None,
+        RoutingOptions(mode="fedavg"),
+        num_clients=2,
+        metrics_log=metrics_log,
+        evaluation=PersonalizedRetrieval(),
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=2,
+        min_evaluate_nodes=2,
+        min_available_nodes=2,
+    )
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+    calls = []
+
+    def send_and_receive(messages, timeout=None):
+        out = []
+        for m in messages:
+            node, cfg = m.metadata.dst_node_id, m.content["config"]
+            calls.append((m.metadata.message_type, cfg["server-round"]))
+            if m.metadata.message_type == MessageType.EVALUATE:
+                metrics = {k: float(node) for k in (*RECALL_KEYS, "rsum")}
+                metrics["evaluate-seconds"] = 0.125
+                content = RecordDict(
+                    {"metrics": MetricRecord({**metrics, "modality": 0, "partition-id": node - 1})}
+                )
+                out.append(Message(content, reply_to=m))
+            else:
+                metrics = {"num-examples": 10, "train-loss": 1.0, "partition-id": node - 1}
+                timed = {**metrics, "train-seconds": 1.25}
+                out.append(Message(reply(node, theta(node), 10, metrics=timed).content, reply_to=m))
+        return out
+
+    grid.send_and_receive.side_effect = send_and_receive
+    s.start(grid, ArrayRecord(theta(0)), num_rounds=1)
+    assert calls[:2] == [(MessageType.EVALUATE, 0)] * 2  # zero-shot, before any training
+    assert calls[2:4] == [(MessageType.TRAIN, 1)] * 2
+    rows = {r["round"]: r for r in s.metrics_log.rows}
+    assert rows[0]["personalized"]["mean"]["rsum"] == pytest.approx(1.5)
+    # the strategy writes every round's row itself, with where the time went
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").open()] == [0, 1]
+    assert set(rows[0]["seconds"]) == {"round", "federated_evaluate", "central_evaluate", "clients"}
+    phases = rows[1]["seconds"]
+    assert set(phases) == {
+        "round",
+        "train_wait",
+        "aggregate",
+        "router_step",
+        "federated_evaluate",
+        "central_evaluate",
+        "clients",
+    }
+    assert phases["clients"] == {"train": 2.5, "evaluate": 0.25}  # 2 nodes
+    assert phases["round"] >= phases["train_wait"] + phases["federated_evaluate"] >= 0
+
+
+def evaluate_reply(node: int, metrics: dict) -> Message:
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics)}),
+        reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE),
+    )
+
+
+def test_federated_evaluation_defaults_to_flowers_weighted_average(tmp_path, caplog):
+    from rcsr_flower.outputs import MetricsLog
+
+    caplog.set_level("INFO", logger="rcsr_flower.strategy")
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    s = RCSRStrategy(None, RoutingOptions(mode="fedavg"), num_clients=3, metrics_log=log)
+    replies = [
+        evaluate_reply(1, {"num-examples": 10, "accuracy": 0.5, "loss": 2.0, "partition-id": 0}),
+        evaluate_reply(2, {"num-examples": 30, "accuracy": 0.9, "loss": 1.0, "partition-id": 1}),
+        evaluate_reply(3, {"num-examples": 2.5, "accuracy": 1.0, "partition-id": 2}),
+        evaluate_reply(4, {"num-examples": 0, "accuracy": 1.0, "partition-id": 3}),
+    ]
+    record = s.aggregate_evaluate(1, replies)
+    assert record["evaluation-accuracy"] == pytest.approx((5 + 27) / 40)
+    assert record["evaluation-loss"] == pytest.approx((20 + 30) / 40)
+    assert "evaluation-partition-id" not in record
+    assert log.pending[1]["evaluation"]["clients"] == 2
+    assert "dropping reply from node 3: num-examples is 2.5" in caplog.text
+    assert "node 4 had nothing to evaluate" in caplog.text
+
+
+def test_a_retrieval_evaluation_reply_without_its_modality_is_dropped_not_a_crash(caplog):
+    from rcsr_flower.metrics import RECALL_KEYS
+
+    s = RCSRStrategy(
+        None, RoutingOptions(mode="fedavg"), num_clients=2, evaluation=PersonalizedRetrieval()
+    )
+    recall = {k: 50.0 for k in (*RECALL_KEYS, "rsum")}
+    good = evaluate_reply(1, {**recall, "modality": 1, "partition-id": 0})
+    bad = evaluate_reply(2, {**recall, "partition-id": 1})
+    record = s.aggregate_evaluate(1, [good, bad])
+    assert record["personalized-rsum"] == 50.0
+    assert "dropping reply from node 2: evaluation metrics lack ['modality']" in caplog.text
+
+
+def test_a_run_whose_every_round_is_skipped_fails_with_the_reasons():
+    s = RCSRStrategy(
+        None,
+        RoutingOptions(mode="fedavg", min_valid_replies=2),
+        num_clients=2,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+
+    def send_and_receive(messages, timeout=None):
+        metrics = {"num-examples": 0, "train-loss": 1.0, "partition-id": 0}
+        return [
+            Message(reply(1, theta(1), 0, metrics=metrics).content, reply_to=m) for m in messages
+        ]
+
+    grid.send_and_receive.side_effect = send_and_receive
+    with pytest.raises(RuntimeError, match=r"every round \(1\.\.2\) was skipped") as err:
+        s.start(grid, ArrayRecord(theta(0)), num_rounds=2)
+    assert "num-examples is 0: nothing trained" in str(err.value)

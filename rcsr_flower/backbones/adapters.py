@@ -21,6 +21,14 @@ from torch import nn
 TOWERS = ("vision", "text")
 
 
+def tower_of(key: str) -> str | None:
+    """The tower an :class:`AdapterSet` state-dict key belongs to (``adapters.vision_3.up.bias``
+    -> ``"vision"``); None for a key that is not an adapter's."""
+    name = key.removeprefix("adapters.")
+    tower = name.split("_", 1)[0]
+    return tower if tower in TOWERS and name != key else None
+
+
 class BottleneckAdapter(nn.Module):
     """``x -> W_up GELU(W_down x + b_down) + b_up`` (the residual is added by the hook)."""
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from rcsr_flower.backbones.adapters import AdapterSet, adapted
+from rcsr_flower.backbones.prefix import replay
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +131,47 @@ class Backbone:
         finally:
             self.mixed_precision = saved
 
+    def _start(self, tower: str, prefix_block: int | None, hidden: torch.Tensor | None):
+        """Where the tower's forward starts: its input, or a cached frozen prefix."""
+        if prefix_block is None:
+            return contextlib.nullcontext()
+        return replay(self.model, tower, prefix_block, hidden)
+
     def image_features(
-        self, pixel_values: torch.Tensor, *adapters: AdapterSet | None
+        self,
+        pixel_values: torch.Tensor,
+        *adapters: AdapterSet | None,
+        prefix_block: int | None = None,
     ) -> torch.Tensor:
-        """L2-normalised ``z_I`` with the given adapter sets applied (summed)."""
+        """L2-normalised ``z_I`` with the given adapter sets applied (summed).
+
+        ``prefix_block``: ``pixel_values`` are instead the cached output of that block
+        (:mod:`rcsr_flower.backbones.prefix`), and only the blocks after it run.
+        """
         model = self.model
-        with adapted(model, *adapters), self._autocast():
-            pooled = model.vision_model(pixel_values=pixel_values.to(self.device)).pooler_output
+        x = pixel_values.to(self.device)
+        with self._start("vision", prefix_block, x), adapted(model, *adapters), self._autocast():
+            pooled = model.vision_model(pixel_values=x).pooler_output
             z = model.visual_projection(pooled)
         return torch.nn.functional.normalize(z.float(), dim=-1)
 
     def text_features(
-        self, tokens: dict[str, torch.Tensor], *adapters: AdapterSet | None
+        self,
+        tokens: dict[str, torch.Tensor],
+        *adapters: AdapterSet | None,
+        prefix: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """L2-normalised ``z_T`` with the given adapter sets applied (summed)."""
+        """L2-normalised ``z_T`` with the given adapter sets applied (summed).
+
+        ``prefix = (block, hidden)``: start from the cached output of that block for these
+        tokens (:mod:`rcsr_flower.backbones.prefix`); ``tokens`` still give the masks and
+        the end-of-text position that is pooled.
+        """
         model = self.model
-        with adapted(model, *adapters), self._autocast():
+        block, hidden = prefix if prefix is not None else (None, None)
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        with self._start("text", block, hidden), adapted(model, *adapters), self._autocast():
             out = model.text_model(
                 input_ids=tokens["input_ids"].to(self.device),
                 attention_mask=tokens["attention_mask"].to(self.device),
@@ -275,12 +301,19 @@ def _load(path: str, device: torch.device, name: str) -> Backbone:
 
 
 def _load_image_processor(path: str):
-    """The PIL/numpy CLIP processor: same numbers as the torchvision one, no torchvision."""
-    from transformers import CLIPImageProcessor
+    """The PIL/numpy CLIP processor: same numbers as the torchvision one, no torchvision.
 
+    Imported by its own name, as transformers asks: the name ``CLIPImageProcessor`` means
+    the torchvision backend since transformers 5, and without torchvision asking for it
+    logs "requires torchvision (not installed); falling back to CLIPImageProcessorPil"
+    in every process that loads a backbone (each ClientApp, the ServerApp) before it
+    hands out this very class.
+    """
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers < 5: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor
+
         return CLIPImageProcessor.from_pretrained(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -101,18 +101,25 @@ class MethodCells:
         ``group`` a modality group, ``worst10`` its worst 10%)."""
         out = {}
         for seed, run in self.runs.items():
-            record = run.last(key)
-            if not record:
-                continue
-            if key == "personalized":
-                if group == "worst10":
-                    record = record.get("worst10", {})
-                else:
-                    record = (record.get("by_group", {}).get(group) if group else record) or {}
-                    record = record.get("mean", {})
-            if metric in record:
-                out[seed] = float(record[metric])
+            value = pick(run.last(key), key, metric, group)
+            if value is not None:
+                out[seed] = value
         return out
+
+
+def pick(record: dict | None, key: str, metric: str, group: str | None = None) -> float | None:
+    """``metric`` of a round's ``key`` record: for ``personalized`` the mean over all
+    clients, over modality ``group``'s clients, or (``group="worst10"``) over the worst
+    10% of clients."""
+    if not record:
+        return None
+    if key == "personalized":
+        if group == "worst10":
+            record = record.get("worst10", {})
+        else:
+            record = (record.get("by_group", {}).get(group) if group else record) or {}
+            record = record.get("mean", {})
+    return float(record[metric]) if metric in record else None
 
 
 def collect(suite: Suite, archive: Path) -> dict[str, list[MethodCells]]:
@@ -250,7 +257,8 @@ def _reading_notes(suite: Suite, data: dict[str, list[MethodCells]]) -> list[str
         "global test split (R@1 in %, rsum = R@1+5+10 both ways, max 600). *Personalised*: "
         "each client evaluates on its own local test split (both modalities), then the mean "
         "over the clients of each modality group at training time, and the mean of the "
-        "worst 10% of clients. The zero-shot row is round 0, the frozen backbone.",
+        "worst 10% of clients. The zero-shot row is round 0, the frozen backbone (its "
+        "personalised columns are empty for runs that did not evaluate the clients at round 0).",
         "",
     ]
     methods = {m.name: m for rows in data.values() for m in rows}
@@ -280,21 +288,24 @@ def _setting_table(rows: list[MethodCells]) -> list[str]:
         + " | pers. worst 10% |"
     )
     lines = [head, "|" + "---|" * (7 + len(GROUPS))]
-    zero = {}
+    # round 0 (the frozen backbone) is the same for every method of a seed: the setting's
+    # partition and the global test split; a pooled method has a partition of its own
+    zero: dict[int, RunRecord] = {}
     for m in rows:
-        for seed, run in m.runs.items():
-            record = run.at(0, "global")
-            if record and not m.pooled:
-                zero.setdefault(seed, []).append(record)
+        for seed, run in sorted(m.runs.items()):
+            if not m.pooled and run.at(0, "global"):
+                zero.setdefault(seed, run)
     if zero:
-        per_seed = [records[0] for _, records in sorted(zero.items())]
-        cells = [fmt([r[k] for r in per_seed]) for k in ("rsum", "i2t_r1", "t2i_r1")]
-        lines.append(
-            f"| zero-shot (round 0) | {len(per_seed)} | "
-            + " | ".join(cells)
-            + " |"
-            + " — |" * (len(GROUPS) + 2)
-        )
+        runs = [zero[s] for s in sorted(zero)]
+
+        def column(key: str, metric: str, group: str | None = None) -> str:
+            return fmt(
+                [v for r in runs if (v := pick(r.at(0, key), key, metric, group)) is not None]
+            )
+
+        cells = [column("global", k) for k in ("rsum", "i2t_r1", "t2i_r1")]
+        cells += [column("personalized", "rsum", g) for g in (None, *GROUPS, "worst10")]
+        lines.append(f"| zero-shot (round 0) | {len(runs)} | " + " | ".join(cells) + " |")
     for m in rows:
         glob = [fmt(list(m.final("global", k).values())) for k in ("rsum", "i2t_r1", "t2i_r1")]
         if not m.has_global:

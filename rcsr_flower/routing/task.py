@@ -37,6 +37,10 @@ class ClientReport:
     loss: float
     arrays: ArrayRecord  # the client's trained shared parameters θ_k
     summary: Any  # task-specific statistics (prototypes, slot stats, geometry, ...)
+    holds: frozenset[str] | None = None  # towers the client trained; None = all
+
+    def holds_tower(self, tower: str) -> bool:
+        return self.holds is None or tower in self.holds
 
 
 class RoutedTask(Protocol):
@@ -69,3 +73,46 @@ class RoutedTask(Protocol):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_tensors` returned (a resumed run)."""
+
+
+class FederatedEvaluation(Protocol):
+    """How the strategy turns the clients' evaluation replies into one row field."""
+
+    key: str  # the metrics.jsonl field, e.g. "personalized"
+
+    def parse(self, metrics: dict) -> dict | None:
+        """One client's ``"metrics"``: the row to summarise, None when it evaluated
+        nothing; raise :class:`ReplyError` for a malformed reply."""
+
+    def summarise(self, rows: list[dict]) -> dict:
+        """The round's summary; ``summary["mean"]`` (name -> float) also goes to Flower's
+        ``Result`` as ``<key>-<name>``."""
+
+
+class WeightedAverage:
+    """Flower ``FedAvg``'s federated evaluation: every numeric metric averaged with the
+    clients' ``num-examples`` as weights (``partition-id``, ``num-examples`` and
+    ``*-seconds`` excepted)."""
+
+    key = "evaluation"
+
+    def parse(self, metrics: dict) -> dict | None:
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ReplyError(f"num-examples is {n!r}, expected an int >= 0")
+        return metrics if n > 0 else None
+
+    def summarise(self, rows: list[dict]) -> dict:
+        skip = {"num-examples", "partition-id"}
+        names = [
+            k
+            for k, v in rows[0].items()
+            if k not in skip
+            and not k.endswith("-seconds")
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and all(isinstance(r.get(k), int | float) for r in rows)
+        ]
+        total = sum(r["num-examples"] for r in rows)
+        mean = {k: sum(float(r[k]) * r["num-examples"] for r in rows) / total for k in names}
+        return {"mean": mean, "clients": len(rows), "num-examples": total}

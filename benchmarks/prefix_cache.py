@@ -1,0 +1,103 @@
+"""What the frozen-prefix cache saves on a local epoch (SPEC §2, `prefix-cache`).
+
+A random-weight ViT-B/32-shaped CLIP (`CLIPConfig()` defaults: 12 + 12 blocks) with
+adapters on the last `--adapter-layers` blocks of each tower trains one local epoch of
+the real client code (`task.local_train`, paired InfoNCE) on `--items` synthetic images
+with 5 random captions each, three ways on the same data and the same initial adapters:
+
+- **uncached**: every step runs both towers from pixels and tokens;
+- **fill**: computing the frozen prefix of every image and caption once
+  (`task.client_prefix`: what a node does before its first epoch);
+- **cached**: the same epoch from the cached hidden states.
+
+    .venv/bin/python benchmarks/prefix_cache.py [--device cuda] [--repeats 3]
+
+Ends with one JSON line: {"uncached_s", "cached_s", "ratio", "fill_s", ...} (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from gpu_check import build_backbone, sync
+
+from rcsr_flower.backbones.random_clip import random_captions
+from rcsr_flower.config import RunConfig
+from rcsr_flower.task import ClientData, SplitTensors, TrainSettings, client_prefix, local_train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--adapter-layers", default="2")
+    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a tiny CLIP (smoke test)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    backbone = build_backbone(args.tiny, device, seed=0)
+    size = backbone.model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.items, 3, size, size, generator=g)
+    flat = random_captions(5 * args.items, seed=0)
+    captions = [flat[5 * i : 5 * i + 5] for i in range(args.items)]
+    split = SplitTensors(pixels, captions)
+    cfg = RunConfig(adapter_layers=args.adapter_layers, data_cache_gb=0.0)  # memory only
+    settings = TrainSettings(lr=1e-3, epochs=1, batch_size=args.batch_size, anchoring=False)
+    start = backbone.new_adapters(args.adapter_layers).state_dict()
+
+    def epoch(data: ClientData) -> float:
+        shared = backbone.new_adapters(args.adapter_layers)
+        shared.load_state_dict(start)
+        sync(device)
+        t0 = time.perf_counter()
+        local_train(backbone, shared, None, data, None, settings, seed=1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    plain = ClientData(0, "paired", split, split)
+    cached = ClientData(0, "paired", split, split)
+    fills, uncached, warm = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            cached.prefix = client_prefix(cfg, backbone, cached, Path(tmp) / "c.safetensors")
+            sync(device)
+            fills.append(time.perf_counter() - t0)
+            uncached.append(epoch(plain))
+            warm.append(epoch(cached))
+    u, c, f = (statistics.median(x) for x in (uncached, warm, fills))
+    print(
+        json.dumps(
+            {
+                "uncached_s": round(u, 3),
+                "cached_s": round(c, 3),
+                "ratio": round(u / c, 2),
+                "fill_s": round(f, 3),
+                "backbone": backbone.name,
+                "device": str(device),
+                "adapter_layers": args.adapter_layers,
+                "items": args.items,
+                "captions_per_item": 5,
+                "batch_size": args.batch_size,
+                "repeats": args.repeats,
+                "torch_threads": torch.get_num_threads(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""What Flower costs on top of the client work: one federation in-process vs `flwr run`.
+
+Runs the embedded default federation (or any `-c` overrides) twice with the same code:
+
+- **plain**: the ServerApp's `run_server` and the ClientApp's handlers (`client_app.py`)
+  in this one process, messages handed from one to the other by :class:`InProcessGrid`
+  (no SuperLink, no Ray, no serialisation, no process start-up);
+- **flower**: `python -m rcsr_flower.launch`'s path, a private SuperLink in simulation
+  mode with 10 SuperNodes (`make run`).
+
+Same clients, rounds, seeds and sampling (nodes in partition order), so both should end
+with the same metrics; the ratio is Flower's overhead on this machine. Assets and the
+partition are prepared first and not timed.
+
+    .venv/bin/python benchmarks/round_overhead.py [-c "num-server-rounds=2"]
+
+Ends with one JSON line: {"plain_s", "flower_s", "ratio", "same_metrics", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import tomllib
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # client_app.py, server_app.py
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class InProcessGrid:
+    """The part of Flower's ``Grid`` the ServerApp uses, answered by calling the
+    ClientApp's handlers in this process, one ``Context`` (and ``state``) per node."""
+
+    def __init__(self, run_config: dict, num_nodes: int) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for i in range(num_nodes)
+        }
+        self._next_id = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        import client_app
+
+        handlers = {"train": client_app.train, "evaluate": client_app.evaluate}
+        replies = []
+        for msg in messages:
+            self._next_id += 1
+            msg.metadata.__dict__["_message_id"] = f"in-process-{self._next_id}"
+            handler = handlers.get(msg.metadata.message_type, client_app.query)
+            try:
+                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
+        return replies
+
+
+def run_plain(run_config: dict, num_nodes: int) -> float:
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from rcsr_flower.server import run_server
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message()
+    grid = InProcessGrid(run_config, num_nodes)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    started = time.perf_counter()
+    run_server(grid, context)
+    return time.perf_counter() - started
+
+
+def final_metrics(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    return {
+        "global_rsum": round(last["global"]["rsum"], 4),
+        "personalized_rsum": round(last["personalized"]["mean"]["rsum"], 4),
+        "seconds": [r.get("seconds", {}).get("round") for r in rows],
+    }
+
+
+def main() -> None:
+    from flwr.common.config import parse_config_args
+
+    from rcsr_flower.launch import SimulationLauncher, check_run_config, flower_env, prepare_run
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-c", "--run-config", action="append", default=[])
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    args = parser.parse_args()
+    out = Path(args.output_dir or tempfile.mkdtemp(prefix="round-overhead-")).resolve()
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    overrides = parse_config_args(args.run_config)
+
+    runs = {}
+    for kind in ("plain", "flower"):
+        run_config = {**table, **overrides, "run-name": kind, "output-dir": str(out)}
+        cfg = check_run_config(ROOT, [], run_config)
+        prepare_run(cfg, args.num_supernodes, flower_env(out / "flwr"))  # not timed
+        if kind == "plain":
+            runs[kind] = run_plain(run_config, args.num_supernodes)
+            continue
+        launcher = SimulationLauncher(
+            app_dir=ROOT,
+            flwr_home=out / "flwr",
+            num_supernodes=args.num_supernodes,
+            run_config={**overrides},
+            timeout=3600,
+            prepare=False,
+        )
+        started = time.perf_counter()
+        try:
+            launcher.start()
+            result = launcher.run(kind, out)
+        finally:
+            launcher.stop()
+        runs[kind] = time.perf_counter() - started
+        if result.get("status") != "completed":
+            sys.exit(f"the flwr run failed: {result.get('error')}")
+    plain, flower = final_metrics(out / "plain"), final_metrics(out / "flower")
+    same = {k: v for k, v in plain.items() if k != "seconds"} == {
+        k: v for k, v in flower.items() if k != "seconds"
+    }
+    print(
+        json.dumps(
+            {
+                "plain_s": round(runs["plain"], 1),
+                "flower_s": round(runs["flower"], 1),
+                "ratio": round(runs["flower"] / runs["plain"], 3),
+                "same_metrics": same,
+                "plain": plain,
+                "flower": flower,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "output_dir": str(out),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
