@@ -406,7 +406,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     aggregated) the weight heatmap and weights by client. Returns the files written."""
     run = RunRecord.load(run_dir)
     out_dir = out_dir or run_dir / "plots"
-    name = run_dir.name
+    # a suite's cell is <setting>/<method>/seed-<k>: name it by all three
+    parts = run_dir.resolve().parts
+    name = "/".join(parts[-3:]) if run_dir.name.startswith("seed-") else run_dir.name
     series = {}
     if run.has_global_model:
         series["global test split"] = [run.curve("global")]
@@ -421,7 +423,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         plot_curves(
             panels,
             out_dir / "curves.png",
-            run.footer(),
+            run.footer(name),
             ylabel="rsum",
             colours=colours,
             title=f"retrieval rsum per round{note}",
@@ -431,7 +433,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         (plot_weight_heatmap, "weights-heatmap.png"),
         (plot_weights_by_client, "weights-by-client.png"),
     ):
-        if (path := draw(run, out_dir / file)) is not None:
+        if (path := draw(run, out_dir / file, what=name)) is not None:
             written.append(path)
     return written
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 from rcsr_flower.experiments.__main__ import main
 from rcsr_flower.experiments.report import archive_cells, write_report
@@ -197,6 +198,54 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-tower",
         "rcsr-personal",
     }
+
+
+# ============================================================================ local-only
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+def test_local_only_validates_and_records_but_never_aggregates(task_identity):
+    from flwr.app import ArrayRecord
+    from test_strategy import reply, theta
+
+    from rcsr_flower.local_only import LocalOnlyStrategy
+    from rcsr_flower.strategy import RoutingOptions
+
+    s = LocalOnlyStrategy(None, RoutingOptions(mode="local"), num_clients=3)
+    s.current = ArrayRecord(theta(0))
+    bad = reply(3, {k: v * float("nan") for k, v in theta(3).items()}, 5)
+    arrays, metrics = s.aggregate_train(1, [reply(1, theta(1), 10), reply(2, theta(2), 30), bad])
+    assert arrays is None  # Flower's loop keeps the global adapters as they were
+    assert metrics["num-clients"] == 2
+    row = s.history[1]
+    assert row["aggregated"] is False and row["weights"] == {} and row["skipped"] is False
+    assert list(row["dropped"].values()) == [
+        "'arrays.adapters.vision_0.up.weight' has non-finite values"
+    ]
+
+
+def test_a_local_only_client_starts_each_round_from_its_own_adapters():
+    from flwr.app import ArrayRecord, RecordDict
+
+    from rcsr_flower.client import LOCAL_KEY, ClientNode
+    from rcsr_flower.config import RunConfig
+
+    server = ArrayRecord({"w": torch.zeros(2)})
+    own = RecordDict({LOCAL_KEY: ArrayRecord({"w": torch.ones(2)})})
+
+    def start(strategy: str, state: RecordDict) -> torch.Tensor:
+        node = ClientNode(RunConfig(strategy=strategy), None, None, 0, 1)
+        return node.starting_adapters(server, state)["w"]
+
+    assert torch.equal(start("local", RecordDict()), torch.zeros(2))  # first round: the server's
+    assert torch.equal(start("local", own), torch.ones(2))  # then its own
+    assert torch.equal(start("fedavg", own), torch.zeros(2))  # every other method: the server's
 
 
 # ============================================================================ the runner
