@@ -48,11 +48,15 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     assert [r["round"] for r in rows] == [0, 1, 2]
     # round 0 is the frozen backbone: zero-shot, centralised and on every client's split
     zero = rows[0]["global"]
-    assert set(rows[0]) == {"round", "global", "personalized"} and zero["protocol"] == "standard"
+    assert set(rows[0]) == {"round", "global", "personalized", "seconds"}
+    assert zero["protocol"] == "standard"
     assert 0 < zero["rsum"] < 600
     assert rows[0]["personalized"]["clients"] == 4
     for row in rows[1:]:
         assert row["skipped"] is False
+        # where the round's time went, the clients' own compute included
+        assert row["seconds"]["round"] >= row["seconds"]["train_wait"] > 0
+        assert row["seconds"]["clients"]["train"] > 0
         fused = [w["fused"] for w in row["weights"].values()]
         assert len(fused) == 2 and abs(sum(fused) - 1) < 1e-5
         assert row["router_loss"] is not None and row["weight_entropy"] > 0
