@@ -330,13 +330,20 @@ def plot_weight_heatmap(run: RunRecord, path: Path, title: str = "", what: str =
         return None
     fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(rounds) + 4.2), 0.36 * len(clients) + 2.4))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
-    image = ax.imshow(np.ma.masked_invalid(w), aspect="auto", cmap=cmap, interpolation="nearest")
+    image = ax.imshow(  # from 0, so that near-equal weights look near-equal
+        np.ma.masked_invalid(w),
+        aspect="auto",
+        cmap=cmap,
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=float(np.nanmax(w)),
+    )
     ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
     ax.set_yticks(range(len(clients)), _client_labels(run, clients), fontsize=8)
     modality = run.modality()
     for tick, c in zip(ax.get_yticklabels(), clients, strict=True):
         tick.set_color(GROUP_COLOURS.get(modality.get(c), "black"))
-    middle = np.nanmin(w) + 0.6 * (np.nanmax(w) - np.nanmin(w))
+    middle = 0.6 * np.nanmax(w)
     for i in range(len(clients)):
         for j in range(len(rounds)):
             if not np.isnan(w[i, j]):
@@ -413,9 +420,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if run.has_global_model:
         series["global test split"] = [run.curve("global")]
     series["personalised: all clients"] = [run.curve("personalized")]
-    for g in GROUPS:
-        if curve := run.curve("personalized", group=g):
-            series[f"personalised: {g}"] = [curve]
+    groups = {g: curve for g in GROUPS if (curve := run.curve("personalized", group=g))}
+    if len(groups) > 1:  # one group is all clients: its line would hide under theirs
+        series.update({f"personalised: {g}": [curve] for g, curve in groups.items()})
     panels = [(f"{name} ({run.strategy or '?'})", series)]
     colours = colour_map(list(series))
     note = "" if run.has_global_model else " (local-only: no global model, personalised only)"
