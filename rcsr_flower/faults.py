@@ -11,8 +11,9 @@ mid-round. Production runs leave the key empty (the default), and nothing here r
 - ``nan:P@R`` — client ``P`` replies adapters full of NaN in round ``R``;
 - ``huge:P@R`` — client ``P`` adds 100 to every adapter entry it replies in round ``R``
   (an update far beyond any sensible ``max-update-norm``);
-- ``hang:P@R`` — client ``P`` sleeps ``round-timeout`` + 3 s before training in round
-  ``R``: alive (its node keeps its heartbeat) but silent until the server has gone on;
+- ``hang:P@R`` — client ``P`` sleeps 1.5 × ``round-timeout`` before training in round
+  ``R``: alive (its node keeps its heartbeat) but silent until well after the server has
+  gone on (half a timeout later: a server slowed by a loaded machine still has gone on);
 - ``server-kill@R`` — the ServerApp process sends itself ``SIGKILL`` as soon as round
   ``R``'s train replies have arrived, before it aggregates them: the clients have trained
   round ``R``, the last checkpoint is round ``R−1`` (a crash at the worst moment).
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # the config schema imports this module: keep it free of torc
 log = logging.getLogger(__name__)
 
 CLIENT_FAULTS = ("raise", "nan", "huge", "hang")
+HANG_FACTOR = 1.5  # a hanging client sleeps this many round-timeouts
 GRAMMAR = "comma-separated raise|nan|huge|hang:<partition-id|*>@<round> and server-kill@<round>"
 _CLIENT_ITEM = re.compile(r"^(raise|nan|huge|hang):(\*|\d+)@(\d+)$")
 _SERVER_ITEM = re.compile(r"^server-kill@(\d+)$")
@@ -90,7 +92,7 @@ def before_training(
         raise InjectedFault(f"injected fault: client {partition_id} raises in round {server_round}")
     if kind == "hang":
         log.warning("injected fault: client %d hangs in round %d", partition_id, server_round)
-        time.sleep(round_timeout + 3.0)  # past the wait: the server started it earlier
+        time.sleep(HANG_FACTOR * round_timeout)  # far past the server's wait, begun earlier
 
 
 def corrupt_reply(

@@ -53,7 +53,7 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def run_and_kill(launcher: SimulationLauncher, name: str, out: Path, timeout: float = 600):
+def run_and_kill(launcher: SimulationLauncher, name: str, out: Path, timeout: float = 1800):
     """Run until the ServerApp's process is gone, then stop the SuperLink (which would
     otherwise wait about a minute for the dead run's heartbeat)."""
     done: dict = {}
@@ -101,7 +101,7 @@ def runs(tmp_path_factory, embedded_assets):
             num_supernodes=4,
             cpus_per_client=1,
             run_config={**common, **extra},
-            timeout=600,
+            timeout=1800,  # an upper bound for a loaded machine: a launch here takes ~1 min
         )
 
     found: dict = {"out": out}
