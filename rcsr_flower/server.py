@@ -489,6 +489,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
                 cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate
             ),
             first_round=first_round,
+            fresh=resume is None,  # a resume from round 0 must not evaluate round 0 again
             on_round_end=checkpoint,
         )
     except NodeWaitTimeout as exc:

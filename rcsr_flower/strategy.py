@@ -359,6 +359,7 @@ class RCSRStrategy(FedAvg):
         *,
         first_round: int = 1,
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+        fresh: bool | None = None,
     ) -> Result:
         """Flower's ``Strategy.start`` loop, made resumable.
 
@@ -366,7 +367,8 @@ class RCSRStrategy(FedAvg):
         kept, so a run reads as before). A resumed run
         starts at ``first_round`` = k+1 with the true round numbers (the lr schedule and
         the sampling seed depend on them) and ``initial_arrays`` = the checkpointed
-        adapters; round 0 is evaluated only when ``first_round == 1``. Each round runs
+        adapters; round 0 is evaluated only on a ``fresh`` start (default: ``first_round ==
+        1``; a run resumed from its round-0 checkpoint passes ``fresh=False``). Each round runs
         Flower's steps in Flower's order (train, federated evaluation, ``evaluate_fn``)
         and ends with ``on_round_end(round, arrays)`` (the checkpoint); round 0 too.
         """
@@ -380,7 +382,9 @@ class RCSRStrategy(FedAvg):
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
-        if first_round == 1:
+        if fresh is None:
+            fresh = first_round == 1
+        if fresh:
             clock = RoundClock()
             # SPEC §6: zero-shot on every client's local test split too, so personalised
             # curves start from the frozen backbone like the global one

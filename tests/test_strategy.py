@@ -512,6 +512,18 @@ def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
     fresh = []
     s.start(grid, ArrayRecord(theta(0)), num_rounds=1, on_round_end=lambda r, a: fresh.append(r))
     assert fresh == [0, 1]  # a fresh run checkpoints its zero-shot state too
+    # resumed from its round-0 checkpoint: round 1 next, round 0 not evaluated again
+    evaluated, ended = [], []
+    s.start(
+        grid,
+        ArrayRecord(theta(0)),
+        num_rounds=1,
+        evaluate_fn=lambda r, a: evaluated.append(r),
+        on_round_end=lambda r, a: ended.append(r),
+        first_round=1,
+        fresh=False,
+    )
+    assert evaluated == [1] and ended == [1]
 
 
 # ------------------------------------------------------------------ SPEC §5 (ours, revised)
