@@ -5,20 +5,27 @@ from non-IID data, from missing modalities, from prototype anchoring or from too
 local steps?" needs many runs. This loop runs the *same* client code
 (``client.setup``, ``task.local_train`` with the SPEC §4 loss, the bootstrap bank of
 ``server.bootstrap_bank``) for all clients in one process, aggregates
-``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` (sample-count weights: no router, no minimax, no bank
-update: it isolates the client side) and evaluates the global adapters on the global test
+``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` tower by tower over the clients holding each tower, as
+SPEC §5 step 5 (revised) and the default ``tower-aggregation`` (``--plain-aggregation``:
+over all clients) (sample-count weights: no router, no minimax, no bank update: it
+isolates the client side) and evaluates the global adapters on the global test
 split after every round. It is a diagnostic, not the product: numbers from it are labelled
 as such in docs.
 
     .venv/bin/python benchmarks/fed_dynamics.py                       # S4, anchoring on
     .venv/bin/python benchmarks/fed_dynamics.py --no-anchoring        # S4, FedAvg-like
     .venv/bin/python benchmarks/fed_dynamics.py --missing-rate 0 --partitioning iid  # S1
+
+With ``--json`` the per-round lines go to stderr and stdout ends with one JSON line:
+``{"settings": {...}, "rsum": [[round, rsum], ...]}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
 import time
 
 import torch
@@ -56,8 +63,13 @@ def main() -> None:
     parser.add_argument("--prototype-slots", type=int, default=32)
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--constant-lr", action="store_true", help="no SPEC §1 schedule")
+    parser.add_argument(
+        "--plain-aggregation", action="store_true", help="average every tower over all clients"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
+    log_to = sys.stderr if args.json else sys.stdout
 
     cfg = RunConfig().replace(
         num_server_rounds=args.rounds,
@@ -76,7 +88,7 @@ def main() -> None:
         setup(raw, {"partition-id": i, "num-partitions": args.clients}) for i in range(args.clients)
     ]
     backbone = nodes[0].backbone
-    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes])
+    print("clients:", [(n.data.modality, len(n.data.train)) for n in nodes], file=log_to)
     anchoring = not args.no_anchoring
     bank = None
     if anchoring:
@@ -95,7 +107,8 @@ def main() -> None:
         template.load_state_dict(theta)
         return float(evaluate_retrieval(backbone, test, template)["rsum"])
 
-    print(f"round 0: rsum {global_rsum():.1f}", flush=True)
+    curve = [[0, global_rsum()]]
+    print(f"round 0: rsum {curve[0][1]:.1f}", file=log_to, flush=True)
     rng = random.Random(args.seed)
     per_round = max(2, int(args.clients * args.fraction))
     start = time.perf_counter()
@@ -122,18 +135,25 @@ def main() -> None:
             deltas.append({k: trained[k].detach() - theta[k] for k in theta})
             sizes.append(out["num_examples"])
             losses.append(round(out["loss"], 3))
-        total = sum(sizes)
-        for k in theta:
-            theta[k] = theta[k] + args.server_lr * sum(
-                n / total * d[k] for n, d in zip(sizes, deltas, strict=True)
-            )
         mods = [nodes[c].data.modality[0] for c in chosen]
+        for k in theta:
+            lacks = "t" if k.startswith("adapters.vision") else "i"  # clients without this tower
+            members = [j for j, m in enumerate(mods) if args.plain_aggregation or m != lacks]
+            total = sum(sizes[j] for j in members)
+            if total:
+                theta[k] = theta[k] + args.server_lr * sum(
+                    sizes[j] / total * deltas[j][k] for j in members
+                )
+        curve.append([server_round, global_rsum()])
         print(
-            f"round {server_round}: rsum {global_rsum():.1f}  lr {lr:.1e}  clients "
+            f"round {server_round}: rsum {curve[-1][1]:.1f}  lr {lr:.1e}  clients "
             f"{list(zip(chosen, mods, strict=True))}  loss {losses}  "
             f"{time.perf_counter() - start:.0f} s",
+            file=log_to,
             flush=True,
         )
+    if args.json:
+        print(json.dumps({"settings": vars(args), "rsum": curve}))
 
 
 if __name__ == "__main__":

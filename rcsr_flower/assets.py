@@ -8,6 +8,13 @@ uses assets the project builds itself, deterministically, into a cache directory
 - ``pretrain-corpus/``: a shifted corpus, only used to pretrain the backbone;
 - ``tiny-clip/``: the pretrained backbone as a Hugging Face model directory.
 
+Pretraining the backbone to convergence takes longer than a cold run may (about 20 min
+on 2 CPU cores), so the repository ships it, built by
+``python -m rcsr_flower.assets pretrain`` (seed 0, 2 threads) into ``embedded/tiny-clip/``
+at the repository root (weights in ``model.safetensors``, which the Flower app bundle does
+not pick up). A build copies it into the cache after checking its SHA-256 and that it was
+built from today's recipe; without it (or if either check fails) the build pretrains.
+
 Several processes may ask at once (the ServerApp and every Ray actor), so building holds
 an exclusive file lock and every piece is written to a temporary sibling and renamed into
 place: a reader sees a complete asset or none. Build explicitly with
@@ -21,6 +28,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -30,8 +38,13 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ASSETS_VERSION = "v2"  # v2: deterministic BPE; corpus v2 phrasing
+ASSETS_VERSION = "v3"  # v3: converged backbone, context 40, target words in the BPE
 _DONE = "rcsr_pretrain.json"
+
+SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "embedded" / "tiny-clip"
+"""The backbone built by ``python -m rcsr_flower.assets pretrain``, shipped in the repository."""
+# sha256 of SHIPPED_BACKBONE/model.safetensors
+SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"
 
 
 @dataclass(frozen=True)
@@ -132,15 +145,108 @@ def _build(assets: EmbeddedAssets, *, force: bool) -> None:
     log.info("building embedded target corpus in %s", assets.root / "corpus")
     generate_corpus(assets.root / "corpus", CorpusSpec())
     if not (assets.backbone_dir / _DONE).is_file():
-        log.info("building pretrain corpus in %s", assets.root / "pretrain-corpus")
-        generate_corpus(assets.root / "pretrain-corpus", recipe.corpus)
         tmp = assets.root / "tiny-clip.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("pretraining the embedded tiny CLIP (one-time, about a minute)")
-        report = pretrain_tiny_clip(tmp, assets.pretrain_corpus_json, recipe)
+        problem = shipped_backbone_problem(SHIPPED_BACKBONE, recipe)
+        if problem is None:
+            log.info("copying the shipped tiny CLIP from %s", SHIPPED_BACKBONE)
+            shutil.copytree(SHIPPED_BACKBONE, tmp)
+        else:
+            log.warning("not using the shipped tiny CLIP (%s): pretraining it here", problem)
+            log.info("building pretrain corpus in %s", assets.root / "pretrain-corpus")
+            generate_corpus(assets.root / "pretrain-corpus", recipe.corpus)
+            log.info("pretraining the embedded tiny CLIP (one-time, about 20 minutes)")
+            pretrain_tiny_clip(tmp, assets.pretrain_corpus_json, recipe, assets.corpus_json)
         shutil.rmtree(assets.backbone_dir, ignore_errors=True)
         os.replace(tmp, assets.backbone_dir)
-        log.info("tiny CLIP ready: %s", json.dumps(report.get("pretrain_test", {})))
+        log.info("tiny CLIP ready: %s", json.dumps(assets.pretrain_report()["pretrain_test"]))
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_backbone_problem(directory: Path, recipe) -> str | None:
+    """Why the backbone in ``directory`` cannot stand for ``recipe``'s, or None if it can."""
+    from dataclasses import asdict
+
+    weights, report = directory / "model.safetensors", directory / _DONE
+    if not weights.is_file() or not report.is_file():
+        return f"{directory} has no model.safetensors or {_DONE}"
+    if sha256_file(weights) != SHIPPED_SHA256:
+        return f"{weights} does not have the SHA-256 recorded in rcsr_flower/assets.py"
+    if json.loads(report.read_text()).get("recipe") != json.loads(json.dumps(asdict(recipe))):
+        return "it was built from another recipe than TinyClipRecipe()"
+    return None
+
+
+def pretrain_shipped_backbone(out_dir: Path, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Pretrain the embedded backbone from scratch into ``out_dir`` (the shipped one's recipe).
+
+    The corpora come from the cache (built if missing); bit-identical to the shipped
+    backbone on the machine and thread count it was built with.
+    """
+    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe, pretrain_tiny_clip
+    from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
+
+    root = cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}"
+    recipe = TinyClipRecipe()
+    with file_lock(root.parent / f"embedded-{ASSETS_VERSION}.lock"):
+        target = generate_corpus(root / "corpus", CorpusSpec())
+        pretrain = generate_corpus(root / "pretrain-corpus", recipe.corpus)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    report = pretrain_tiny_clip(tmp, pretrain, recipe, target)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return report
+
+
+def benchmark_info(assets: EmbeddedAssets) -> dict:
+    """What the embedded benchmark is: truncation, temperature, in-domain and zero-shot rsum.
+
+    Truncation is counted on the target corpus with the backbone's own tokenizer and text
+    context; ``zero_shot_rsum`` is the frozen backbone on the target test split (standard
+    protocol, every test image), i.e. round 0 of the default run.
+    """
+    from rcsr_flower.backbones.clip import load_backbone
+    from rcsr_flower.data.datasets import open_dataset
+    from rcsr_flower.task import evaluate_retrieval, preprocess_split
+
+    report = assets.pretrain_report()
+    backbone = load_backbone(str(assets.backbone_dir), device="cpu")
+    context = backbone.max_text_length
+    info: dict = {"context": context, "vocab_size": len(backbone.tokenizer)}
+    for split in ("train", "test"):
+        data = open_dataset(assets.corpus_json, split=split)
+        captions = [c for i in range(len(data)) for c in data.captions(i)]
+        lengths = [len(ids) for ids in backbone.tokenizer(captions)["input_ids"]]
+        info[f"truncated_{split}_captions"] = sum(n > context for n in lengths)
+        info[f"{split}_captions"] = len(captions)
+        info[f"max_{split}_caption_tokens"] = max(lengths)
+    test = preprocess_split(backbone, open_dataset(assets.corpus_json, split="test"))
+    logit_scale = float(backbone.model.logit_scale.detach())
+    zero_shot = evaluate_retrieval(backbone, test, None)
+    info.update(
+        logit_scale=logit_scale,
+        temperature=math.exp(-logit_scale),
+        in_domain_rsum=report["pretrain_test"]["rsum"],
+        zero_shot_rsum=zero_shot["rsum"],
+        zero_shot_share_of_in_domain=zero_shot["rsum"] / report["pretrain_test"]["rsum"],
+        pretrain_steps=report["steps"],
+        pretrain_seconds=report["seconds"],
+        pretrain_final_loss=report["final_loss"],
+        backbone_sha256=sha256_file(assets.backbone_dir / "model.safetensors"),
+        backbone=str(assets.backbone_dir),
+        corpus=str(assets.corpus_json),
+    )
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +255,30 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["build", "info", "path"])
+    parser.add_argument("command", choices=["build", "info", "path", "pretrain"])
     parser.add_argument(
         "--cache-dir", default=None, help="default: $RCSR_CACHE_DIR or ~/.cache/rcsr-flower"
     )
     parser.add_argument("--force", action="store_true", help="rebuild from scratch")
+    parser.add_argument("--json", action="store_true", help="info: one JSON object on stdout")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=SHIPPED_BACKBONE,
+        help="pretrain: where the backbone goes (default: the shipped one, %(default)s)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.command == "path":
         print(cache_root(args.cache_dir) / f"embedded-{ASSETS_VERSION}")
+        return 0
+    if args.command == "pretrain":
+        report = pretrain_shipped_backbone(args.out, args.cache_dir)
+        print(json.dumps({k: v for k, v in report.items() if k != "recipe"}))
+        print(
+            f"sha256 of {args.out / 'model.safetensors'}: "
+            f"{sha256_file(args.out / 'model.safetensors')}"
+        )
         return 0
     if args.command == "build":
         assets = ensure_assets(args.cache_dir, force=args.force, in_process=True)
@@ -166,10 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         if not assets.complete:
             print(f"not built yet: {assets.root} (run `python -m rcsr_flower.assets build`)")
             return 1
+    if args.json:
+        print(json.dumps(benchmark_info(assets)))
+        return 0
     report = assets.pretrain_report()
     print(f"corpus:   {assets.corpus_json}")
     print(f"backbone: {assets.backbone_dir}")
-    print(f"pretrain: {report['seconds']} s, test {json.dumps(report['pretrain_test'])}")
+    print(
+        f"pretrain: {report['steps']} steps in {report['seconds']} s when it was built, "
+        f"in-domain test {json.dumps(report['pretrain_test'])}"
+    )
     return 0
 
 

@@ -98,7 +98,7 @@ class RunConfig:
     proto_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
     lambda_anchor: float = field(default=1.0, metadata=_range(0.0))
     lambda_align: float = field(default=0.1, metadata=_range(0.0))
-    lambda_stab: float = field(default=10.0, metadata=_range(0.0))  # embedded; SPEC: 0.01
+    lambda_stab: float = field(default=0.01, metadata=_range(0.0))
     # server (SPEC §5)
     strategy: str = field(
         default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper", "local")

@@ -159,3 +159,65 @@ def test_pretraining_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     assert report["steps"] == 3 and "rsum" in report["pretrain_test"]
     loaded = load_backbone(str(tmp_path / "a"), device="cpu")
     assert loaded.dim == 16 and loaded.model.config.vision_config.num_hidden_layers == 1
+
+
+def test_shipped_backbone_has_its_checksum_and_todays_recipe():
+    """The repository's pretrained backbone is the one `assets pretrain` wrote from
+    `TinyClipRecipe()`; a changed recipe without a rebuilt backbone fails here."""
+    from rcsr_flower.assets import (
+        SHIPPED_BACKBONE,
+        SHIPPED_SHA256,
+        sha256_file,
+        shipped_backbone_problem,
+    )
+    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
+
+    assert sha256_file(SHIPPED_BACKBONE / "model.safetensors") == SHIPPED_SHA256
+    assert shipped_backbone_problem(SHIPPED_BACKBONE, TinyClipRecipe()) is None
+    size = sum(p.stat().st_size for p in SHIPPED_BACKBONE.iterdir())
+    assert size < 10 * 2**20, size
+
+
+def test_the_cache_holds_the_shipped_backbone(embedded_assets):
+    from rcsr_flower.assets import SHIPPED_SHA256, sha256_file
+
+    assert sha256_file(embedded_assets.backbone_dir / "model.safetensors") == SHIPPED_SHA256
+
+
+def test_shipped_backbone_stays_out_of_the_flower_app_bundle():
+    """`flwr run .` packs files by flwr's include patterns (*.py, *.json, ...): of the shipped
+    backbone only its small JSON files may travel, never the weights."""
+    from pathlib import Path
+
+    from flwr.cli.utils import build_pathspec
+    from flwr.common.constant import FAB_INCLUDE_PATTERNS
+
+    from rcsr_flower.assets import SHIPPED_BACKBONE
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = [p.relative_to(root).as_posix() for p in SHIPPED_BACKBONE.rglob("*")]
+    picked = list(build_pathspec(FAB_INCLUDE_PATTERNS).match_files(shipped))
+    assert "embedded/tiny-clip/model.safetensors" in shipped
+    assert not any(p.endswith(".safetensors") for p in picked)
+    assert sum((root / p).stat().st_size for p in picked) < 256 * 1024, picked
+
+
+def test_no_target_caption_outgrows_the_text_context(embedded_assets, backbone):
+    for split in ("train", "val", "test"):
+        data = open_dataset(embedded_assets.corpus_json, split)
+        captions = [c for i in range(len(data)) for c in data.captions(i)]
+        lengths = [len(ids) for ids in backbone.tokenizer(captions)["input_ids"]]
+        assert max(lengths) <= backbone.max_text_length, (split, max(lengths))
+
+
+def test_info_json_reports_the_benchmark(embedded_assets, capsys):
+    import json
+
+    from rcsr_flower.assets import main
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["truncated_train_captions"] == info["truncated_test_captions"] == 0
+    assert info["in_domain_rsum"] == embedded_assets.pretrain_report()["pretrain_test"]["rsum"]
+    assert 0 < info["zero_shot_rsum"] < info["in_domain_rsum"]
+    assert info["logit_scale"] > 0

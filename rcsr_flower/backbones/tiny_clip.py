@@ -7,8 +7,16 @@ adaptation of a frozen pretrained backbone, as in the paper. The result is a sta
 model directory (``config.json``, ``model.safetensors``, tokenizer, preprocessor config)
 that loads through ``CLIPModel.from_pretrained`` exactly like ``openai/clip-vit-base-patch32``.
 
-Reproduce with ``python -m rcsr_flower.assets build`` (seeded; bit-identical on the same
-machine and thread count — float reductions differ across thread counts).
+The repository ships the result (``embedded/tiny-clip/``); rebuild it with
+``python -m rcsr_flower.assets pretrain`` (seeded, one thread; bit-identical on the same
+machine and thread count — float reductions differ across thread counts and CPUs).
+
+What makes it behave like real CLIP under adaptation (issue 11): its BPE is learned from
+the pretrain captions and the target corpus's train captions, so every target word is one
+token and the longest target caption (28 tokens) fits the 40-token context; a quarter of
+the pretraining texts join two captions of an image, so every position up to the context
+is trained; and it is pretrained long enough (2,000 steps) for the learned temperature to
+settle well below the adapters' τ = 0.07, as real CLIP's 0.01 is.
 """
 
 from __future__ import annotations
@@ -48,14 +56,19 @@ class TinyClipRecipe:
     layers: int = 4
     heads: int = 4
     projection_dim: int = 128
-    vocab_size: int = 400
-    max_text_length: int = 32
-    steps: int = 300
+    # A cap: the BPE stops once every word of its text is one token (486 tokens here).
+    vocab_size: int = 1024
+    # Every target caption is at most 28 tokens with this tokenizer; 40 leaves room.
+    max_text_length: int = 40
+    # Pretrain captions are at most 24 tokens; this share of the training texts joins two
+    # captions of the same image ("... . ..."), so every position up to the context is trained.
+    long_caption_prob: float = 0.25
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 40
     weight_decay: float = 0.1
-    threads: int = 2
+    threads: int = 1
 
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()"
@@ -128,10 +141,13 @@ def bpe_clip_tokenizer(
 
 
 def train_tokenizer(captions: list[str], recipe: TinyClipRecipe):
-    """A CLIP-style lower-cased BPE (``</w>`` word ends) learned from the pretrain captions.
+    """A CLIP-style lower-cased BPE (``</w>`` word ends) learned from ``captions``.
 
-    Words that occur only in the target corpus split into known sub-words, as unseen words
-    do with the real CLIP tokenizer.
+    The embedded build learns it from the pretrain captions *and* the target corpus's train
+    captions, as real CLIP's BPE covers Flickr30K's words: every target word is one token
+    and no target caption outgrows the context. Words that occur only in the target corpus
+    get a token whose embedding pretraining never trains, so the frozen backbone does not
+    know what they mean; that is part of the domain shift adapters close.
     """
     vocab, merges = learn_bpe(captions, recipe.vocab_size)
     return bpe_clip_tokenizer(vocab, merges, 0, 1, recipe.max_text_length)
@@ -169,8 +185,17 @@ def build_image_processor(recipe: TinyClipRecipe):
     )
 
 
-def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe) -> dict:
-    """Pretrain on the corpus at ``corpus_json`` and save a HF model directory to ``out_dir``."""
+def pretrain_tiny_clip(
+    out_dir: Path,
+    corpus_json: Path,
+    recipe: TinyClipRecipe,
+    tokenizer_corpus_json: Path | None = None,
+) -> dict:
+    """Pretrain on the corpus at ``corpus_json`` and save a HF model directory to ``out_dir``.
+
+    The tokenizer is learned from the pretrain captions plus, when given, the train
+    captions of ``tokenizer_corpus_json`` (the target corpus: its words, not its pairs).
+    """
     from transformers import CLIPModel
 
     from rcsr_flower.backbones.clip import Backbone
@@ -185,7 +210,11 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
         train = open_dataset(corpus_json, split="train")
         test = open_dataset(corpus_json, split="test")
         captions = [train.captions(i) for i in range(len(train))]
-        tokenizer = train_tokenizer([c for caps in captions for c in caps], recipe)
+        words = [c for caps in captions for c in caps]
+        if tokenizer_corpus_json is not None:
+            extra = open_dataset(tokenizer_corpus_json, split="train")
+            words += [c for i in range(len(extra)) for c in extra.captions(i)]
+        tokenizer = train_tokenizer(words, recipe)
         model = CLIPModel(build_config(recipe, len(tokenizer)))
         processor = build_image_processor(recipe)
         backbone = Backbone(model, tokenizer, processor, torch.device("cpu"), "tiny-clip")
@@ -197,6 +226,9 @@ def pretrain_tiny_clip(out_dir: Path, corpus_json: Path, recipe: TinyClipRecipe)
             backbone, preprocess_split(backbone, test), None, batch_size=512
         )
         report["seconds"] = round(time.perf_counter() - start, 1)
+        report["logit_scale"] = float(model.logit_scale.detach())
+        report["temperature"] = float(torch.exp(-model.logit_scale.detach()))
+        report["vocab_size"] = len(tokenizer)
         report["recipe"] = asdict(recipe)
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,11 +266,14 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     n = pixels.shape[0]
     losses = []
+    start = time.perf_counter()
     for step in range(recipe.steps):
         idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
-        pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen)
+        pick = torch.randint(0, 1 << 30, (len(idx), 2), generator=gen)
+        join = torch.rand(len(idx), generator=gen) < recipe.long_caption_prob
         texts = [
-            captions[i][int(p) % len(captions[i])] for i, p in zip(idx.tolist(), pick, strict=False)
+            _training_text(captions[i], int(p[0]), int(p[1]), bool(j))
+            for i, p, j in zip(idx.tolist(), pick, join, strict=True)
         ]
         z_i = backbone.image_features(pixels[idx])
         z_t = backbone.text_features(backbone.tokenize(texts))
@@ -254,6 +289,22 @@ def _train(
         sched.step()
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == recipe.steps - 1:
-            log.info("tiny-clip pretrain step %d/%d loss %.3f", step, recipe.steps, loss)
+            log.info(
+                "tiny-clip pretrain step %d/%d loss %.3f tau %.4f (%.0f s)",
+                step,
+                recipe.steps,
+                losses[-1],
+                float(torch.exp(-model.logit_scale.detach())),
+                time.perf_counter() - start,
+            )
     tail = losses[-20:] or [float("nan")]
     return {"final_loss": sum(tail) / len(tail), "steps": recipe.steps}
+
+
+def _training_text(captions: list[str], a: int, b: int, join: bool) -> str:
+    """One caption of an image, or (``join``) two different ones as one longer text."""
+    first = captions[a % len(captions)]
+    if not join or len(captions) < 2:
+        return first
+    rest = [c for k, c in enumerate(captions) if k != a % len(captions)]
+    return f"{first}. {rest[b % len(rest)]}"
