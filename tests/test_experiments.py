@@ -186,8 +186,7 @@ def test_the_shipped_suites_are_valid():
     assert {m.name for m in embedded.methods} == {
         "fedavg",
         "fedavg-tower",
-        "fedprox-stab",
-        "fedprox-spec",
+        "fedprox",
         "fedper",
         "local",
         "centralised",
