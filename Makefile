@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test assets lint clean-flwr
+.PHONY: run test assets lint clean-flwr experiments report
 
 # torch first, pinned: anything that pulls an unpinned torch first gets GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -20,6 +20,16 @@ $(STAMP): pyproject.toml
 # exits non-zero when the run failed. Extra overrides: make run ARGS='-c "num-server-rounds=2"'
 run: $(STAMP)
 	$(PY) -m rcsr_flower.launch --app-dir . --flwr-home .flwr --num-supernodes 10 $(ARGS)
+
+# An experiment suite (experiments/$(SUITE).toml), then its report in docs/results/$(SUITE)/.
+# Completed cells are skipped; the report is written even when some cells failed.
+SUITE ?= smoke
+experiments: $(STAMP)
+	$(PY) -m rcsr_flower.experiments run --suite $(SUITE) $(ARGS); status=$$?; \
+	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) && exit $$status
+
+report: $(STAMP)
+	$(PY) -m rcsr_flower.experiments report --suite $(SUITE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

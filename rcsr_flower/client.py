@@ -48,6 +48,7 @@ _STARTUP_LOGGED = False
 
 MODALITY_CODES = {"paired": 0, "image-only": 1, "text-only": 2}
 PERSONAL_KEY = "personal-adapters"
+LOCAL_KEY = "local-adapters"  # strategy="local": this node's own shared adapters
 PREVIOUS_DELTA_KEY = "previous-update"
 STAMP_KEY = "state-stamp"  # which snapshot context.state holds: {"state-key", "round"}
 STATE_KEY_PATTERN = re.compile(r"[0-9a-f]{32}")  # it names a directory: nothing else
@@ -170,6 +171,14 @@ class ClientNode:
         return self.cfg.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
     # -------------------------------------------------------------- personal state
+    def starting_adapters(self, arrays: ArrayRecord, state: RecordDict) -> dict[str, torch.Tensor]:
+        """The shared adapters a round starts from: the server's; with ``strategy =
+        "local"`` (no aggregation, ``rcsr_flower.local_only``) this node's own from
+        ``context.state``, once it has trained (before that, the server's initial ones)."""
+        if self.cfg.strategy == "local" and LOCAL_KEY in state.array_records:
+            return state.array_records[LOCAL_KEY].to_torch_state_dict()
+        return arrays.to_torch_state_dict()
+
     def personal(self, state: RecordDict) -> AdapterSet | None:
         """This node's personal adapters (created on first use), or None when off."""
         if not self.cfg.uses_personal_adapters:
@@ -286,7 +295,7 @@ def handle_train(
     store = node.state_store(config)
     if store is not None:
         store.sync(state, upto=server_round - 1)
-    global_state = arrays.to_torch_state_dict()
+    global_state = node.starting_adapters(arrays, state)
     shared = node.adapters(global_state)
     personal = node.personal(state)
     bank = None
@@ -330,6 +339,8 @@ def handle_train(
     elif PREVIOUS_DELTA_KEY in state.array_records:
         # a diverged round must not poison cos(Δ, Δ_prev), and with it every later reply
         del state[PREVIOUS_DELTA_KEY]
+    if node.cfg.strategy == "local":
+        state[LOCAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
     if personal is not None:
         state[PERSONAL_KEY] = ArrayRecord(
             {k: v.detach().cpu().contiguous() for k, v in personal.state_dict().items()}
@@ -364,7 +375,7 @@ def handle_evaluate(
     }
     if len(node.data.test) >= 2:
         started = time.perf_counter()
-        shared = node.adapters(arrays.to_torch_state_dict())
+        shared = node.adapters(node.starting_adapters(arrays, state))
         recall = evaluate_retrieval(
             node.backbone,
             node.data.test,

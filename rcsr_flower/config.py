@@ -100,7 +100,9 @@ class RunConfig:
     lambda_align: float = field(default=0.1, metadata=_range(0.0))
     lambda_stab: float = field(default=0.01, metadata=_range(0.0))
     # server (SPEC §5)
-    strategy: str = field(default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper"))
+    strategy: str = field(
+        default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper", "local")
+    )
     router: bool = True
     minimax: bool = True
     anchoring: bool = True

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rcsr_flower import provenance
+
 if TYPE_CHECKING:
     from rcsr_flower.config import RunConfig
 
@@ -529,6 +531,7 @@ def report(result: dict, path: Path, logs: str | None) -> int:
         print(f"\nRUN FAILED ({path}): {error}{where}", file=sys.stderr)
         return 1
     print(f"\nrun completed in {result.get('seconds')} s: {path}")
+    print(f"figures: python -m rcsr_flower.plot {path}")
     return 0
 
 
@@ -567,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "failed", "error": str(exc)}
     finally:
         launcher.stop()
+    if result.get("status") == "completed":  # which code and machine, for the figures
+        provenance.record(output_dir / run_name, launcher.app_dir)
     log_file = launcher.flwr_home / "superlink.log"
     return report(result, output_dir / run_name, str(log_file) if log_file.exists() else None)
 

@@ -38,6 +38,7 @@ from rcsr_flower.federation import (
     partition_mismatches,
     reported_partition,
 )
+from rcsr_flower.local_only import LocalOnlyStrategy
 from rcsr_flower.outputs import (
     MetricsLog,
     resolve_output_path,
@@ -412,7 +413,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
     # clients keep resume snapshots of their state under this key (client.py)
     state_key = resume.state_key if resume is not None else uuid.uuid4().hex
     metrics_log = MetricsLog(out / "metrics.jsonl", resume.rows if resume is not None else [])
-    strategy = RCSRStrategy(
+    strategy = (LocalOnlyStrategy if cfg.strategy == "local" else RCSRStrategy)(
         task,
         RoutingOptions(
             mode=cfg.strategy,

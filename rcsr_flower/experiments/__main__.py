@@ -1,0 +1,101 @@
+"""``python -m rcsr_flower.experiments run|report --suite NAME`` (docs/experiments.md).
+
+run     every cell of experiments/NAME.toml as a real ``flwr run`` simulation, into
+        outputs/experiments/NAME/<setting>/<method>/seed-<k>/; completed cells are
+        skipped, cut-short ones continue from their checkpoint; exit code 0 only when
+        every selected cell has completed (2: the suite itself is wrong, nothing ran)
+report  copy the completed cells' small outputs to docs/results/NAME/cells/ and write
+        docs/results/NAME/results.md and its figures from that archive
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from rcsr_flower.experiments.suite import Suite, SuiteError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rcsr_flower.experiments",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the suite's cells (skipping completed ones)")
+    report = sub.add_parser("report", help="write docs/results/<suite>/ from the cells")
+    for p in (run, report):
+        p.add_argument("--suite", required=True, help="a name under experiments/ or a .toml path")
+        p.add_argument("--app-dir", default=".", help="the Flower app (this repository)")
+        p.add_argument(
+            "--output-root",
+            default="outputs/experiments",
+            help="cells go to <output-root>/<suite>/<setting>/<method>/seed-<k>",
+        )
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's")
+    run.add_argument(
+        "--only",
+        default=None,
+        help="cells whose id (S4/rcsr/seed-0) matches: a shell pattern, else a substring",
+    )
+    run.add_argument("--flwr-home", default=None, help="default: .flwr/experiments/<suite>")
+    run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    report.add_argument(
+        "--results-dir", default="docs/results", help="writes <results-dir>/<suite>/"
+    )
+    report.add_argument(
+        "--no-archive",
+        action="store_true",
+        help="draw from the archive as it is (e.g. a fresh clone), copying nothing into it",
+    )
+    args = parser.parse_args(argv)
+    app_dir = Path(args.app_dir).resolve()
+    try:
+        suite = Suite.find(args.suite, app_dir)
+        if args.command == "run":
+            return _run(suite, app_dir, args)
+        return _report(suite, app_dir, args)
+    except SuiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
+    from rcsr_flower.experiments.runner import run_suite
+
+    cells = suite.cells(args.seeds, args.only)
+    if not cells:
+        raise SuiteError(f"suite {suite.name}: no cell matches --only {args.only!r}")
+    suite.check(app_dir, cells)  # every key and value, before anything starts
+    root = Path(args.output_root).resolve() / suite.name
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell.id}  ({cell.num_supernodes} nodes)  {cell.overrides}")
+        return 0
+    # SIGTERM unwinds through run_suite's `finally`, which stops the SuperLink
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    flwr_home = Path(args.flwr_home or Path(".flwr", "experiments", suite.name)).resolve()
+    outcomes = run_suite(suite, cells, app_dir, root, flwr_home)
+    return 0 if all(o.status != "failed" for o in outcomes) else 1
+
+
+def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
+    from rcsr_flower.experiments.report import archive_cells, write_report
+
+    out_dir = Path(args.results_dir) / suite.name
+    archive = out_dir / "cells"
+    if not args.no_archive:
+        source = Path(args.output_root) / suite.name
+        copied = archive_cells(suite, source, archive) if source.is_dir() else []
+        print(f"archived {len(copied)} completed cells from {source} into {archive}")
+    command = f"python -m rcsr_flower.experiments report --suite {suite.name}"
+    md = write_report(suite, archive, out_dir, command)
+    print(f"wrote {md} and its figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

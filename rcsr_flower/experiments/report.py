@@ -1,0 +1,435 @@
+"""A suite's report: ``docs/results/<suite>/results.md`` and its figures, from cell outputs.
+
+The report is drawn from an *archive* of the cells' small outputs,
+``docs/results/<suite>/cells/<setting>/<method>/seed-<k>/`` (``metrics.jsonl``,
+``config.json``, ``result.json``, ``clients.json``, ``provenance.json``), which is meant
+to be committed. ``report`` first copies every completed cell of
+``outputs/experiments/<suite>/`` into it (paths made relative, partition index lists
+dropped), then writes the tables and figures from the archive alone. So a fresh clone
+regenerates the identical ``results.md`` from the committed archive: nothing in it
+depends on the clock, the checkout's path or the machine drawing it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcsr_flower.experiments.stats import mean_std, paired_t
+from rcsr_flower.experiments.suite import POOLED, Suite
+from rcsr_flower.plot import (
+    GROUPS,
+    RunRecord,
+    colour_map,
+    footer_line,
+    plot_curves,
+    plot_group_bars,
+    plot_weight_heatmap,
+    plot_weights_by_client,
+    read_clients,
+)
+
+CELL_FILES = ("metrics.jsonl", "config.json", "result.json", "provenance.json")
+# run-config keys that hold paths of the machine that ran the cell
+PATH_KEYS = ("output-dir", "resume-from", "cache-dir", "client-state-dir")
+
+
+# ============================================================================ archive
+def archive_cells(suite: Suite, source: Path, archive: Path) -> list[str]:
+    """Copy the small outputs of every *completed* cell under ``source`` into
+    ``archive`` (replacing that cell's previous copy); return the cell ids copied."""
+    copied = []
+    for cell in suite.cells():
+        src = cell.directory(source)
+        result = _json(src / "result.json")
+        if not result or result.get("status") != "completed":
+            continue
+        dst = cell.directory(archive)
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for name in CELL_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+        config = _json(dst / "config.json")
+        if config is not None:  # no absolute paths of the machine that ran it
+            relative = Path("outputs", "experiments", suite.name, cell.setting, cell.method)
+            for key in PATH_KEYS:
+                if config.get(key):
+                    config[key] = str(relative) if key == "output-dir" else "<machine path>"
+            _write_json(dst / "config.json", config)
+        clients = read_clients(src)
+        _write_json(dst / "clients.json", {"clients": clients})
+        copied.append(cell.id)
+    return copied
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ============================================================================ numbers
+@dataclass
+class MethodCells:
+    """A method's completed cells in one setting, by seed."""
+
+    name: str
+    label: str
+    pooled: bool
+    runs: dict[int, RunRecord]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.runs)
+
+    @property
+    def has_global(self) -> bool:
+        return all(r.has_global_model for r in self.runs.values())
+
+    def final(self, key: str, metric: str = "rsum", group: str | None = None) -> dict[int, float]:
+        """Per seed: the last round's ``key`` value (``global`` or ``personalized``;
+        ``group`` a modality group, ``worst10`` its worst 10%)."""
+        out = {}
+        for seed, run in self.runs.items():
+            value = pick(run.last(key), key, metric, group)
+            if value is not None:
+                out[seed] = value
+        return out
+
+
+def pick(record: dict | None, key: str, metric: str, group: str | None = None) -> float | None:
+    """``metric`` of a round's ``key`` record: for ``personalized`` the mean over all
+    clients, over modality ``group``'s clients, or (``group="worst10"``) over the worst
+    10% of clients."""
+    if not record:
+        return None
+    if key == "personalized":
+        if group == "worst10":
+            record = record.get("worst10", {})
+        else:
+            record = (record.get("by_group", {}).get(group) if group else record) or {}
+            record = record.get("mean", {})
+    return float(record[metric]) if metric in record else None
+
+
+def collect(suite: Suite, archive: Path) -> dict[str, list[MethodCells]]:
+    """Per setting: every method with at least one completed cell (pooled methods in
+    every setting)."""
+    out: dict[str, list[MethodCells]] = {}
+    for setting in suite.settings:
+        rows = []
+        for method in suite.methods:
+            where = POOLED if method.pooled else setting.name
+            runs = {}
+            for seed in suite.seeds:
+                path = archive / where / method.name / f"seed-{seed}"
+                result = _json(path / "result.json")
+                if result and result.get("status") == "completed":
+                    runs[seed] = RunRecord.load(path)
+            if runs:
+                rows.append(MethodCells(method.name, method.label, method.pooled, runs))
+        out[setting.name] = rows
+    return out
+
+
+def fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> str:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "—"
+    result = paired_t([a[s] for s in seeds], [b[s] for s in seeds])
+    if result is None:
+        return f"{a[seeds[0]] - b[seeds[0]]:+.1f} (1 seed: no interval)"
+    return str(result)
+
+
+# ============================================================================ report
+def write_report(suite: Suite, archive: Path, out_dir: Path, command: str) -> Path:
+    """Tables and figures of the archived cells into ``out_dir``; returns results.md."""
+    data = collect(suite, archive)
+    runs = [r for rows in data.values() for m in rows for r in m.runs.values()]
+    configs = [r.config for r in runs]
+    provenances = [r.provenance for r in runs if r.provenance]
+    labels = [m.label for m in suite.methods]
+    colours = colour_map(labels)
+    footer = footer_line(configs, provenances, f"suite {suite.name}")
+    reference = next((m for m in suite.methods if m.name == suite.reference), None)
+
+    lines = [
+        f"# Results: suite `{suite.name}`",
+        "",
+        f"Generated by `{command}` from the cell outputs in `cells/` "
+        "(copied there from `outputs/experiments/"
+        f"{suite.name}/`); edit `experiments/{suite.name}.toml` or the code, not this file.",
+        "",
+    ]
+    if suite.description:
+        lines += [suite.description.strip(), ""]
+    lines += _provenance_lines(configs, provenances)
+    expected = suite.cells()
+    present = {
+        f"{POOLED if m.pooled else s}/{m.name}/seed-{seed}"
+        for s, rows in data.items()
+        for m in rows
+        for seed in m.runs
+    }
+    missing = [c.id for c in expected if c.id not in present]
+    lines += [
+        f"Cells: {len(expected) - len(missing)} of {len(expected)} completed "
+        f"(seeds {', '.join(map(str, suite.seeds))}).",
+        "",
+    ]
+    if missing:
+        lines += [
+            "**Missing cells** (not run yet, or failed: see their `run.log` under "
+            f"`outputs/experiments/{suite.name}/`): " + ", ".join(f"`{m}`" for m in missing),
+            "",
+        ]
+    lines += _reading_notes(suite, data)
+
+    for setting in suite.settings:
+        rows = data[setting.name]
+        lines += [f"## {setting.label}", ""]
+        if not rows:
+            lines += ["No completed cells.", ""]
+            continue
+        lines += _setting_table(rows)
+        if reference is not None:
+            lines += _comparison_table(rows, reference.name)
+
+    figures = _figures(suite, data, out_dir, colours, footer)
+    if figures:
+        lines += ["## Figures", ""]
+        for path, caption in figures:
+            lines += [f"**{caption}**", "", f"![{caption}]({path.name})", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "results.md"
+    md.write_text("\n".join(lines).rstrip() + "\n")
+    return md
+
+
+def _provenance_lines(configs: list[dict], provenances: list[dict]) -> list[str]:
+    def counted(values: list[str]) -> str:
+        distinct = sorted(set(values))
+        if not distinct:
+            return "not recorded"
+        if len(distinct) == 1:
+            return f"`{distinct[0]}`"
+        return ", ".join(
+            f"`{v}` ({values.count(v)} cell{'s' if values.count(v) > 1 else ''})" for v in distinct
+        )
+
+    from rcsr_flower.plot import backbone_name
+
+    return [
+        f"- backbone: {counted([backbone_name(c) for c in configs])}",
+        f"- data: {counted([str(c.get('dataset')) for c in configs])}",
+        f"- evaluation protocol: {counted([str(c.get('eval-protocol')) for c in configs])}, "
+        f"global test split of {counted([str(c.get('eval-max-images')) for c in configs])} "
+        "images (`eval-max-images`, 0 = all)",
+        f"- rounds: {counted([str(c.get('num-server-rounds')) for c in configs])}",
+        f"- machine: {counted([p.get('machine', '?') for p in provenances])}",
+        f"- commit: {counted([p.get('commit', '?') for p in provenances])}",
+        "",
+    ]
+
+
+def _reading_notes(suite: Suite, data: dict[str, list[MethodCells]]) -> list[str]:
+    notes = [
+        "How to read the tables: values are the **last round**'s, mean ± standard "
+        "deviation over seeds (no ± with one seed). *Global*: the server's adapters on the "
+        "global test split (R@1 in %, rsum = R@1+5+10 both ways, max 600). *Personalised*: "
+        "each client evaluates on its own local test split (both modalities), then the mean "
+        "over the clients of each modality group at training time, and the mean of the "
+        "worst 10% of clients. The zero-shot row is round 0, the frozen backbone (its "
+        "personalised columns are empty for runs that did not evaluate the clients at round 0).",
+        "",
+    ]
+    methods = {m.name: m for rows in data.values() for m in rows}
+    if any(not m.has_global for m in methods.values()):
+        notes += [
+            "Local-only has **no global model**: the server never aggregates, its adapters "
+            "stay the initial ones, so its global columns are left empty on purpose; compare "
+            "it on the personalised columns.",
+            "",
+        ]
+    if any(m.pooled for m in methods.values()):
+        notes += [
+            "Pooled methods (centralised) run once per seed on one node holding all the "
+            "training data, with no setting applied, and are repeated in every setting's "
+            "table; their personalised columns are empty: one client, whose local test "
+            "split is a tenth of all data, is not comparable with the clients' splits.",
+            "",
+        ]
+    notes += [m.note.strip() + "\n" for m in suite.methods if m.note.strip() and m.name in methods]
+    return notes
+
+
+def _setting_table(rows: list[MethodCells]) -> list[str]:
+    head = (
+        "| method | seeds | global rsum | i2t R@1 | t2i R@1 | "
+        + " | ".join(f"pers. {g}" for g in ("all", *GROUPS))
+        + " | pers. worst 10% |"
+    )
+    lines = [head, "|" + "---|" * (7 + len(GROUPS))]
+    # round 0 (the frozen backbone) is the same for every method of a seed: the setting's
+    # partition and the global test split; a pooled method has a partition of its own
+    zero: dict[int, RunRecord] = {}
+    for m in rows:
+        for seed, run in sorted(m.runs.items()):
+            if not m.pooled and run.at(0, "global"):
+                zero.setdefault(seed, run)
+    if zero:
+        runs = [zero[s] for s in sorted(zero)]
+
+        def column(key: str, metric: str, group: str | None = None) -> str:
+            return fmt(
+                [v for r in runs if (v := pick(r.at(0, key), key, metric, group)) is not None]
+            )
+
+        cells = [column("global", k) for k in ("rsum", "i2t_r1", "t2i_r1")]
+        cells += [column("personalized", "rsum", g) for g in (None, *GROUPS, "worst10")]
+        lines.append(f"| zero-shot (round 0) | {len(runs)} | " + " | ".join(cells) + " |")
+    for m in rows:
+        glob = [fmt(list(m.final("global", k).values())) for k in ("rsum", "i2t_r1", "t2i_r1")]
+        if not m.has_global:
+            glob = ["—"] * 3
+        if m.pooled:
+            pers = ["—"] * (len(GROUPS) + 2)
+        else:
+            pers = [fmt(list(m.final("personalized", "rsum", g).values())) for g in (None, *GROUPS)]
+            pers.append(fmt(list(m.final("personalized", "rsum", "worst10").values())))
+        lines.append(f"| {m.label} | {len(m.seeds)} | " + " | ".join(glob + pers) + " |")
+    return [*lines, ""]
+
+
+def _comparison_table(rows: list[MethodCells], reference: str) -> list[str]:
+    ref = next((m for m in rows if m.name == reference), None)
+    if ref is None:
+        return []
+    lines = [
+        f"{ref.label} minus each method, paired by seed: mean difference "
+        "[95% t interval], paired t-test p (positive: "
+        f"{ref.label} is higher).",
+        "",
+        "| method | Δ global rsum | Δ personalised rsum (all clients) |",
+        "|---|---|---|",
+    ]
+    for m in rows:
+        if m is ref:
+            continue
+        glob = (
+            paired(ref.final("global"), m.final("global"))
+            if m.has_global and ref.has_global
+            else "—"
+        )
+        pers = "—" if m.pooled else paired(ref.final("personalized"), m.final("personalized"))
+        lines.append(f"| {m.label} | {glob} | {pers} |")
+    return [*lines, ""]
+
+
+def _figures(
+    suite: Suite, data: dict[str, list[MethodCells]], out_dir: Path, colours, footer: str
+) -> list[tuple[Path, str]]:
+    figures = []
+    panels = []
+    for setting in suite.settings:
+        lines = {
+            m.label: [r.curve("global") for _, r in sorted(m.runs.items())]
+            for m in data[setting.name]
+            if m.has_global
+        }
+        if lines:
+            panels.append((setting.label, lines))
+    if panels:
+        path = plot_curves(
+            panels,
+            out_dir / "curves.png",
+            footer,
+            colours=colours,
+            title="global rsum per round: mean over seeds, band = min–max "
+            "(local-only has no global model and is not drawn)",
+        )
+        figures.append((path, "Global rsum per round, one panel per setting"))
+
+    bars = []
+    for setting in suite.settings:
+        rows = [m for m in data[setting.name] if not m.pooled]
+        by_method = {}
+        for m in rows:
+            groups = {g: list(m.final("personalized", "rsum", g).values()) for g in GROUPS}
+            groups["worst 10%"] = list(m.final("personalized", "rsum", "worst10").values())
+            by_method[m.label] = {g: v for g, v in groups.items() if v}
+        unimodal = any(g in v for v in by_method.values() for g in ("image-only", "text-only"))
+        if unimodal:
+            bars.append((setting.label, by_method))
+    if bars:
+        path = plot_group_bars(
+            bars,
+            out_dir / "personalised.png",
+            footer,
+            colours=colours,
+            title="personalised rsum at the last round by modality group (mean over the "
+            "group's clients): bar = mean over seeds, whisker = std",
+        )
+        figures.append(
+            (path, "Personalised rsum per modality group, settings with missing modalities")
+        )
+
+    run = _weights_run(suite, data)
+    if run is not None:
+        setting, seed, record = run
+        title = f"{suite.reference} · {setting} · seed {seed}"
+        what = f"suite {suite.name} · {setting}/{suite.reference}/seed-{seed}"
+        heat = plot_weight_heatmap(
+            record,
+            out_dir / "weights-heatmap.png",
+            f"fused weights (router × minimax): {title}",
+            what,
+        )
+        scatter = plot_weights_by_client(
+            record,
+            out_dir / "weights-by-client.png",
+            f"weights by modality and size: {title}",
+            what,
+        )
+        if heat is not None:
+            figures.append((heat, f"Aggregation weights per client and round ({title})"))
+        if scatter is not None:
+            figures.append((scatter, f"Weights against client modality and size ({title})"))
+    return figures
+
+
+def _weights_run(
+    suite: Suite, data: dict[str, list[MethodCells]]
+) -> tuple[str, int, RunRecord] | None:
+    """The reference method's run whose weights to draw: the last setting with
+    missing-modality clients (else the last setting), lowest seed."""
+    candidates = []
+    for setting in suite.settings:
+        for m in data[setting.name]:
+            if m.name == suite.reference and m.runs:
+                seed = min(m.runs)
+                run = m.runs[seed]
+                unimodal = any(c.get("modality") != "paired" for c in run.clients)
+                candidates.append((unimodal, setting.name, seed, run))
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda c: (c[0], [s.name for s in suite.settings].index(c[1])))
+    return best[1], best[2], best[3]

@@ -1,0 +1,72 @@
+"""Where a run's numbers came from: the commit and the machine, written beside its outputs.
+
+``provenance.json`` is written by the launchers (``rcsr_flower.launch``,
+``rcsr_flower.experiments``) after a run, so every figure and table drawn from the run
+later can say which code and which machine produced it, whatever checkout draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+FILE = "provenance.json"
+
+
+def commit(repo: Path) -> str:
+    """``git`` short hash of ``repo``'s HEAD, ``+dirty`` when tracked files differ from it;
+    ``unknown`` outside a git checkout."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+
+    try:
+        head = git("rev-parse", "--short=10", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: CPU count and model, accelerator, torch build, OS."""
+    import torch
+
+    if torch.cuda.is_available():
+        accel = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
+    else:
+        accel = "no GPU"
+    return (
+        f"{os.cpu_count()}-core {cpu_name()} CPU, {accel}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.machine()}"
+    )
+
+
+def record(run_dir: Path, repo: Path) -> dict[str, str]:
+    """Write ``run_dir/provenance.json`` (commit of ``repo``, machine) and return it."""
+    info = {"commit": commit(repo), "machine": machine()}
+    if run_dir.is_dir():
+        (run_dir / FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read(run_dir: Path) -> dict[str, str] | None:
+    path = run_dir / FILE
+    return json.loads(path.read_text()) if path.is_file() else None
