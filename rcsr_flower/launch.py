@@ -202,6 +202,14 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             time.sleep(0.2)
         if not tagged_pids(tag):
             break
+    # a process spawned while the others were dying (Ray starts its dashboard agent late)
+    # escaped both sweeps: keep killing what carries the tag until nothing does
+    deadline = time.monotonic() + 15.0
+    while (late := tagged_pids(tag)) and time.monotonic() < deadline:
+        for pid in late:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
     for process in leaders:
         with contextlib.suppress(Exception):
             process.poll()  # reap when we can; a zombie holds nothing
