@@ -236,7 +236,7 @@ def client_prefix(
     node and kept on its disk beside the client data (safetensors, keyed by the same
     things plus the tower and block; skipped when larger than ``data-cache-gb``; safe to
     delete)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = {}
     budget = cfg.data_cache_gb * 2**30
@@ -267,13 +267,7 @@ def client_prefix(
                 prefix.nbytes / 2**20,
             )
             if prefix.nbytes <= budget:
-                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-                try:
-                    save_file(prefix.to_tensors(), str(tmp))
-                    os.replace(tmp, path)
-                except OSError as exc:  # a full disk costs speed, not the round
-                    log.warning("could not cache the %s prefix in %s: %s", tower, path, exc)
-                    tmp.unlink(missing_ok=True)
+                save_cache_file(path, prefix.to_tensors(), None, f"the {tower} prefix")
         out[tower] = prefix
     return out
 
@@ -302,23 +296,32 @@ def client_cache_path(
 
 def write_client_cache(path: Path, data: ClientData) -> None:
     """Pixels as float32 tensors (bit-identical to a fresh preprocess), captions and
-    modality as metadata; written to a temporary sibling and renamed into place."""
-    from safetensors.torch import save_file
-
+    modality as metadata (:func:`save_cache_file`)."""
     tensors, meta = {}, {"modality": data.modality, "client_id": str(data.client_id)}
     for name, split in (("train", data.train), ("test", data.test)):
         if split.pixels is not None:
             tensors[f"{name}.pixels"] = split.pixels.contiguous()
         if split.captions is not None:
             meta[f"{name}.captions"] = json.dumps(split.captions)
+    save_cache_file(path, tensors, meta, "client data")
+
+
+def save_cache_file(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, what: str
+) -> None:
+    """A node-side cache file (safetensors), written to a temporary sibling and renamed
+    into place, so a reader sees a whole file or none. A full or read-only disk costs
+    speed, not the round: it is logged and the file is skipped."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         tmp.chmod(0o644)
         os.replace(tmp, path)
-    except OSError as exc:  # a full or read-only disk costs speed, not the round
-        log.warning("could not cache client data in %s: %s", path, exc)
+    except OSError as exc:
+        log.warning("could not cache %s in %s: %s", what, path, exc)
         tmp.unlink(missing_ok=True)
 
 
