@@ -1,12 +1,9 @@
 """check_task: each mistake a new routed task can make fails in one line, before training."""
 
-from unittest.mock import Mock
-
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from flwr.serverapp import Grid
-from test_strategy import bank, task_identity, theta  # noqa: F401
+from test_strategy import bank, mock_grid, task_identity, theta  # noqa: F401
 
 from rcsr_flower.retrieval_task import RetrievalTask
 from rcsr_flower.routing import TaskCheckError, check_task
@@ -100,8 +97,7 @@ def test_each_task_mistake_is_one_line_naming_the_method(task, line):
 
 
 def test_the_strategy_checks_its_task_before_any_client_trains():
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [1, 2]
+    grid = mock_grid([1, 2])
     s = RCSRStrategy(Float64Token(), RoutingOptions(router_hidden=8, router_heads=2), 2)
     with pytest.raises(TaskCheckError, match=r"Float64Token\.token"):
         s.start(grid, ArrayRecord(theta(0)), num_rounds=1)

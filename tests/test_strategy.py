@@ -91,6 +91,15 @@ def lying_array() -> Array:
     return Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=buf.getvalue())
 
 
+def mock_grid(nodes, send_and_receive=None) -> Mock:
+    """Flower's ``Grid`` with ``nodes`` connected; ``send_and_receive`` answers messages."""
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = list(nodes)
+    if send_and_receive is not None:
+        grid.send_and_receive.side_effect = send_and_receive
+    return grid
+
+
 def bank() -> PrototypeBank:
     g = torch.Generator().manual_seed(5)
     n = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa
@@ -378,8 +387,7 @@ def test_configure_train_ships_adapters_prototypes_and_round_config():
         min_train_nodes=2,
         min_available_nodes=2,
     )
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [11, 12, 13, 14]
+    grid = mock_grid([11, 12, 13, 14])
     msgs = list(s.configure_train(2, ArrayRecord(theta(0)), ConfigRecord({}), grid))
     assert len(msgs) == 2
     content = msgs[0].content
@@ -454,8 +462,7 @@ def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions()
     from rcsr_flower.server import PartitionOrderedGrid
 
     def sampled_partitions(node_of_partition: dict[int, int]) -> list[int]:
-        grid = Mock(spec=Grid)
-        grid.get_node_ids.return_value = list(reversed(node_of_partition.values()))
+        grid = mock_grid(reversed(node_of_partition.values()))
         ordered = PartitionOrderedGrid(grid, {n: p for p, n in node_of_partition.items()})
         random.seed(7)
         partition_of = {n: p for p, n in node_of_partition.items()}
@@ -465,8 +472,7 @@ def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions()
     first = sampled_partitions({0: 9001, 1: 17, 2: 4242, 3: 5, 4: 77, 5: 123456})
     second = sampled_partitions({0: 3, 1: 999, 2: 12, 3: 88888, 4: 41, 5: 7})
     assert first == second
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [30, 10, 20, 40]
+    grid = mock_grid([30, 10, 20, 40])
     ordered = PartitionOrderedGrid(grid, {30: 0, 10: 2, 20: 1})
     assert ordered.get_node_ids() == [30, 20, 10, 40]  # unknown nodes last
     assert ordered.push_messages is grid.push_messages  # the rest is delegated
@@ -482,8 +488,6 @@ def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
         min_train_nodes=2,
         min_available_nodes=2,
     )
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [1, 2]
     sent = []
 
     def send_and_receive(messages, timeout=None):
@@ -496,7 +500,7 @@ def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
             for m in messages
         ]
 
-    grid.send_and_receive.side_effect = send_and_receive
+    grid = mock_grid([1, 2], send_and_receive)
     evaluated, ended = [], []
     result = s.start(
         grid,
@@ -656,8 +660,6 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
         min_evaluate_nodes=2,
         min_available_nodes=2,
     )
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [1, 2]
     calls = []
 
     def send_and_receive(messages, timeout=None):
@@ -678,7 +680,7 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
                 out.append(Message(reply(node, theta(node), 10, metrics=timed).content, reply_to=m))
         return out
 
-    grid.send_and_receive.side_effect = send_and_receive
+    grid = mock_grid([1, 2], send_and_receive)
     s.start(grid, ArrayRecord(theta(0)), num_rounds=1)
     assert calls[:2] == [(MessageType.EVALUATE, 0)] * 2  # zero-shot, before any training
     assert calls[2:4] == [(MessageType.TRAIN, 1)] * 2
@@ -753,8 +755,6 @@ def test_a_run_whose_every_round_is_skipped_fails_with_the_reasons():
         min_train_nodes=2,
         min_available_nodes=2,
     )
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = [1, 2]
 
     def send_and_receive(messages, timeout=None):
         metrics = {"num-examples": 0, "train-loss": 1.0, "partition-id": 0}
@@ -762,7 +762,7 @@ def test_a_run_whose_every_round_is_skipped_fails_with_the_reasons():
             Message(reply(1, theta(1), 0, metrics=metrics).content, reply_to=m) for m in messages
         ]
 
-    grid.send_and_receive.side_effect = send_and_receive
+    grid = mock_grid([1, 2], send_and_receive)
     with pytest.raises(RuntimeError, match=r"every round \(1\.\.2\) was skipped") as err:
         s.start(grid, ArrayRecord(theta(0)), num_rounds=2)
     assert "num-examples is 0: nothing trained" in str(err.value)
