@@ -30,14 +30,8 @@ from rcsr_flower.backbones.clip import load_backbone
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
 from rcsr_flower.metrics import format_recall
-from rcsr_flower.task import (
-    ClientData,
-    TrainSettings,
-    batches,
-    client_loss,
-    evaluate_retrieval,
-    preprocess_split,
-)
+from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.task import ClientData, TrainSettings, batches, client_loss
 
 
 def main() -> None:

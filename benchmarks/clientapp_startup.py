@@ -29,7 +29,7 @@ t0 = time.perf_counter()
 import client_app  # torch, flwr, the app (transformers loads with the backbone)
 t1 = time.perf_counter()
 import tomllib
-from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.assets import load_model
 from rcsr_flower.config import RunConfig
 from rcsr_flower.task import load_client_data
 from rcsr_flower.client import process_age
@@ -38,7 +38,7 @@ raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["confi
 raw.update(json.loads(sys.argv[1]))
 cfg = RunConfig.from_flower(raw)
 t2 = time.perf_counter()
-backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
 t3 = time.perf_counter()
 data = load_client_data(cfg, backbone, int(sys.argv[2]), int(sys.argv[3]))
 t4 = time.perf_counter()
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import tomllib
 
-    from rcsr_flower.backbones.clip import load_backbone
+    from rcsr_flower.assets import load_model
     from rcsr_flower.config import RunConfig
     from rcsr_flower.federation import load_partition, partition_key
     from rcsr_flower.task import client_cache_path
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     raw.update(json.loads(args.run_config))
     cfg = RunConfig.from_flower(raw)
-    backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
     load_partition(cfg, backbone, args.num_partitions)  # computed once, not timed
     key = partition_key(cfg, backbone, args.num_partitions)
     client_cache_path(cfg, backbone, key, args.partition_id).unlink(missing_ok=True)

@@ -34,13 +34,8 @@ from rcsr_flower.client import setup
 from rcsr_flower.config import RunConfig
 from rcsr_flower.federation import global_test_set
 from rcsr_flower.server import bootstrap_bank
-from rcsr_flower.task import (
-    TrainSettings,
-    bootstrap_groups,
-    evaluate_retrieval,
-    local_train,
-    preprocess_split,
-)
+from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.task import TrainSettings, bootstrap_groups, local_train
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ from rcsr_flower.backbones.random_clip import (
     tiny_clip_config,
 )
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.task import ClientData, SplitTensors, TrainSettings, local_train
+from rcsr_flower.splits import SplitTensors
+from rcsr_flower.task import ClientData, TrainSettings, local_train
 
 MODES = ("bf16", "fp32")
 

@@ -30,7 +30,8 @@ from gpu_check import build_backbone, sync
 
 from rcsr_flower.backbones.random_clip import random_captions
 from rcsr_flower.config import RunConfig
-from rcsr_flower.task import ClientData, SplitTensors, TrainSettings, client_prefix, local_train
+from rcsr_flower.splits import SplitTensors
+from rcsr_flower.task import ClientData, TrainSettings, client_prefix, local_train
 
 
 def main() -> None:

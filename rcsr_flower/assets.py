@@ -117,6 +117,18 @@ def ensure_assets(
     return assets
 
 
+def load_model(name_or_path: str, device=None, cache_dir: str | os.PathLike | None = None):
+    """A run's ``model-name`` as a frozen ``Backbone``: ``"embedded"`` is the project's
+    tiny CLIP (checked and put in the cache on first use), anything else a hub id or a
+    local checkpoint directory (``backbones.clip.load_backbone``)."""
+    from rcsr_flower.backbones.clip import EMBEDDED, load_backbone
+
+    if name_or_path == EMBEDDED:
+        path = str(ensure_assets(cache_dir).backbone_dir)
+        return load_backbone(path, device, name=name_or_path)
+    return load_backbone(name_or_path, device)
+
+
 def _build_in_subprocess(cache_dir: Path, *, force: bool) -> None:
     import subprocess
 
@@ -134,8 +146,9 @@ def _build_in_subprocess(cache_dir: Path, *, force: bool) -> None:
 
 
 def _build(assets: EmbeddedAssets, *, force: bool) -> None:
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe, pretrain_tiny_clip
+    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
     from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.pretrain import pretrain_tiny_clip
 
     assets.root.mkdir(parents=True, exist_ok=True)
     if force:
@@ -192,8 +205,9 @@ def pretrain_shipped_backbone(out_dir: Path, cache_dir: str | os.PathLike | None
     The corpora come from the cache (built if missing); bit-identical to the shipped
     backbone on the machine and thread count it was built with.
     """
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe, pretrain_tiny_clip
+    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
     from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.pretrain import pretrain_tiny_clip
 
     root = cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}"
     recipe = TinyClipRecipe()
@@ -217,7 +231,7 @@ def benchmark_info(assets: EmbeddedAssets) -> dict:
     """
     from rcsr_flower.backbones.clip import load_backbone
     from rcsr_flower.data.datasets import open_dataset
-    from rcsr_flower.task import evaluate_retrieval, preprocess_split
+    from rcsr_flower.splits import evaluate_retrieval, preprocess_split
 
     report = assets.pretrain_report()
     backbone = load_backbone(str(assets.backbone_dir), device="cpu")

@@ -23,20 +23,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from rcsr_flower.assets import cache_root
+from rcsr_flower.assets import cache_root, load_model
 from rcsr_flower.backbones.adapters import AdapterSet
-from rcsr_flower.backbones.clip import Backbone, load_backbone
+from rcsr_flower.backbones.clip import Backbone
 from rcsr_flower.config import RunConfig
 from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
 from rcsr_flower.outputs import durable_replace
 from rcsr_flower.prototypes import PrototypeBank
+from rcsr_flower.splits import evaluate_retrieval
 from rcsr_flower.task import (
     ClientData,
     TrainSettings,
     bootstrap_groups,
     client_statistics,
-    evaluate_retrieval,
     load_client_data,
     local_train,
 )
@@ -216,7 +216,7 @@ def setup(run_config, node_config) -> ClientNode:
             '--node-config "partition-id=<i> num-partitions=<N>"'
         ) from None
     started = time.perf_counter()
-    backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
     loaded = time.perf_counter()
     data = load_client_data(
         cfg, backbone, partition_id, num_partitions, shard=source.shard, modality=source.modality

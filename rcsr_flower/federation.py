@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcsr_flower.assets import cache_root, ensure_assets, file_lock
+from rcsr_flower.assets import cache_root, ensure_assets, file_lock, load_model
 from rcsr_flower.backbones.clip import Backbone, available_cores, torch_threads
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
@@ -222,9 +222,7 @@ def prepare_partition(cfg: RunConfig, num_partitions: int) -> Path:
     ServerApp and every other actor wait on."""
     path = partition_file(cfg, num_partitions)
     if not path.is_file():
-        from rcsr_flower.backbones.clip import load_backbone
-
-        backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+        backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
         load_partition(cfg, backbone, num_partitions)
     return path
 

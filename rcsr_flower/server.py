@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.assets import load_model
 from rcsr_flower.checkpoint import Checkpoint, checkpoint_to_resume, restore_rng, save_checkpoint
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.faults import ServerKillGrid
@@ -53,8 +53,8 @@ from rcsr_flower.retrieval_task import (
     RouterBetas,
     make_evaluate_fn,
 )
+from rcsr_flower.splits import evaluate_retrieval, preprocess_split
 from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, unanswered
-from rcsr_flower.task import evaluate_retrieval, preprocess_split
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         node_ids = wait_for_federation(grid, cfg)
     except NodeWaitTimeout as exc:
         raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, None)}") from None
-    backbone = load_backbone(cfg.model_name, cache_dir=cfg.cache_dir or None)
+    backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
     # a resumed run has its prototype bank: no bootstrap, only who is who
     bootstrap = cfg.routed and resume is None
     kind = "bootstrap" if bootstrap else "describe"

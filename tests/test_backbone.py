@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from rcsr_flower.backbones.clip import BackboneNotFoundError, load_backbone
 from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.task import evaluate_retrieval, preprocess_split
+from rcsr_flower.splits import evaluate_retrieval, preprocess_split
 
 
 def test_embedded_backbone_is_a_standard_hf_model_directory(embedded_assets):
@@ -135,8 +135,9 @@ def test_pretraining_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     """The embedded backbone's recipe, shrunk: same code path, seconds instead of minutes."""
     from safetensors.torch import load_file
 
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe, pretrain_tiny_clip
+    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
     from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.pretrain import pretrain_tiny_clip
 
     spec = CorpusSpec(domain="pretrain", n_train=48, n_val=0, n_test=16, seed=1)
     corpus = generate_corpus(tmp_path / "corpus", spec, workers=1)

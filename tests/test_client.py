@@ -18,7 +18,8 @@ from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
 from rcsr_flower.faults import InjectedFault
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.task import ClientData, SplitTensors, bootstrap_groups, preprocess_split
+from rcsr_flower.splits import SplitTensors, preprocess_split
+from rcsr_flower.task import ClientData, bootstrap_groups
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 from rcsr_flower import task
 from rcsr_flower.config import RunConfig
 from rcsr_flower.federation import partition_key
+from rcsr_flower.splits import SplitTensors
 from rcsr_flower.task import (
     ClientData,
-    SplitTensors,
     client_cache_path,
     load_client_data,
     read_client_cache,

@@ -9,8 +9,8 @@ import pytest
 from test_node_data import write_flickr
 
 from rcsr_flower import federation
+from rcsr_flower.assets import load_model
 from rcsr_flower.backbones import clip
-from rcsr_flower.backbones.clip import load_backbone
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.partition import Partition
 from rcsr_flower.federation import load_partition, prepare_partition
@@ -40,7 +40,7 @@ def test_prepare_partition_writes_the_file_the_run_reads(cfg, tmp_path, monkeypa
     assert path.is_file() and path.parent == Path(cfg.cache_dir) / "partitions"
     # what a node computes by itself, with no prepared file, is the same partition
     alone = dataclasses.replace(cfg, cache_dir=str(tmp_path / "alone"))
-    backbone = load_backbone(cfg.model_name)
+    backbone = load_model(cfg.model_name)
     assert load_partition(alone, backbone, 3).clients == Partition.from_json(path).clients
 
     # and in the run it is read, not recomputed; found by the model's name without

@@ -7,6 +7,7 @@ import torch
 from rcsr_flower.backbones.prefix import image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
+from rcsr_flower.splits import preprocess_split
 from rcsr_flower.task import (
     ClientData,
     TrainSettings,
@@ -14,7 +15,6 @@ from rcsr_flower.task import (
     local_embeddings,
     local_train,
     prefix_blocks,
-    preprocess_split,
     train_image_features,
     train_text_features,
 )

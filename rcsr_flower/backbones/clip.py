@@ -64,7 +64,7 @@ def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.T
     """The checkpoint's own image preprocessing (resize, crop, normalise) of a batch.
 
     A free function of the processor alone, so ``DataLoader`` workers can run it without
-    the model (see :func:`rcsr_flower.task.preprocess_split`).
+    the model (see :func:`rcsr_flower.splits.preprocess_split`).
     """
     out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
     return out["pixel_values"]
@@ -249,27 +249,28 @@ _CACHE: dict[tuple[str, str], Backbone] = {}
 _LOCK = threading.Lock()
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
-    """``"embedded"`` -> the project's built tiny CLIP; anything else passes through."""
-    if name_or_path == EMBEDDED:
-        from rcsr_flower.assets import ensure_assets
-
-        return str(ensure_assets(cache_dir).backbone_dir)
-    return name_or_path
-
-
 def load_backbone(
-    name_or_path: str = EMBEDDED,
+    path: str,
     device: str | torch.device | None = None,
-    cache_dir: str | None = None,
+    *,
+    name: str | None = None,
 ) -> Backbone:
-    """Load (once per process) a frozen CLIP checkpoint by hub id or local directory."""
+    """Load (once per process) a frozen CLIP checkpoint by hub id or local directory.
+
+    A run's ``model-name`` may also be ``"embedded"``, the project's tiny CLIP: that name
+    is resolved (and the checkpoint put in the cache) by ``rcsr_flower.assets.load_model``,
+    which stands above the backbones.
+    """
+    if path == EMBEDDED:
+        raise ValueError(
+            "load_backbone takes a hub id or a checkpoint directory; 'embedded' (the "
+            "project's tiny CLIP) is loaded with rcsr_flower.assets.load_model('embedded')"
+        )
     dev = torch.device(device) if device is not None else default_device()
-    path = resolve_model_path(name_or_path, cache_dir)
     key = (str(Path(path).resolve()) if os.path.isdir(path) else path, str(dev))
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(path, dev, name_or_path)
+            _CACHE[key] = _load(path, dev, name or path)
         return _CACHE[key]
 
 
