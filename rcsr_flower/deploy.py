@@ -29,6 +29,7 @@ import ipaddress
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,7 +466,12 @@ class LocalDeployment:
 
         ``extra``: run-config overrides for this run only."""
         overrides = self._overrides(run_name, output_dir, extra)
-        cmd = flwr_run_command(self.app_dir, CONNECTION, self.raw_run_config, overrides)
+        from rcsr_flower.fab import stage_app  # imports Flower's CLI: only when submitting
+
+        staged = self.root / "app"  # the FAB's files only (rcsr_flower.fab), fresh per run
+        shutil.rmtree(staged, ignore_errors=True)
+        stage_app(self.app_dir, staged)
+        cmd = flwr_run_command(staged, CONNECTION, self.raw_run_config, overrides)
         self.run_proc = LoggedProcess(
             cmd, self._env(self.user_home), self.root / "run.log", echo=True
         )

@@ -32,6 +32,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -465,21 +466,25 @@ class SimulationLauncher:
             overrides = self.check(run_name, output_dir)
         except LaunchError as exc:
             return {"status": "failed", "error": str(exc)}
-        cmd = flwr_run_command(
-            self.app_dir,
-            CONNECTION,
-            self.raw_run_config,
-            overrides,
-            "--federation-config",
-            f"num-supernodes={self.num_supernodes} "
-            f"client-resources-num-cpus={self.cpus_per_client} "
-            f"client-resources-num-gpus={self.gpus_per_client}",
-        )
-        try:
-            proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        from rcsr_flower.fab import stage_app  # imports Flower's CLI: only when submitting
+
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.flwr_home, prefix="app-") as staged:
+            cmd = flwr_run_command(
+                stage_app(self.app_dir, Path(staged)),  # the FAB's files only (rcsr_flower.fab)
+                CONNECTION,
+                self.raw_run_config,
+                overrides,
+                "--federation-config",
+                f"num-supernodes={self.num_supernodes} "
+                f"client-resources-num-cpus={self.cpus_per_client} "
+                f"client-resources-num-gpus={self.gpus_per_client}",
+            )
+            try:
+                proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = None
         return run_outcome(output_dir, run_name, code, self.timeout)
 
 
