@@ -1,20 +1,25 @@
 """What Flower costs on top of the client work: one federation in-process vs `flwr run`.
 
-Runs the embedded default federation (or any `-c` overrides) twice with the same code:
+Runs the embedded default federation (or any `-c` overrides) with the same code:
 
 - **plain**: the ServerApp's `run_server` and the ClientApp's handlers (`client_app.py`)
   in this one process, messages handed from one to the other by :class:`InProcessGrid`
-  (no SuperLink, no Ray, no serialisation, no process start-up);
+  (no SuperLink, no Ray, no serialisation, no process start-up), each client's work on
+  one torch thread as in a Flower actor (`client-resources-num-cpus=1`): the same
+  arithmetic, so the metrics must come out identical (`same_metrics`);
+- **plain_all_cores**: the same loop with every core on each client's work, the fastest
+  way to do it by hand here (float sums in another order: metrics differ in the last
+  digits);
 - **flower**: `python -m rcsr_flower.launch`'s path, a private SuperLink in simulation
   mode with 10 SuperNodes (`make run`).
 
-Same clients, rounds, seeds and sampling (nodes in partition order), so both should end
-with the same metrics; the ratio is Flower's overhead on this machine. Assets and the
+Same clients, rounds, seeds and sampling (nodes in partition order). Assets and the
 partition are prepared first and not timed.
 
     .venv/bin/python benchmarks/round_overhead.py [-c "num-server-rounds=2"]
 
-Ends with one JSON line: {"plain_s", "flower_s", "ratio", "same_metrics", ...}.
+Ends with one JSON line: {"plain_s", "plain_all_cores_s", "flower_s", "ratio" (flower /
+plain), "ratio_all_cores" (flower / plain_all_cores), "same_metrics", ...}.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ class InProcessGrid:
     """The part of Flower's ``Grid`` the ServerApp uses, answered by calling the
     ClientApp's handlers in this process, one ``Context`` (and ``state``) per node."""
 
-    def __init__(self, run_config: dict, num_nodes: int) -> None:
+    def __init__(self, run_config: dict, num_nodes: int, client_threads: int) -> None:
         from flwr.app import Context, RecordDict
 
+        self.client_threads = client_threads
         self.contexts = {
             1000 + i: Context(
                 run_id=1,
@@ -62,6 +68,7 @@ class InProcessGrid:
         from flwr.app import Error, Message
 
         import client_app
+        from rcsr_flower.backbones.clip import torch_threads
 
         handlers = {"train": client_app.train, "evaluate": client_app.evaluate}
         replies = []
@@ -70,21 +77,22 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = f"in-process-{self._next_id}"
             handler = handlers.get(msg.metadata.message_type, client_app.query)
             try:
-                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+                with torch_threads(self.client_threads):
+                    replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
                 replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
         return replies
 
 
-def run_plain(run_config: dict, num_nodes: int) -> float:
+def run_plain(run_config: dict, num_nodes: int, client_threads: int) -> float:
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from rcsr_flower.server import run_server
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message()
-    grid = InProcessGrid(run_config, num_nodes)
+    grid = InProcessGrid(run_config, num_nodes, client_threads)
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
@@ -106,6 +114,7 @@ def final_metrics(out: Path) -> dict:
 def main() -> None:
     from flwr.common.config import parse_config_args
 
+    from rcsr_flower.backbones.clip import available_cores
     from rcsr_flower.launch import SimulationLauncher, check_run_config, flower_env, prepare_run
 
     parser = argparse.ArgumentParser(
@@ -120,12 +129,13 @@ def main() -> None:
     overrides = parse_config_args(args.run_config)
 
     runs = {}
-    for kind in ("plain", "flower"):
+    kinds = {"plain": 1, "plain_all_cores": available_cores(), "flower": None}
+    for kind, client_threads in kinds.items():
         run_config = {**table, **overrides, "run-name": kind, "output-dir": str(out)}
         cfg = check_run_config(ROOT, [], run_config)
         prepare_run(cfg, args.num_supernodes, flower_env(out / "flwr"))  # not timed
-        if kind == "plain":
-            runs[kind] = run_plain(run_config, args.num_supernodes)
+        if client_threads is not None:
+            runs[kind] = run_plain(run_config, args.num_supernodes, client_threads)
             continue
         launcher = SimulationLauncher(
             app_dir=ROOT,
@@ -144,19 +154,25 @@ def main() -> None:
         runs[kind] = time.perf_counter() - started
         if result.get("status") != "completed":
             sys.exit(f"the flwr run failed: {result.get('error')}")
-    plain, flower = final_metrics(out / "plain"), final_metrics(out / "flower")
-    same = {k: v for k, v in plain.items() if k != "seconds"} == {
-        k: v for k, v in flower.items() if k != "seconds"
-    }
+    finals = {kind: final_metrics(out / kind) for kind in kinds}
+
+    def same(a: str, b: str) -> bool:
+        drop = {"seconds"}
+        return {k: v for k, v in finals[a].items() if k not in drop} == {
+            k: v for k, v in finals[b].items() if k not in drop
+        }
+
     print(
         json.dumps(
             {
                 "plain_s": round(runs["plain"], 1),
+                "plain_all_cores_s": round(runs["plain_all_cores"], 1),
                 "flower_s": round(runs["flower"], 1),
                 "ratio": round(runs["flower"] / runs["plain"], 3),
-                "same_metrics": same,
-                "plain": plain,
-                "flower": flower,
+                "ratio_all_cores": round(runs["flower"] / runs["plain_all_cores"], 3),
+                "same_metrics": same("plain", "flower"),
+                "same_metrics_all_cores": same("plain_all_cores", "flower"),
+                **finals,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "output_dir": str(out),
             }
