@@ -304,8 +304,14 @@ def app_table(app_dir: Path) -> dict:
 
 def is_this_app(app_dir: Path) -> bool:
     """Whether ``app_dir`` is this repository's retrieval app, whose run config, data and
-    assets the launcher checks and prepares; any other app is run as it is."""
-    return app_table(app_dir).get("project", {}).get("name") == THIS_APP
+    assets the launcher checks and prepares; an app whose ``pyproject.toml`` names
+    another project is run as it is. An unreadable one counts as this app, whose checks
+    then say what is wrong."""
+    try:
+        name = app_table(app_dir).get("project", {}).get("name")
+    except LaunchError:
+        return True
+    return name == THIS_APP
 
 
 def check_app_config(
@@ -454,10 +460,7 @@ class SimulationLauncher:
         self.process: subprocess.Popen | None = None
         self._checked: dict[str, object] | None = None  # the overrides check() accepted
         self.tag = new_tag()  # in the environment of every process this launcher starts
-        try:  # another app: no schema, no data to prepare
-            self.own_app = is_this_app(self.app_dir)
-        except LaunchError:  # no pyproject.toml: check() says so
-            self.own_app = False
+        self.own_app = is_this_app(self.app_dir)  # else: no schema, no data to prepare
 
     # ------------------------------------------------------------------ environment
     def _env(self) -> dict[str, str]:
@@ -582,9 +585,8 @@ def start_cli(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from flwr.common.config import parse_config_args
 
-    with contextlib.suppress(LaunchError):  # an unreadable app dir is reported later
-        if is_this_app(Path(args.app_dir)):
-            args.run_config = quote_bare_strings(args.run_config)
+    if is_this_app(Path(args.app_dir)):  # another app's -c strings go on as written
+        args.run_config = quote_bare_strings(args.run_config)
     try:
         given = parse_config_args(args.run_config)
     except Exception as exc:  # click's "invalid format", a missing .toml file
