@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,34 +182,51 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 
 def checkpoint_to_resume(cfg: RunConfig, out: Path) -> Checkpoint | None:
-    """The checkpoint this run continues from (``resume-from``), or None for a fresh run.
+    """The retrieval app's :func:`resume_point`: its validated config, and the keys
+    ``RESUME_MAY_CHANGE`` (rcsr_flower/config.py) may differ."""
+    return resume_point(cfg.to_flower(), out, RESUME_MAY_CHANGE)
+
+
+# a run-config key every routed run may change on resume: where its outputs go
+ALWAYS_MAY_CHANGE = frozenset({"resume-from", "run-name", "output-dir"})
+
+
+def resume_point(
+    config: Mapping[str, Any], out: Path, may_change: Iterable[str] = ()
+) -> Checkpoint | None:
+    """The checkpoint a run with ``config`` (kebab-case run config, ``num-server-rounds``
+    and optionally ``resume-from`` and ``run-name`` in it) continues from, or None for a
+    fresh run writing to ``out``.
 
     Raises ``ConfigError`` (one line) when ``resume-from`` holds no checkpoint, a finished
-    run, or a run whose config differs in keys outside ``RESUME_MAY_CHANGE``; and when a
-    fresh run would overwrite an unfinished one in ``out``.
+    run, or a run whose config differs in keys outside ``may_change`` (plus
+    ``ALWAYS_MAY_CHANGE``); and when a fresh run would overwrite an unfinished one in
+    ``out``.
     """
-    if not cfg.resume_from:
+    may_change = ALWAYS_MAY_CHANGE | frozenset(may_change)
+    resume_from = str(config.get("resume-from", "") or "")
+    if not resume_from:
         latest = read_latest(out)
         if latest is not None and latest["round"] < int(latest["config"]["num-server-rounds"]):
             raise ConfigError(
-                f"run-config 'run-name' = {cfg.run_name!r}: {out} holds an unfinished run "
-                f"(checkpoint after round {latest['round']} of "
+                f"run-config 'run-name' = {str(config.get('run-name', ''))!r}: {out} "
+                f"holds an unfinished run (checkpoint after round {latest['round']} of "
                 f"{latest['config']['num-server-rounds']}); continue it with "
                 f'resume-from="{out}" or choose another run-name'
             )
         return None
-    source = resolve_output_path(cfg.resume_from)
+    source = resolve_output_path(resume_from)
     ckpt = load_checkpoint(source)
     if ckpt is None:
         raise ConfigError(
-            f"run-config 'resume-from' = {cfg.resume_from!r}: no checkpoint in {source} "
+            f"run-config 'resume-from' = {resume_from!r}: no checkpoint in {source} "
             f"({CHECKPOINT_DIR}/{LATEST}); allowed is the output directory of an unfinished run"
         )
-    now = cfg.to_flower()
+    now = dict(config)
     differ = sorted(
         k
         for k in set(now) | set(ckpt.config)
-        if k not in RESUME_MAY_CHANGE and now.get(k, "<absent>") != ckpt.config.get(k, "<absent>")
+        if k not in may_change and now.get(k, "<absent>") != ckpt.config.get(k, "<absent>")
     )
     if differ:
         detail = ", ".join(
@@ -216,12 +234,12 @@ def checkpoint_to_resume(cfg: RunConfig, out: Path) -> Checkpoint | None:
             for k in differ
         )
         raise ConfigError(
-            f"run-config 'resume-from' = {cfg.resume_from!r}: the run config differs from the "
-            f"checkpoint's in {detail}; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change"
+            f"run-config 'resume-from' = {resume_from!r}: the run config differs from the "
+            f"checkpoint's in {detail}; only {', '.join(sorted(may_change))} may change"
         )
     if ckpt.round >= ckpt.num_rounds:
         raise ConfigError(
-            f"run-config 'resume-from' = {cfg.resume_from!r}: that run already finished all "
+            f"run-config 'resume-from' = {resume_from!r}: that run already finished all "
             f"{ckpt.num_rounds} rounds; nothing to resume (start a new run instead)"
         )
     return ckpt

@@ -8,10 +8,13 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
 1. starts its own ``flower-superlink --simulation`` on free loopback ports with its own
    ``FLWR_HOME`` and runtime dependency installation disabled;
 2. validates the run config and builds what the run would otherwise wait for in silence
-   (embedded assets, the semantic partition: :func:`prepare_run`);
+   (embedded assets, the semantic partition: :func:`prepare_run`) — for this app; another
+   app (``--app-dir``, e.g. ``examples/label-routing``) gets its ``-c`` keys checked
+   against its own ``[tool.flwr.app.config]`` and passed on as written;
 3. submits the app with ``flwr run . <connection> --stream`` and a known run name;
-4. reads ``outputs/<run>/result.json`` (written last by the ServerApp) and exits
-   non-zero unless it says ``completed``;
+4. reads ``<output-dir>/<run-name>/result.json`` (written last by the ServerApp: this
+   app's, or any app's that runs through ``rcsr_flower.runner``) and exits non-zero
+   unless it says ``completed``;
 5. always stops the SuperLink and everything it spawned (by process group, and by a
    tag in their environment for what left the group), on SIGTERM and SIGINT too.
 """
@@ -90,12 +93,14 @@ def flwr_run_command(
     raw_run_config: Sequence[str],
     overrides: Mapping[str, object],
     *options: str,
+    quote: bool = True,
 ) -> list[str]:
     """``flwr run APP CONNECTION --stream OPTIONS --run-config ...`` with this interpreter's
-    Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win)."""
+    Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win).
+    ``quote``: quote bare string values by this app's schema (:func:`quote_bare_strings`)."""
     cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(app_dir), connection, "--stream"]
     cmd += options
-    for raw in quote_bare_strings(raw_run_config):
+    for raw in quote_bare_strings(raw_run_config) if quote else raw_run_config:
         cmd += ["--run-config", raw]
     cmd += ["--run-config", config_args(overrides)]
     print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
@@ -286,6 +291,63 @@ def check_run_config(
     return RunConfig.from_flower({**table, **given, **overrides})
 
 
+THIS_APP = "rcsr-flower"  # [project] name of this repository's app
+
+
+def app_table(app_dir: Path) -> dict:
+    """An app's ``pyproject.toml`` (its ``[project]`` and ``[tool.flwr.app]``)."""
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LaunchError(f"--app-dir {app_dir}: cannot read {path}: {exc}") from None
+
+
+def is_this_app(app_dir: Path) -> bool:
+    """Whether ``app_dir`` is this repository's retrieval app, whose run config, data and
+    assets the launcher checks and prepares; an app whose ``pyproject.toml`` names
+    another project is run as it is. An unreadable one counts as this app, whose checks
+    then say what is wrong."""
+    try:
+        name = app_table(app_dir).get("project", {}).get("name")
+    except LaunchError:
+        return True
+    return name == THIS_APP
+
+
+def check_app_config(
+    app_dir: Path, raw_run_config: list[str], overrides: dict[str, object]
+) -> dict[str, object]:
+    """Another app's run config, checked as far as its ``pyproject.toml`` tells: every key
+    must be in its ``[tool.flwr.app.config]`` (the SuperLink refuses an unknown one with
+    only "Invalid run configuration."), which must have ``output-dir`` and ``run-name``
+    (where its ``result.json`` is read: ``rcsr_flower.runner`` writes it). Values are the
+    app's to check, in its ServerApp."""
+    from flwr.common.config import parse_config_args
+
+    pyproject = app_table(app_dir)
+    name = pyproject.get("project", {}).get("name", str(app_dir))
+    table = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    for key in ("output-dir", "run-name"):
+        if key not in table:
+            raise LaunchError(
+                f"app {name!r} ({app_dir}) has no '{key}' in [tool.flwr.app.config]: the "
+                "launcher reads <output-dir>/<run-name>/result.json, which "
+                "rcsr_flower.runner writes (docs/extending.md)"
+            )
+    try:
+        given = parse_config_args(list(raw_run_config))
+    except Exception as exc:  # click's "invalid format", a missing .toml file
+        raise LaunchError(f"-c {' '.join(raw_run_config)!r}: {exc}") from None
+    for key in [*given, *overrides]:
+        if key not in table:
+            raise LaunchError(
+                f"unknown run-config key '{key}' for app {name!r}; its keys: "
+                f"{', '.join(sorted(table))}"
+            )
+    return {**table, **given, **overrides}
+
+
 # flwr's own pattern for one ``key=value`` of a ``-c`` string (flwr.common.config)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
@@ -358,7 +420,11 @@ def run_outcome(output_dir: Path, run_name: str, code: int | None, timeout: floa
     if result_path.is_file():
         result = json.loads(result_path.read_text())
     else:
-        result = {"status": "failed", "error": "the ServerApp wrote no result.json"}
+        result = {
+            "status": "failed",
+            "error": "the ServerApp wrote no result.json (it failed before its run started; "
+            "its traceback is in the log above)",
+        }
     if code is None:
         result = {**result, "status": "failed", "error": f"timed out after {timeout} s"}
     elif code != 0 and result.get("status") == "completed":
@@ -395,6 +461,7 @@ class SimulationLauncher:
         self.process: subprocess.Popen | None = None
         self._checked: dict[str, object] | None = None  # the overrides check() accepted
         self.tag = new_tag()  # in the environment of every process this launcher starts
+        self.own_app = is_this_app(self.app_dir)  # else: no schema, no data to prepare
 
     # ------------------------------------------------------------------ environment
     def _env(self) -> dict[str, str]:
@@ -448,6 +515,10 @@ class SimulationLauncher:
         overrides = {**self.run_config, "run-name": run_name, "output-dir": str(output_dir)}
         if self._checked == overrides:
             return overrides
+        if not self.own_app:  # its ServerApp checks its values; result.json says how it went
+            check_app_config(self.app_dir, self.raw_run_config, overrides)
+            self._checked = dict(overrides)
+            return overrides
         try:
             cfg = check_run_config(self.app_dir, self.raw_run_config, overrides)
         except Exception as exc:  # ConfigError, or -c strings flwr cannot parse
@@ -479,6 +550,7 @@ class SimulationLauncher:
                 f"num-supernodes={self.num_supernodes} "
                 f"client-resources-num-cpus={self.cpus_per_client} "
                 f"client-resources-num-gpus={self.gpus_per_client}",
+                quote=self.own_app,
             )
             try:
                 proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)
@@ -518,7 +590,8 @@ def start_cli(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from flwr.common.config import parse_config_args
 
-    args.run_config = quote_bare_strings(args.run_config)
+    if is_this_app(Path(args.app_dir)):  # another app's -c strings go on as written
+        args.run_config = quote_bare_strings(args.run_config)
     try:
         given = parse_config_args(args.run_config)
     except Exception as exc:  # click's "invalid format", a missing .toml file
@@ -535,16 +608,18 @@ def start_cli(args: argparse.Namespace, kind: str) -> tuple[str, Path]:
     return name, Path(chosen["output-dir"] or "outputs").resolve()
 
 
-def report(result: dict, path: Path, logs: str | None) -> int:
+def report(result: dict, path: Path, logs: str | None, figures: bool = True) -> int:
     """Print the outcome; the exit code: 0 only for a completed run. ``logs``: where to
-    look, or None when the run failed before anything was started."""
+    look, or None when the run failed before anything was started; ``figures``: the
+    retrieval app's plotting hint."""
     if result.get("status") != "completed":
         where = f"\nlogs: {logs}" if logs else ""
         error = result.get("error", "unknown error")
         print(f"\nRUN FAILED ({path}): {error}{where}", file=sys.stderr)
         return 1
     print(f"\nrun completed in {result.get('seconds')} s: {path}")
-    print(f"figures: python -m rcsr_flower.plot {path}")
+    if figures:
+        print(f"figures: python -m rcsr_flower.plot {path}")
     return 0
 
 
@@ -586,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("status") == "completed":  # which code and machine, for the figures
         provenance.record(output_dir / run_name, launcher.app_dir)
     log_file = launcher.flwr_home / "superlink.log"
-    return report(result, output_dir / run_name, str(log_file) if log_file.exists() else None)
+    logs = str(log_file) if log_file.exists() else None
+    return report(result, output_dir / run_name, logs, figures=launcher.own_app)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,17 @@ their group centroids (SPEC §3 bootstrap) -> partition and prototype bank ->
 ``strategy.start`` with centralised zero-shot evaluation at round 0 and a checkpoint
 after every round -> final adapters, bank, router and ``result.json`` -> the nodes drop
 their resume snapshots. A resumed run restores the checkpoint instead of bootstrapping
-and continues at the next round (docs/faults-and-resume.md).
+and continues at the next round (docs/faults-and-resume.md). The task-neutral part —
+run dir, ``result.json``, ``metrics.jsonl``, checkpoints, resume, the final state — is
+``rcsr_flower.runner.RoutedRun``, the same for every routed app; this module adds the
+retrieval config, data, bootstrap and node handling around it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import time
-import traceback
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
 
 from rcsr_flower.assets import load_model
-from rcsr_flower.checkpoint import Checkpoint, checkpoint_to_resume, restore_rng, save_checkpoint
-from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.checkpoint import Checkpoint
+from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
 from rcsr_flower.faults import ServerKillGrid
 from rcsr_flower.federation import (
     global_test_set,
@@ -39,13 +37,7 @@ from rcsr_flower.federation import (
     reported_partition,
 )
 from rcsr_flower.local_only import LocalOnlyStrategy
-from rcsr_flower.outputs import (
-    MetricsLog,
-    resolve_output_path,
-    run_dir,
-    summary_table,
-    write_json,
-)
+from rcsr_flower.outputs import resolve_output_path, summary_table, write_json
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.retrieval_task import (
     PersonalizedRetrieval,
@@ -53,6 +45,7 @@ from rcsr_flower.retrieval_task import (
     RouterBetas,
     make_evaluate_fn,
 )
+from rcsr_flower.runner import RoutedRun
 from rcsr_flower.splits import evaluate_retrieval, preprocess_split
 from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, unanswered
 
@@ -306,48 +299,28 @@ def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
 
 
 def run_server(grid: Grid, context: Context) -> None:
-    raw = context.run_config
-    # the run dir comes first, so even a bad config leaves a result.json that says why;
-    # the pid says which process to stop (or, in the resume tests, what was killed)
-    out = run_dir(str(raw.get("output-dir", "outputs")), str(raw.get("run-name", "")))
-    write_json(out / "result.json", {"status": "running", "pid": os.getpid()})
-    started = time.time()
-    try:
-        cfg = RunConfig.from_flower(raw)
-        resume = checkpoint_to_resume(cfg, out)  # before any training: bad resumes stop here
-        write_json(out / "config.json", cfg.to_flower())
-        rows = _run(grid, cfg, out, resume)
-    except BaseException as exc:
-        if isinstance(exc, NodeWaitTimeout):  # one line that says why and how to go on
+    """The retrieval ServerApp: its config and data around the generic :class:`RoutedRun`
+    (run dir, ``result.json``, ``metrics.jsonl``, checkpoints, resume, final state)."""
+    with RoutedRun(context.run_config, arrays_file="adapters", state_file="prototypes") as run:
+        try:
+            cfg = RunConfig.from_flower(context.run_config)
+            run.open(cfg.to_flower(), RESUME_MAY_CHANGE)  # bad resumes stop here
+            rows = _run(grid, cfg, run)
+        except NodeWaitTimeout as exc:  # one line that says why and how to go on
             log.error("run failed: %s", exc)
-        write_json(
-            out / "result.json",
-            {
-                "status": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(),
-                "seconds": round(time.time() - started, 1),
-            },
+            raise
+        final = next((r["global"] for r in reversed(rows) if "global" in r), None)
+        run.complete(
+            strategy=cfg.strategy,
+            zero_shot_global=rows[0].get("global") if rows else None,
+            final_global=final,
         )
-        raise
-    final = next((r["global"] for r in reversed(rows) if "global" in r), None)
-    write_json(
-        out / "result.json",
-        {
-            "status": "completed",
-            "seconds": round(time.time() - started, 1),
-            "rounds": cfg.num_server_rounds,
-            "resumed_after_round": resume.round if resume is not None else None,
-            "strategy": cfg.strategy,
-            "zero_shot_global": rows[0].get("global") if rows else None,
-            "final_global": final,
-        },
-    )
-    print(f"\nrcsr-flower run finished: {out}\n{summary_table(rows)}", flush=True)
+    print(f"\nrcsr-flower run finished: {run.out}\n{summary_table(rows)}", flush=True)
 
 
-def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> list[dict]:
+def _run(grid: Grid, cfg: RunConfig, run: RoutedRun) -> list[dict]:
     """The run itself, fresh or resumed; returns the rows written to ``metrics.jsonl``."""
+    out, resume = run.out, run.resume
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -364,11 +337,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
     if not nodes:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])
-    if resume is not None and resume.num_clients != num_partitions:
-        raise ConfigError(
-            f"run-config 'resume-from' = {cfg.resume_from!r}: the checkpointed run had "
-            f"{resume.num_clients} clients, this federation has {num_partitions}"
-        )
+    run.check_num_clients(num_partitions)
     if any(n.get("shard") for n in nodes):  # nodes hold their own data: record what they hold
         write_json(out / "partition.json", reported_partition(nodes))
         log.info("nodes hold their own shards: %s", [n["num-train"] for n in nodes])
@@ -410,9 +379,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             backbone, test, template, protocol=cfg.eval_protocol, batch_size=cfg.eval_batch_size
         )
 
-    # clients keep resume snapshots of their state under this key (client.py)
-    state_key = resume.state_key if resume is not None else uuid.uuid4().hex
-    metrics_log = MetricsLog(out / "metrics.jsonl", resume.rows if resume is not None else [])
+    state_key = run.state_key  # clients keep resume snapshots of their state under it
     strategy = (LocalOnlyStrategy if cfg.strategy == "local" else RCSRStrategy)(
         task,
         RoutingOptions(
@@ -440,7 +407,7 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
             },
         ),
         num_clients=num_partitions,
-        metrics_log=metrics_log,
+        metrics_log=run.metrics_log,
         evaluation=PersonalizedRetrieval(),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -448,21 +415,6 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
     )
-
-    checkpointed: list[int] = []  # the rounds this run checkpointed
-
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        save_checkpoint(
-            out,
-            server_round,
-            arrays,
-            strategy.state_for_checkpoint(),
-            metrics_log.rows,
-            config=cfg.to_flower(),
-            state_key=state_key,
-            num_clients=num_partitions,
-        )
-        checkpointed.append(server_round)
 
     run_grid = PartitionOrderedGrid(
         grid,
@@ -472,32 +424,26 @@ def _run(grid: Grid, cfg: RunConfig, out: Path, resume: Checkpoint | None) -> li
     )
     if cfg.faults.server_kill_round is not None:
         run_grid = ServerKillGrid(run_grid, cfg.faults.server_kill_round)
-    first_round = 1
-    if resume is not None:
-        strategy.restore_from_checkpoint(resume.strategy_tensors, resume.strategy_meta)
-        initial = resume.arrays
-        first_round = resume.round + 1
-        restore_rng(resume)  # last: setup above drew from the global RNGs
     try:
-        result = strategy.start(
-            grid=run_grid,
-            initial_arrays=initial,
+        run.start(
+            strategy,
+            run_grid,
+            initial,
+            num_clients=num_partitions,
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
-            evaluate_config=ConfigRecord({"state-key": state_key}),
+            evaluate_config={"state-key": state_key},
+            # the global metrics join the row as "global" (make_evaluate_fn writes them)
             evaluate_fn=make_evaluate_fn(
-                cfg.num_server_rounds, cfg.eval_every, metrics_log, evaluate
+                cfg.num_server_rounds, cfg.eval_every, run.metrics_log, evaluate
             ),
-            first_round=first_round,
-            fresh=resume is None,  # a resume from round 0 must not evaluate round 0 again
-            on_round_end=checkpoint,
+            central_key=None,
         )
     except NodeWaitTimeout as exc:
-        last = checkpointed[-1] if checkpointed else None
+        last = run.checkpointed[-1] if run.checkpointed else None
         raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, last)}") from None
-    save_state(out, result.arrays or initial, strategy)
     release_client_state(grid, cfg, state_key)
-    return metrics_log.rows
+    return run.metrics_log.rows
 
 
 def continue_hint(
@@ -513,24 +459,3 @@ def continue_hint(
         f"Round {checkpointed} is the last complete round, checkpointed in {out}: once the "
         f"nodes are back, continue with -c 'resume-from=\"{out}\"'"
     )
-
-
-def save_state(out: Path, arrays: ArrayRecord, strategy: RCSRStrategy) -> None:
-    """Final adapters, prototype bank and router (safetensors) + minimax state (JSON)."""
-    save_file(
-        {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
-        str(out / "adapters.safetensors"),
-    )
-    if strategy.task is not None:
-        save_file(
-            {k: v.contiguous() for k, v in strategy.task.bank.to_tensors().items()},
-            str(out / "prototypes.safetensors"),
-        )
-    if strategy.router is not None:
-        save_file(
-            {k: v.contiguous() for k, v in strategy.router.state_dict().items()},
-            str(out / "router.safetensors"),
-        )
-    if strategy.minimax is not None:
-        write_json(out / "minimax.json", strategy.minimax.state())
-    write_json(out / "history.json", json.loads(json.dumps(strategy.history, default=float)))

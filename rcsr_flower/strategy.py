@@ -1,20 +1,25 @@
-"""``RCSRStrategy``: retrieval-consistency routing on Flower's message-API ``FedAvg``.
+"""``RCSRStrategy``: routed aggregation on Flower's message-API ``FedAvg``, for any task.
 
 Paper: *Federated Cross-Modal Retrieval with Missing Modalities via Semantic Routing and
-Adapter Personalization* (RCSR, 2026). The server turns each client's prototypes, update
-geometry, modality mask and loss into aggregation weights with a small router trained on
-the server, fuses them with minimax fairness weights, and aggregates the adapters.
+Adapter Personalization* (RCSR, 2026). The server turns a feature token per client into
+aggregation weights with a small router trained on the server, fuses them with minimax
+fairness weights, aggregates the clients' parameters with the fused weights and updates
+the task's shared state. What the tokens, the router's objective and the shared state
+are is the task's (a ``RoutedTask``, ``rcsr_flower.routing.task``): image–text
+retrieval in ``rcsr_flower.retrieval_task``, label-skewed classification in
+``examples/label-routing`` (docs/extending.md).
 
-What the client must do (``client_app.py`` does it): train the shared adapters it
-receives in ``"arrays"`` with the loss of SPEC §4 using the ``"prototypes"`` record and
-the ``"config"`` record (``lr``, ``server-round``, the λ's, ``anchoring``, ``prox-mu``),
-then reply ``"arrays"`` (its trained adapters θ_k; the server forms Δ_k = θ_k − θ),
-``"metrics"`` (``num-examples``, ``train-loss``, ``partition-id``) and the task's
-``"stats"`` record. ``aggregate_train`` reads as SPEC §5 steps 1–8, each a pure function.
+What the client must do: train the parameters it receives in ``"arrays"`` with the
+``"config"`` record (``server-round``, ``lr`` when the options schedule one, and the
+options' ``client_config``) and the task's state records, then reply ``"arrays"`` (its
+trained parameters θ_k; the server forms Δ_k = θ_k − θ), ``"metrics"``
+(``num-examples``, ``train-loss``, ``partition-id``) and the records the task's
+``parse_reply`` reads. ``aggregate_train`` reads as SPEC §5 steps 1–8, each a pure
+function.
 
 ``mode="fedavg"`` aggregates exactly like Flower's ``FedAvg`` (same function, weights
-``num-examples``); ``fedprox`` adds the proximal term on the client; ``fedper`` keeps
-personal adapters on the client.
+``num-examples``); ``fedprox`` and ``fedper`` aggregate the same way (the retrieval
+app's clients add the proximal term, or keep personal adapters).
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ def validate_replies(
             got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
             if set(got) != set(expected):
                 diff = sorted(set(got) ^ set(expected))[:3]
-                raise ReplyError(f"'arrays' keys differ from the global adapters: {diff}")
+                raise ReplyError(f"'arrays' keys differ from the global parameters: {diff}")
             sq_norm = 0.0
             for k, (shape, dtype) in expected.items():
                 if got[k] != (shape, dtype):
@@ -174,13 +179,15 @@ def validate_replies(
 
 
 def _holdings(metrics: MetricRecord) -> frozenset[str] | None:
-    """The towers a client trained, from its optional ``modality`` metric (0 paired,
-    1 image-only, 2 text-only); None (everything) when it sends none."""
+    """The towers a client trained, from its optional ``modality`` metric (0 both, 1 the
+    vision tower only, 2 the text tower only); None (everything) when it sends none."""
     if "modality" not in metrics:
         return None
     code = metrics["modality"]
     if not isinstance(code, int) or code not in TOWERS_HELD:
-        raise ReplyError(f"modality is {code!r}, expected 0 (paired), 1 (image-only) or 2")
+        raise ReplyError(
+            f"modality is {code!r}, expected 0 (both towers), 1 (vision only) or 2 (text only)"
+        )
     return TOWERS_HELD[code]
 
 
@@ -280,24 +287,24 @@ class RoundClock:
 # ============================================================================ strategy
 @dataclass
 class RoutingOptions:
-    """Server-side switches and hyperparameters of SPEC §5."""
+    """Server-side switches and hyperparameters of SPEC §5 (docs/extending.md has a table)."""
 
-    mode: str = "rcsr"  # "rcsr" | "fedavg" | "fedprox" | "fedper"
-    router: bool = True
-    minimax: bool = True
+    mode: str = "rcsr"  # "rcsr" routes; "fedavg" | "fedprox" | "fedper": num-examples weights
+    router: bool = True  # False: sample-count weights in place of the router's
+    minimax: bool = True  # False: uniform in place of the minimax weights
     tower_aggregation: bool = True  # step 5 tower by tower (False: Flower's plain FedAvg)
-    router_hidden: int = 128
+    router_hidden: int = 128  # width of the router's token MLP and attention blocks
     router_heads: int = 4
-    router_blocks: int = 2
-    router_dropout: float = 0.1
-    router_lr: float = 1e-3
-    minimax_eta: float = 0.1
-    minimax_tau: float = 0.1
-    min_valid_replies: int = 1
-    max_update_norm: float = 0.0  # 0 = no bound
-    seed: int = 0
+    router_blocks: int = 2  # self-attention blocks over the round's clients
+    router_dropout: float = 0.1  # in the router step's train-mode forward only
+    router_lr: float = 1e-3  # Adam, one step per round
+    minimax_eta: float = 0.1  # q_k <- q_k exp(eta * loss_k)
+    minimax_tau: float = 0.1  # q <- q^(1 / (1 + tau))
+    min_valid_replies: int = 1  # fewer valid replies: the round is skipped
+    max_update_norm: float = 0.0  # drop a reply with ||theta_k - theta|| above it; 0 = no bound
+    seed: int = 0  # router initialisation and Flower's node sampling
     client_config: dict = field(default_factory=dict)  # static part of every train config
-    lr_schedule: Callable[[int], float] | None = None
+    lr_schedule: Callable[[int], float] | None = None  # round -> the train config's "lr"
 
     @property
     def routed(self) -> bool:
@@ -367,7 +374,7 @@ class RCSRStrategy(FedAvg):
         kept, so a run reads as before). A resumed run
         starts at ``first_round`` = k+1 with the true round numbers (the lr schedule and
         the sampling seed depend on them) and ``initial_arrays`` = the checkpointed
-        adapters; round 0 is evaluated only on a ``fresh`` start (default: ``first_round ==
+        parameters; round 0 is evaluated only on a ``fresh`` start (default: ``first_round ==
         1``; a run resumed from its round-0 checkpoint passes ``fresh=False``). Each round runs
         Flower's steps in Flower's order (train, federated evaluation, ``evaluate_fn``)
         and ends with ``on_round_end(round, arrays)`` (the checkpoint); round 0 too.
@@ -481,10 +488,10 @@ class RCSRStrategy(FedAvg):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """What the server has learnt besides the adapters, as ``(tensors, json)``:
-        the task's shared state (prototype bank), the router and its Adam state, the
-        minimax distribution and the per-round history. No pickles: tensors for
-        safetensors, plain values for JSON."""
+        """What the server has learnt besides the global parameters, as ``(tensors,
+        json)``: the task's shared state (the retrieval app's prototype bank), the router
+        and its Adam state, the minimax distribution and the per-round history. No
+        pickles: tensors for safetensors, plain values for JSON."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {"history": json.loads(json.dumps(self.history, default=float))}
         if self.task is not None:
@@ -576,7 +583,7 @@ class RCSRStrategy(FedAvg):
         record: dict = {"dropped": {str(n): why for n, why in dropped}}
         if len(reports) < max(self.options.min_valid_replies, 1):
             log.warning(
-                "round %d skipped: %d valid replies (minimum %d); global adapters unchanged",
+                "round %d skipped: %d valid replies (minimum %d); global parameters unchanged",
                 server_round,
                 len(reports),
                 self.options.min_valid_replies,
@@ -601,7 +608,7 @@ class RCSRStrategy(FedAvg):
             w = fuse_weights(w_router, w_minimax)
             # 5. aggregate
             arrays = aggregate(reports, w, towers)
-            # 6. prototypes
+            # 6. the task's shared state (the retrieval app's prototype bank)
             self.task.update_state(w, reports)
             # 7. router step on a train-mode forward of the same tokens
             router_loss = self._router_step(server_round, tokens, reports)

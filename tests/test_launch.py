@@ -125,3 +125,30 @@ def test_bare_words_are_taken_for_string_keys_and_refused_for_others():
     # an unknown key is named by the schema, not lost in flwr's "invalid format"
     with pytest.raises(ConfigError, match="unknown run-config key 'stratgy'"):
         check_run_config(ROOT, ["stratgy=fedavg"], {})
+
+
+# ------------------------------------------------------------------ another app (--app-dir)
+EXAMPLE = ROOT / "examples" / "label-routing"
+
+
+def test_another_app_gets_its_own_keys_checked_and_its_values_passed_on_as_written(tmp_path):
+    from rcsr_flower.launch import flwr_run_command, is_this_app
+
+    assert is_this_app(ROOT) and not is_this_app(EXAMPLE)
+    launcher = SimulationLauncher(
+        app_dir=EXAMPLE, flwr_home=tmp_path / "f", raw_run_config=["num-classes=4 lr=0.5"]
+    )
+    overrides = launcher.check("x", tmp_path / "out")  # this app's schema would refuse both
+    assert overrides == {"run-name": "x", "output-dir": str(tmp_path / "out")}
+    cmd = flwr_run_command(EXAMPLE, "c", launcher.raw_run_config, overrides, quote=False)
+    assert "num-classes=4 lr=0.5" in cmd  # not quoted by this app's schema
+    launcher.raw_run_config = ["num-class=4"]
+    with pytest.raises(LaunchError, match="unknown run-config key 'num-class' for app"):
+        launcher.check("y", tmp_path / "out")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "pyproject.toml").write_text(
+        '[project]\nname = "bare"\n[tool.flwr.app.config]\nnum-server-rounds = 1\n'
+    )
+    with pytest.raises(LaunchError, match=r"has no 'output-dir' in \[tool"):
+        SimulationLauncher(app_dir=bare, flwr_home=tmp_path / "g").check("z", tmp_path)

@@ -14,7 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(
-    [*ROOT.glob("rcsr_flower/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("*_app.py")]
+    [
+        *ROOT.glob("rcsr_flower/**/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+        *ROOT.glob("*_app.py"),
+        *ROOT.glob("examples/**/*.py"),  # the example app decodes replies too
+    ]
 )
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 

@@ -1,0 +1,96 @@
+"""``RoutedRun`` on real files, without Flower: result.json, config.json, resume checks.
+
+The rounds themselves (``RoutedRun.start`` through ``flwr run``) are tested with the
+example app in test_example_app.py and with the retrieval app in test_faults_resume.py
+and test_integration.py.
+"""
+
+import json
+import os
+
+import pytest
+from flwr.app import ArrayRecord
+from test_strategy import rcsr, task_identity, theta  # noqa: F401
+
+from rcsr_flower.checkpoint import save_checkpoint
+from rcsr_flower.config import ConfigError
+from rcsr_flower.runner import RoutedRun
+
+
+def config(tmp_path, **extra) -> dict:
+    return {"num-server-rounds": 4, "output-dir": str(tmp_path), "run-name": "r", **extra}
+
+
+def result(tmp_path) -> dict:
+    return json.loads((tmp_path / "r" / "result.json").read_text())
+
+
+def test_any_failure_in_the_run_leaves_a_failed_result_json_and_goes_on_to_flower(tmp_path):
+    with pytest.raises(ValueError, match="bad value"), RoutedRun(config(tmp_path)) as run:
+        assert result(tmp_path) == {"status": "running", "pid": os.getpid()}
+        raise ValueError("bad value")
+    failed = result(tmp_path)
+    assert failed["status"] == "failed" and failed["error"] == "ValueError: bad value"
+    assert 'raise ValueError("bad value")' in failed["traceback"]
+    assert run.out == tmp_path / "r"
+
+
+def test_a_run_that_never_started_its_rounds_does_not_count_as_completed(tmp_path):
+    with RoutedRun(config(tmp_path)) as run:
+        run.open(config(tmp_path))
+    assert result(tmp_path)["status"] == "failed"
+    assert "without running the strategy" in result(tmp_path)["error"]
+
+
+def test_open_writes_the_config_and_needs_num_server_rounds(tmp_path):
+    cfg = config(tmp_path, lr=0.1)
+    with RoutedRun(cfg) as run:
+        assert run.open(cfg) is None  # fresh: nothing to resume
+        assert json.loads((run.out / "config.json").read_text()) == cfg
+        assert len(run.state_key) == 32
+        run.final_arrays = ArrayRecord()  # as if the rounds had run
+    done = result(tmp_path)
+    assert done["status"] == "completed" and done["rounds"] == 4
+    assert done["resumed_after_round"] is None
+    del cfg["num-server-rounds"]
+    with pytest.raises(ConfigError, match="no 'num-server-rounds'"), RoutedRun(cfg) as run:
+        run.open(cfg)
+
+
+def checkpointed(tmp_path, done: int, **cfg) -> dict:
+    """A run directory ``tmp/r`` with a checkpoint after round ``done``."""
+    strategy = rcsr()
+    save_checkpoint(
+        tmp_path / "r",
+        done,
+        ArrayRecord(theta(0)),
+        strategy.state_for_checkpoint(),
+        [{"round": r} for r in range(done + 1)],
+        config=config(tmp_path, **cfg),
+        state_key="ab" * 16,
+        num_clients=3,
+    )
+    return config(tmp_path, **cfg)
+
+
+def test_a_resume_is_refused_for_a_changed_app_key_unless_the_app_allows_it(tmp_path):
+    cfg = checkpointed(tmp_path, 2, lr=0.1)
+    now = {**cfg, "lr": 0.2, "run-name": "s", "resume-from": str(tmp_path / "r")}
+    with pytest.raises(ConfigError) as exc, RoutedRun(now) as run:
+        run.open(now)
+    assert "'lr' (checkpoint 0.1, now 0.2)" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    with RoutedRun(now) as run:
+        ckpt = run.open(now, may_change={"lr"})
+        assert ckpt.round == 2 and run.state_key == "ab" * 16
+        assert [r["round"] for r in run.metrics_log.rows] == [0, 1, 2]
+        with pytest.raises(ConfigError, match="had 3 clients, this federation has 4"):
+            run.check_num_clients(4)
+        run.final_arrays = ArrayRecord()
+    assert json.loads((tmp_path / "s" / "result.json").read_text())["resumed_after_round"] == 2
+
+
+def test_a_fresh_run_does_not_overwrite_an_unfinished_one(tmp_path):
+    cfg = checkpointed(tmp_path, 2)
+    with pytest.raises(ConfigError, match="holds an unfinished run"), RoutedRun(cfg) as run:
+        run.open(cfg)
