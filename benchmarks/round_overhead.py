@@ -5,8 +5,9 @@ Runs the embedded default federation (or any `-c` overrides) with the same code:
 - **plain**: the ServerApp's `run_server` and the ClientApp's handlers (`client_app.py`)
   in this one process, messages handed from one to the other by :class:`InProcessGrid`
   (no SuperLink, no Ray, no serialisation, no process start-up), each client's work on
-  one torch thread as in a Flower actor (`client-resources-num-cpus=1`): the same
-  arithmetic, so the metrics must come out identical (`same_metrics`);
+  one torch thread as in a Flower actor (`client-resources-num-cpus=1`) and with its own
+  global RNG streams as in its own process: the same arithmetic, so the metrics must
+  come out identical (`same_metrics`);
 - **plain_all_cores**: the same loop with every core on each client's work, the fastest
   way to do it by hand here (float sums in another order: metrics differ in the last
   digits);
@@ -25,8 +26,10 @@ plain), "ratio_all_cores" (flower / plain_all_cores), "same_metrics", ...}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -39,6 +42,23 @@ sys.path.insert(0, str(ROOT))  # client_app.py, server_app.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def own_process_rngs():
+    """Run a client handler as if in its own process: whatever it draws from the global
+    torch, numpy and Python RNGs is not drawn from the ServerApp's streams (the router's
+    dropout draws from torch's), as in a Ray actor or a deployed ClientApp."""
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 class InProcessGrid:
@@ -77,7 +97,7 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = f"in-process-{self._next_id}"
             handler = handlers.get(msg.metadata.message_type, client_app.query)
             try:
-                with torch_threads(self.client_threads):
+                with torch_threads(self.client_threads), own_process_rngs():
                     replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
