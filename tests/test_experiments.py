@@ -407,6 +407,46 @@ def test_a_cut_short_cell_continues_from_its_checkpoint_and_a_changed_one_runs_a
     assert config_changes({"a": 1}, {"a": 1, "b": 2}, {"b"}) == ["b"]
 
 
+def test_cells_completed_in_the_committed_archive_are_not_run_again(tmp_path, fake, capsys):
+    """A suite spread over machines or checkouts: the report's archive (committed) stands
+    for a cell whose outputs are not on this machine, unless its config changed since."""
+    suite = Suite.load(write_suite(tmp_path))
+    cell_a, cell_b, cell_c = suite.cells([0], "A/")
+    elsewhere = tmp_path / "other-machine"
+    fake_run(cell_a.directory(elsewhere), cell_a.overrides)
+    fake_run(cell_b.directory(elsewhere), {**cell_b.overrides, "num-server-rounds": 3})
+    archive = tmp_path / "docs" / "results" / suite.name / "cells"
+    assert archive_cells(suite, elsewhere, archive) == [cell_a.id, cell_b.id]
+
+    root = tmp_path / "out"  # nothing ran here
+    outcomes = run_suite(
+        suite,
+        [cell_a, cell_b, cell_c],
+        ROOT,
+        root,
+        tmp_path / "f",
+        make_launcher=fake,
+        archive=archive,
+    )
+    assert [(o.status, o.note) for o in outcomes] == [
+        ("skipped", "archived"),
+        ("completed", ""),  # archived with another number of rounds: run again
+        ("completed", ""),
+    ]
+    assert [r for r, _ in fake.runs] == [
+        str(cell_b.directory(root)),
+        str(cell_c.directory(root)),
+    ]
+    out = capsys.readouterr().out
+    assert "3 cells, 2 to run, 1 already completed" in out
+    assert f"{cell_a.id} · 2 left · completed in the report's archive, skipped" in out
+    assert not cell_a.directory(root).exists()
+    # without the archive it runs
+    fake.runs.clear()
+    run_suite(suite, [cell_a], ROOT, tmp_path / "out2", tmp_path / "f", make_launcher=fake)
+    assert len(fake.runs) == 1
+
+
 # ============================================================================ the report
 def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_path):
     suite = Suite.load(write_suite(tmp_path))
@@ -437,7 +477,7 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
 
     md = write_report(suite, archive, tmp_path / "docs", "cmd").read_text()
     assert str(tmp_path) not in md
-    assert "Cells: 13 of 14 completed" in md and "`B/local/seed-1`" in md
+    assert "Cells: 13 of 14 completed" in md and "`B/local` (seed 1)" in md
     assert "- machine: `2-core test CPU`" in md and "- commit: `abc1234567`" in md
     table = md.split("## A: iid")[1].split("## ")[0]
     main_table = table.split("minus each method")[0]

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--flwr-home", default=None, help="default: .flwr/experiments/<suite>")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    run.add_argument(
+        "--results-dir",
+        default="docs/results",
+        help="cells completed in <results-dir>/<suite>/cells (the report's archive) are skipped",
+    )
     report.add_argument(
         "--results-dir", default="docs/results", help="writes <results-dir>/<suite>/"
     )
@@ -78,7 +83,8 @@ def _run(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
     # SIGTERM unwinds through run_suite's `finally`, which stops the SuperLink
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     flwr_home = Path(args.flwr_home or Path(".flwr", "experiments", suite.name)).resolve()
-    outcomes = run_suite(suite, cells, app_dir, root, flwr_home)
+    archive = Path(args.results_dir) / suite.name / "cells"
+    outcomes = run_suite(suite, cells, app_dir, root, flwr_home, archive=archive)
     return 0 if all(o.status != "failed" for o in outcomes) else 1
 
 

@@ -67,6 +67,17 @@ def archive_cells(suite: Suite, source: Path, archive: Path) -> list[str]:
     return copied
 
 
+def _missing_list(cells: list) -> str:
+    """``S1/rcsr`` (seeds 1, 2), ...: one entry per setting and method, in suite order."""
+    seeds: dict[str, list[int]] = {}
+    for cell in cells:
+        seeds.setdefault(f"{cell.setting}/{cell.method}", []).append(cell.seed)
+    return ", ".join(
+        f"`{name}` (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
+        for name, s in seeds.items()
+    )
+
+
 def _json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -189,7 +200,7 @@ def write_report(suite: Suite, archive: Path, out_dir: Path, command: str) -> Pa
         for m in rows
         for seed in m.runs
     }
-    missing = [c.id for c in expected if c.id not in present]
+    missing = [c for c in expected if c.id not in present]
     lines += [
         f"Cells: {len(expected) - len(missing)} of {len(expected)} completed "
         f"(seeds {', '.join(map(str, suite.seeds))}).",
@@ -198,7 +209,7 @@ def write_report(suite: Suite, archive: Path, out_dir: Path, command: str) -> Pa
     if missing:
         lines += [
             "**Missing cells** (not run yet, or failed: see their `run.log` under "
-            f"`outputs/experiments/{suite.name}/`): " + ", ".join(f"`{m}`" for m in missing),
+            f"`outputs/experiments/{suite.name}/`): " + _missing_list(missing),
             "",
         ]
     lines += _reading_notes(suite, data)

@@ -63,12 +63,18 @@ def config_changes(ran: dict, wanted: dict, set_by_cell: set[str]) -> list[str]:
     )
 
 
-def inspect_cell(cell: Cell, run_dir: Path, wanted: dict) -> tuple[str, str]:
-    """``(action, why)``: ``skip`` (completed with this config), ``resume`` (an unfinished
+def inspect_cell(
+    cell: Cell, run_dir: Path, wanted: dict, archived: Path | None = None
+) -> tuple[str, str]:
+    """``(action, why)``: ``skip`` (completed with this config), ``archived`` (no run here,
+    but the report's archive, ``archived``, holds a completed copy with this config:
+    committed by a run on another machine or checkout), ``resume`` (an unfinished
     checkpoint with this config), ``fresh`` (nothing, or what is there cannot be used)."""
     from rcsr_flower.checkpoint import CheckpointError, read_latest
 
     if not run_dir.exists():
+        if archived is not None and _completed_with(archived, cell, wanted):
+            return "archived", ""
         return "fresh", ""
     result = _read_json(run_dir / "result.json") or {}
     ran = _read_json(run_dir / "config.json")
@@ -84,6 +90,17 @@ def inspect_cell(cell: Cell, run_dir: Path, wanted: dict) -> tuple[str, str]:
     if latest is not None and latest["round"] < int(latest["config"]["num-server-rounds"]):
         return "resume", f"continuing after round {latest['round']}"
     return "fresh", "incomplete, no checkpoint to continue from: running it again"
+
+
+def _completed_with(run_dir: Path, cell: Cell, wanted: dict) -> bool:
+    """Whether ``run_dir`` holds a completed run of ``cell`` with the config wanted now."""
+    result = _read_json(run_dir / "result.json") or {}
+    ran = _read_json(run_dir / "config.json")
+    return (
+        result.get("status") == "completed"
+        and ran is not None
+        and not config_changes(ran, wanted, set(cell.overrides))
+    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -156,9 +173,15 @@ def run_suite(
     flwr_home: Path,
     console: TextIO | None = None,
     make_launcher: Callable = default_launcher,
+    archive: Path | None = None,
 ) -> list[Outcome]:
     """Run ``cells`` (already checked with :meth:`Suite.check`) one after another into
-    ``root/<setting>/<method>/seed-<k>``; return one :class:`Outcome` per cell."""
+    ``root/<setting>/<method>/seed-<k>``; return one :class:`Outcome` per cell.
+
+    ``archive``: the report's copy of completed cells (``docs/results/<suite>/cells``):
+    a cell with no run under ``root`` but a completed archived copy with the same config
+    is not run again, so a suite spread over machines or checkouts continues from what
+    was committed."""
     console = console or sys.stdout
     app_dir, root = app_dir.resolve(), root.resolve()
     launcher = None
@@ -173,8 +196,10 @@ def run_suite(
     for cell in cells:
         run_dir = cell.directory(root)
         wanted = expected_config(app_dir, cell)
-        plan.append((cell, run_dir, *inspect_cell(cell, run_dir, wanted)))
-    to_run = sum(action != "skip" for *_, action, _ in plan)
+        archived = cell.directory(archive) if archive is not None else None
+        plan.append((cell, run_dir, *inspect_cell(cell, run_dir, wanted, archived)))
+    done_already = ("skip", "archived")
+    to_run = sum(action not in done_already for *_, action, _ in plan)
     started = time.monotonic()
     say(
         f"suite {suite.name}: {len(cells)} cells, {to_run} to run, "
@@ -188,7 +213,11 @@ def run_suite(
                 outcomes.append(Outcome(cell, "skipped", log=run_dir / LOG))
                 say(f"{head} · already completed, skipped")
                 continue
-            remaining_runs = sum(a != "skip" for *_, a, _ in plan[index - 1 :])
+            if action == "archived":
+                outcomes.append(Outcome(cell, "skipped", note="archived"))
+                say(f"{head} · completed in the report's archive, skipped")
+                continue
+            remaining_runs = sum(a not in done_already for *_, a, _ in plan[index - 1 :])
             eta = (
                 duration(remaining_runs * sum(ran_seconds) / len(ran_seconds))
                 if ran_seconds
