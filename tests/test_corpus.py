@@ -24,6 +24,7 @@ from rcsr_flower.data.corpus import (
     generate_corpus,
     parse_caption,
 )
+from rcsr_flower.data.render import render_image
 
 SMALL = CorpusSpec(n_train=40, n_val=5, n_test=10)
 
@@ -186,7 +187,7 @@ def test_pretrain_and_target_differ_in_marginals_and_phrasing():
 def _render(domain: str, seed: int = 0, **attrs) -> np.ndarray:
     base = {"shape": "circle", "color": "yellow", "size": "medium", "position": "center"}
     base |= {"count": 1, "background": "black", "texture": "plain"}
-    return corpus._render(base | attrs, np.random.default_rng(seed), 64, domain).astype(float)
+    return render_image(base | attrs, np.random.default_rng(seed), 64, domain).astype(float)
 
 
 def _object_mask(img: np.ndarray, background: str = "black") -> np.ndarray:
@@ -251,13 +252,13 @@ def _boom(*args, **kwargs):
 
 def test_reuses_a_complete_corpus_of_the_same_spec(small_corpus: Path, monkeypatch):
     before = _tree(small_corpus.parent)
-    monkeypatch.setattr(corpus, "_render", _boom)
+    monkeypatch.setattr(corpus, "render_image", _boom)
     assert generate_corpus(small_corpus.parent, SMALL, workers=1) == small_corpus
     assert _tree(small_corpus.parent) == before
 
 
 def test_interrupted_run_leaves_nothing_at_out_dir(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(corpus, "_render", _boom)
+    monkeypatch.setattr(corpus, "render_image", _boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         generate_corpus(tmp_path / "c", SMALL, workers=1)
     assert list(tmp_path.iterdir()) == []
