@@ -471,7 +471,9 @@ class LocalDeployment:
         staged = self.root / "app"  # the FAB's files only (rcsr_flower.fab), fresh per run
         shutil.rmtree(staged, ignore_errors=True)
         stage_app(self.app_dir, staged)
-        cmd = flwr_run_command(staged, CONNECTION, self.raw_run_config, overrides)
+        cmd = flwr_run_command(
+            staged, CONNECTION, self.raw_run_config, overrides, staged_from=self.app_dir
+        )
         self.run_proc = LoggedProcess(
             cmd, self._env(self.user_home), self.root / "run.log", echo=True
         )

@@ -94,16 +94,23 @@ def flwr_run_command(
     overrides: Mapping[str, object],
     *options: str,
     quote: bool = True,
+    staged_from: Path | None = None,
 ) -> list[str]:
     """``flwr run APP CONNECTION --stream OPTIONS --run-config ...`` with this interpreter's
     Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win).
-    ``quote``: quote bare string values by this app's schema (:func:`quote_bare_strings`)."""
+    ``quote``: quote bare string values by this app's schema (:func:`quote_bare_strings`).
+    ``staged_from``: ``app_dir`` is a staged copy of that app (``rcsr_flower.fab``), which
+    the printed command names instead, so that it can be run again by hand."""
     cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(app_dir), connection, "--stream"]
     cmd += options
     for raw in quote_bare_strings(raw_run_config) if quote else raw_run_config:
         cmd += ["--run-config", raw]
     cmd += ["--run-config", config_args(overrides)]
-    print("$ " + shlex.join(["flwr", *cmd[3:]]), flush=True)
+    shown = ["flwr", *cmd[3:]]
+    if staged_from is not None:
+        shown[2] = str(staged_from)
+    note = "  # bundled from a staged copy of its FAB's files" if staged_from else ""
+    print("$ " + shlex.join(shown) + note, flush=True)
     return cmd
 
 
@@ -551,6 +558,7 @@ class SimulationLauncher:
                 f"client-resources-num-cpus={self.cpus_per_client} "
                 f"client-resources-num-gpus={self.gpus_per_client}",
                 quote=self.own_app,
+                staged_from=self.app_dir,
             )
             try:
                 proc = subprocess.run(cmd, env=self._env(), timeout=self.timeout, check=False)

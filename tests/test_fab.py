@@ -48,3 +48,13 @@ def test_same_files_as_flowers_filter_with_negations_symlinks_and_ignored_trees(
     for rel in got:
         assert (staged / rel).read_bytes() == (app / rel).read_bytes()
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+
+
+def test_the_printed_command_names_the_app_and_the_run_uses_the_staged_copy(tmp_path, capsys):
+    from rcsr_flower.launch import flwr_run_command
+
+    staged = stage_app(ROOT, tmp_path / "app")
+    cmd = flwr_run_command(staged, "conn", [], {"run-name": "x"}, staged_from=ROOT)
+    assert cmd[4] == str(staged)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"$ flwr run {ROOT} conn --stream") and str(staged) not in printed
