@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             default="outputs/experiments",
             help="cells go to <output-root>/<suite>/<setting>/<method>/seed-<k>",
         )
+        p.add_argument(
+            "--results-dir",
+            default="docs/results",
+            help="the report's <results-dir>/<suite>/; run skips cells completed in its cells/",
+        )
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's")
     run.add_argument(
         "--only",
@@ -43,14 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--flwr-home", default=None, help="default: .flwr/experiments/<suite>")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
-    run.add_argument(
-        "--results-dir",
-        default="docs/results",
-        help="cells completed in <results-dir>/<suite>/cells (the report's archive) are skipped",
-    )
-    report.add_argument(
-        "--results-dir", default="docs/results", help="writes <results-dir>/<suite>/"
-    )
     report.add_argument(
         "--no-archive",
         action="store_true",
