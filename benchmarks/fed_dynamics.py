@@ -15,6 +15,14 @@ as such in docs.
     .venv/bin/python benchmarks/fed_dynamics.py                       # S4, anchoring on
     .venv/bin/python benchmarks/fed_dynamics.py --no-anchoring        # S4, FedAvg-like
     .venv/bin/python benchmarks/fed_dynamics.py --missing-rate 0 --partitioning iid  # S1
+    .venv/bin/python benchmarks/fed_dynamics.py --partitioning iid --personal-adapters all
+
+With ``--personal-adapters all|paired`` every client (or only the paired ones) also trains
+personal adapters kept across rounds (SPEC §2), and each round ends with the
+personalised breakdown of SPEC §6 per modality group, plus, for each unimodal client, how
+far its own modality's test embeddings have collapsed: the mean pairwise cosine of its
+test images (image-only) or captions (text-only) with shared + personal adapters, and the
+norm of its personal adapters.
 
 With ``--json`` the per-round lines go to stderr and stdout ends with one JSON line:
 ``{"settings": {...}, "rsum": [[round, rsum], ...]}``.
@@ -29,12 +37,13 @@ import sys
 import time
 
 import torch
+from flwr.app import RecordDict
 
 from rcsr_flower.client import setup
 from rcsr_flower.config import RunConfig
 from rcsr_flower.federation import global_test_set
 from rcsr_flower.server import bootstrap_bank
-from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.splits import embed_split, evaluate_retrieval, preprocess_split
 from rcsr_flower.task import TrainSettings, bootstrap_groups, local_train
 
 
@@ -61,6 +70,12 @@ def main() -> None:
     parser.add_argument(
         "--plain-aggregation", action="store_true", help="average every tower over all clients"
     )
+    parser.add_argument(
+        "--personal-adapters",
+        choices=["off", "all", "paired"],
+        default="off",
+        help="personal adapters on every client, on paired clients only, or none",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
@@ -75,6 +90,7 @@ def main() -> None:
         missing_rate=args.missing_rate,
         partitioning=args.partitioning,
         prototype_slots=args.prototype_slots,
+        personal_adapters=args.personal_adapters != "off",
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
@@ -102,7 +118,47 @@ def main() -> None:
         template.load_state_dict(theta)
         return float(evaluate_retrieval(backbone, test, template)["rsum"])
 
+    # created as a node creates them (ClientNode.personal): W_up = 0, so they start as the
+    # frozen backbone
+    personal = {
+        i: n.personal(RecordDict())
+        for i, n in enumerate(nodes)
+        if args.personal_adapters == "all"
+        or (args.personal_adapters == "paired" and n.data.modality == "paired")
+    }
+
+    def personalised() -> dict:
+        """Per modality group: mean local-test rsum; per unimodal client: collapse."""
+        template.load_state_dict(theta)
+        groups: dict[str, list[float]] = {}
+        collapse = {}
+        for i, n in enumerate(nodes):
+            mine = personal.get(i)
+            groups.setdefault(n.data.modality, []).append(
+                float(evaluate_retrieval(backbone, n.data.test, template, mine)["rsum"])
+            )
+            if n.data.modality != "paired":
+                for a in (template, mine):
+                    if a is not None:
+                        a.eval()
+                with torch.no_grad():
+                    z_i, z_t, _ = embed_split(backbone, n.data.test, template, mine)
+                z = z_i if n.data.modality == "image-only" else z_t
+                sim = z @ z.T
+                off = (sim.sum() - sim.diagonal().sum()) / (len(z) * (len(z) - 1))
+                norm = (
+                    float(torch.cat([p.detach().flatten() for p in mine.parameters()]).norm())
+                    if mine is not None
+                    else 0.0
+                )
+                collapse[i] = (n.data.modality, round(float(off), 3), round(norm, 2))
+        means = {g: round(sum(v) / len(v), 1) for g, v in sorted(groups.items())}
+        return {"groups": means, "collapse": collapse}
+
     curve = [[0, global_rsum()]]
+    track = [[0, personalised()]] if personal else []
+    if track:
+        print(f"round 0: personalised {track[-1][1]}", file=log_to, flush=True)
     print(f"round 0: rsum {curve[0][1]:.1f}", file=log_to, flush=True)
     rng = random.Random(args.seed)
     per_round = max(2, int(args.clients * args.fraction))
@@ -124,7 +180,13 @@ def main() -> None:
         for c in chosen:
             shared = nodes[c].adapters(theta)
             out = local_train(
-                backbone, shared, None, nodes[c].data, bank, settings, nodes[c].seed(server_round)
+                backbone,
+                shared,
+                personal.get(c),
+                nodes[c].data,
+                bank,
+                settings,
+                nodes[c].seed(server_round),
             )
             trained = shared.state_dict()
             deltas.append({k: trained[k].detach() - theta[k] for k in theta})
@@ -147,8 +209,11 @@ def main() -> None:
             file=log_to,
             flush=True,
         )
+        if personal:
+            track.append([server_round, personalised()])
+            print(f"round {server_round}: personalised {track[-1][1]}", file=log_to, flush=True)
     if args.json:
-        print(json.dumps({"settings": vars(args), "rsum": curve}))
+        print(json.dumps({"settings": vars(args), "rsum": curve, "personalised": track}))
 
 
 if __name__ == "__main__":
