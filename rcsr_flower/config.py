@@ -60,6 +60,7 @@ class RunConfig:
     split_column: str = ""
     cache_dir: str = ""
     eval_max_images: int = field(default=1000, metadata=_range(0))
+    train_max_items: int = field(default=0, metadata=_range(0))
     loader_workers: int = field(default=0, metadata=_range(0))
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (SPEC §1)

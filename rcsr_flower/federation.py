@@ -52,8 +52,10 @@ def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
 
 
 def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
+    """One split of the run's dataset; the training split capped at ``train-max-items``
+    (its first N items, before partitioning: every node cuts the same items)."""
     source, image_root, fmt = dataset_source(cfg)
-    return open_dataset(
+    dataset = open_dataset(
         source,
         split,
         fmt=fmt,
@@ -62,6 +64,9 @@ def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
         caption_column=cfg.caption_column,
         split_column=cfg.split_column or None,
     )
+    if split == "train" and cfg.train_max_items and len(dataset) > cfg.train_max_items:
+        dataset = dataset.subset(range(cfg.train_max_items))
+    return dataset
 
 
 # node_config keys that say where this node's data and checkpoint are (strings)
@@ -175,6 +180,8 @@ def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int)
     columns = (cfg.image_column, cfg.caption_column, cfg.split_column)
     if columns != ("image", "caption", ""):  # keeps the keys of existing caches
         ident["columns"] = columns
+    if cfg.train_max_items:  # likewise
+        ident["train_max_items"] = cfg.train_max_items
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

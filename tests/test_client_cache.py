@@ -76,3 +76,24 @@ def test_client_data_is_preprocessed_once_per_node(embedded_assets, backbone, mo
     monkeypatch.setattr(task, "preprocess_split", no_preprocessing)
     second = load_client_data(cfg, backbone, 0, 20)
     assert same(first, second) and first.train.pixels is not None
+
+
+def test_train_max_items_caps_the_split_every_client_draws_from(
+    embedded_assets, backbone, monkeypatch
+):
+    """``train-max-items`` cuts the training split before partitioning: the clients'
+    shares add up to the cap, and the capped run has its own partition and caches."""
+    from rcsr_flower.federation import load_partition, open_split
+
+    root = str(embedded_assets.root.parent)
+    full = RunConfig(partitioning="iid", cache_dir=root)
+    capped = full.replace(train_max_items=400)
+    assert len(open_split(capped, "train")) == 400 < len(open_split(full, "train"))
+    assert len(open_split(capped, "test")) == len(open_split(full, "test"))
+    assert partition_key(capped, backbone, 4) != partition_key(full, backbone, 4)
+    partition = load_partition(capped, backbone, 4)
+    items = [i for c in partition.clients for i in (*c.train, *c.test)]
+    assert sorted(items) == list(range(400))
+    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
+    data = load_client_data(capped, backbone, 1, 4)
+    assert len(data.train) + len(data.test) == 100
