@@ -528,8 +528,19 @@ def test_plot_draws_one_run(tmp_path, capsys):
 # ============================================================================ real Flower
 @pytest.mark.slow
 def test_smoke_suite_through_flower_then_report(tmp_path, embedded_assets, capsys):
-    outputs = tmp_path / "outputs"
-    args = ["--suite", "smoke", "--app-dir", str(ROOT), "--output-root", str(outputs)]
+    outputs, results = tmp_path / "outputs", tmp_path / "docs"
+    # its own results dir: the committed docs/results/smoke/cells would make every cell
+    # "completed in the archive" and nothing would run
+    args = [
+        "--suite",
+        "smoke",
+        "--app-dir",
+        str(ROOT),
+        "--output-root",
+        str(outputs),
+        "--results-dir",
+        str(results),
+    ]
     started = time.monotonic()
     code = main(["run", *args, "--flwr-home", str(tmp_path / "flwr")])
     seconds = time.monotonic() - started
@@ -565,15 +576,14 @@ def test_smoke_suite_through_flower_then_report(tmp_path, embedded_assets, capsy
     assert "6 cells, 0 to run, 6 already completed" in capsys.readouterr().out
     assert not (tmp_path / "flwr2").exists()
 
-    results = tmp_path / "docs"
-    assert main(["report", *args, "--results-dir", str(results)]) == 0
+    assert main(["report", *args]) == 0
     md = (results / "smoke" / "results.md").read_text()
     assert "Cells: 6 of 6 completed" in md and "| RCSR | 1 |" in md
     for png in ("curves.png", "personalised.png", "weights-heatmap.png", "weights-by-client.png"):
         assert (results / "smoke" / png).stat().st_size > 10_000, png
     # from the archive alone (a fresh clone): the same results.md
     shutil.rmtree(outputs)
-    assert main(["report", *args, "--results-dir", str(results), "--no-archive"]) == 0
+    assert main(["report", *args, "--no-archive"]) == 0
     assert (results / "smoke" / "results.md").read_text() == md
 
 
