@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from rcsr_flower.aggregation import unanswered
 from rcsr_flower.assets import load_model
 from rcsr_flower.checkpoint import Checkpoint
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
@@ -47,7 +48,7 @@ from rcsr_flower.retrieval_task import (
 )
 from rcsr_flower.runner import RoutedRun
 from rcsr_flower.splits import evaluate_retrieval, preprocess_split
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions, unanswered
+from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
 
 log = logging.getLogger(__name__)
 

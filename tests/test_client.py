@@ -259,9 +259,9 @@ def test_router_tokens_of_real_updates_are_bounded_and_tell_image_only_clients_a
     image-only clients that report different prototypes get different router weights."""
     from flwr.app import MetricRecord
 
+    from rcsr_flower.aggregation import updates_of, validate_replies
     from rcsr_flower.retrieval_task import RetrievalTask
     from rcsr_flower.routing import SemanticRouter
-    from rcsr_flower.strategy import updates_of, validate_replies
 
     train, test = splits
 

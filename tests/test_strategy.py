@@ -603,7 +603,7 @@ def test_aggregation_weights_come_from_an_eval_mode_router_and_repeat():
         reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
         reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0))),
     ]
-    from rcsr_flower.strategy import updates_of, validate_replies
+    from rcsr_flower.aggregation import updates_of, validate_replies
 
     reports, _ = validate_replies(replies, s.current, s.task)
     tokens = s._tokens(reports, updates_of(reports, s.current))
@@ -632,7 +632,7 @@ def test_fused_weights_are_router_times_minimax_and_move_the_bank():
     product = w["router"] * w["minimax"]
     assert torch.allclose(w["fused"], product / product.sum(), atol=1e-7)
     # step 6 used the fused weights: the same update on a twin bank gives the same bank
-    from rcsr_flower.strategy import validate_replies
+    from rcsr_flower.aggregation import validate_replies
 
     reports, _ = validate_replies(replies, ArrayRecord(theta(0)), RetrievalTask(twin))
     RetrievalTask(twin).update_state(w["fused"], reports)

@@ -1,0 +1,223 @@
+"""The pure steps of a server round (SPEC §5 steps 1 and 5): which messages went
+unanswered, which replies are well-formed enough to use, the clients' updates, and the
+(tower-wise) weighted average. No strategy state: ``RCSRStrategy`` calls them, and tests
+and other strategies can use them on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from rcsr_flower.backbones.adapters import tower_of
+from rcsr_flower.routing.task import ClientReport, ReplyError, RoutedTask
+
+log = logging.getLogger(__name__)
+
+# the towers a client of each modality code trains (client.MODALITY_CODES)
+TOWERS_HELD = {
+    0: frozenset({"vision", "text"}),
+    1: frozenset({"vision"}),
+    2: frozenset({"text"}),
+}
+
+
+def unanswered(messages: list[Message], replies: list[Message]) -> list[tuple[Message, str | None]]:
+    """``(message, error)`` for each sent message without a good reply: ``error`` is None
+    when none came (timeout), else the error reply's reason.
+
+    An error the SuperLink makes for a node it lost (``NODE_UNAVAILABLE``) comes from the
+    SuperLink's own id, so replies are matched by ``reply_to_message_id``, not sender.
+    """
+    reply_to = {r.metadata.reply_to_message_id: r for r in replies}
+    out = []
+    for msg in messages:
+        reply = reply_to.get(msg.metadata.message_id)
+        if reply is None:
+            out.append((msg, None))
+        elif reply.has_error():
+            out.append((msg, reply.error.reason))
+    return out
+
+
+def validate_replies(
+    replies: Iterable[Message],
+    template: ArrayRecord,
+    task: RoutedTask | None,
+    min_examples: int = 1,
+    max_update_norm: float = 0.0,
+    num_clients: int | None = None,
+    sent: Iterable[Message] = (),
+) -> tuple[list[ClientReport], list[tuple[int, str]]]:
+    """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``.
+
+    ``sent``, the round's messages, names the node of each reply by the message it
+    answers: the SuperLink's error for a node it lost comes from the SuperLink's own id.
+
+    Arrays are decoded without unpickling (Flower's ``np.load(allow_pickle=False)``) and
+    checked against what they declare; ``max_update_norm > 0`` drops an update
+    ``‖θ_k − θ‖₂`` above it; ``num_clients`` bounds ``partition-id``, which indexes the
+    minimax distribution, and a partition that already replied is dropped.
+    """
+    expected = {k: (tuple(a.shape), a.dtype) for k, a in template.items()}
+    theta = {k: a.numpy() for k, a in template.items()} if max_update_norm > 0 else {}
+    addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    addressed.pop("", None)  # not pushed yet: no id to match
+    reports, dropped, seen = [], [], set()
+    for msg in replies:
+        node = addressed.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        try:
+            if msg.has_error():
+                raise ReplyError(f"error reply: {last_line(msg.error.reason)}")
+            content = msg.content
+            if "arrays" not in content.array_records:
+                raise ReplyError("missing ArrayRecord 'arrays'")
+            if "metrics" not in content.metric_records:
+                raise ReplyError("missing MetricRecord 'metrics'")
+            arrays, metrics = content.array_records["arrays"], content.metric_records["metrics"]
+            got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+            if set(got) != set(expected):
+                diff = sorted(set(got) ^ set(expected))[:3]
+                raise ReplyError(f"'arrays' keys differ from the global parameters: {diff}")
+            sq_norm = 0.0
+            for k, (shape, dtype) in expected.items():
+                if got[k] != (shape, dtype):
+                    raise ReplyError(
+                        f"'arrays.{k}' is {got[k][1]}{list(got[k][0])}, "
+                        f"expected {dtype}{list(shape)} like the global parameters sent"
+                    )
+                x = _decode(arrays, k)
+                if (tuple(x.shape), str(x.dtype)) != (shape, dtype):
+                    raise ReplyError(
+                        f"'arrays.{k}' decodes to {x.dtype}{list(x.shape)} but declares "
+                        f"{dtype}{list(shape)}"
+                    )
+                if not np.isfinite(x).all():
+                    raise ReplyError(f"'arrays.{k}' has non-finite values")
+                if theta:
+                    sq_norm += float(((x.astype(np.float64) - theta[k]) ** 2).sum())
+            if theta and math.sqrt(sq_norm) > max_update_norm:
+                raise ReplyError(
+                    f"update norm {math.sqrt(sq_norm):.4g} exceeds max-update-norm "
+                    f"{max_update_norm:g}"
+                )
+            for key in ("num-examples", "train-loss", "partition-id"):
+                if key not in metrics:
+                    raise ReplyError(f"'metrics' has no '{key}'")
+            n, loss, pid = metrics["num-examples"], metrics["train-loss"], metrics["partition-id"]
+            if not isinstance(loss, int | float) or not math.isfinite(loss):
+                raise ReplyError(f"train-loss is {loss!r}")
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise ReplyError(
+                    f"num-examples is {n!r} ({type(n).__name__}), expected an int: the "
+                    "number of local training examples"
+                )
+            if n < min_examples:
+                raise ReplyError(f"num-examples is {n}: nothing trained")
+            limit = num_clients if num_clients is not None else 1 << 62
+            if not isinstance(pid, int) or not 0 <= pid < limit:
+                raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
+            if pid in seen:
+                raise ReplyError(f"partition-id {pid} already replied this round")
+            holds = _holdings(metrics)
+            summary = task.parse_reply(content) if task is not None else None
+            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary, holds))
+            seen.add(pid)
+        except ReplyError as exc:
+            log.warning("dropping reply from node %d: %s", node, exc)
+            dropped.append((node, str(exc)))
+    # replies arrive in completion order; a fixed order makes the float sums repeatable
+    reports.sort(key=lambda r: (r.client_id, r.node_id))
+    return reports, dropped
+
+
+def _holdings(metrics: MetricRecord) -> frozenset[str] | None:
+    """The towers a client trained, from its optional ``modality`` metric (0 both, 1 the
+    vision tower only, 2 the text tower only); None (everything) when it sends none."""
+    if "modality" not in metrics:
+        return None
+    code = metrics["modality"]
+    if not isinstance(code, int) or code not in TOWERS_HELD:
+        raise ReplyError(
+            f"modality is {code!r}, expected 0 (both towers), 1 (vision only) or 2 (text only)"
+        )
+    return TOWERS_HELD[code]
+
+
+def last_line(reason: str, limit: int = 300) -> str:
+    """A client's error as one log line: Flower's reason may carry a whole traceback
+    (Ray's, in simulation), whose last line holds the exception's message."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    last = lines[-1] if lines else reason
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:
+    try:
+        return arrays[key].numpy()  # np.load(allow_pickle=False): never unpickles
+    except Exception as exc:
+        raise ReplyError(f"'arrays.{key}' does not decode as a plain array: {exc}") from None
+
+
+def updates_of(
+    reports: list[ClientReport], global_arrays: ArrayRecord
+) -> list[dict[str, torch.Tensor]]:
+    """``Δ_k = θ_k − θ`` per client, as tensors."""
+    theta = global_arrays.to_torch_state_dict()
+    return [{k: v - theta[k] for k, v in r.arrays.to_torch_state_dict().items()} for r in reports]
+
+
+def sample_weights(reports: list[ClientReport]) -> torch.Tensor:
+    n = torch.tensor([float(r.num_examples) for r in reports])
+    return n / n.sum()
+
+
+def aggregate(
+    reports: list[ClientReport],
+    weights: torch.Tensor | None,
+    current: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Step 5: ``θ <- Σ_k w_k θ_k / Σ_k w_k`` with Flower's own ``aggregate_arrayrecords``;
+    ``weights=None`` means FedAvg's ``num-examples``.
+
+    With ``current`` (the round's global θ) it is tower-wise (SPEC §5 step 5, ours,
+    revised): each tower ``t`` averages only over the clients holding it,
+    ``θ_t <- θ_t + Σ_{k∈H_t} w_k Δ_k,t / Σ_{k∈H_t} w_k``, and a tower no participant holds
+    stays as it is. A unimodal client's Δ is exactly zero on its missing tower; the plain
+    form (``current=None``) counts that zero with the client's full weight and slows the
+    tower down. With only paired clients both forms are the same computation.
+    """
+
+    def weighted_mean(members: list[int], keys: list[str]) -> ArrayRecord:
+        records = [
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: reports[i].arrays[k] for k in keys}),
+                    "metrics": MetricRecord(
+                        {"w": reports[i].num_examples if weights is None else float(weights[i])}
+                    ),
+                }
+            )
+            for i in members
+        ]
+        return aggregate_arrayrecords(records, "w")
+
+    everyone = list(range(len(reports)))
+    keys = list(reports[0].arrays.keys())
+    if current is None:
+        return weighted_mean(everyone, keys)
+    merged: dict = {}
+    for tower in dict.fromkeys(tower_of(k) for k in keys):
+        tower_keys = [k for k in keys if tower_of(k) == tower]
+        holders = [i for i in everyone if tower is None or reports[i].holds_tower(tower)]
+        if holders:
+            merged.update(weighted_mean(holders, tower_keys).items())
+        else:  # nobody trained this tower this round: it stays as it is
+            merged.update((k, current[k]) for k in tower_keys)
+    return ArrayRecord({k: merged[k] for k in keys})
