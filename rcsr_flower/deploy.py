@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcsr_flower.launch import (
-    TAG_VAR,
     LaunchError,
     add_run_arguments,
     check_run_config,
@@ -49,15 +48,18 @@ from rcsr_flower.launch import (
     flower_executable,
     flwr_run_command,
     free_port,
-    new_tag,
     report,
     run_outcome,
     start_cli,
+    write_connection,
+)
+from rcsr_flower.processes import (
+    TAG_VAR,
+    new_tag,
     stop_process_group,
     stop_tagged,
     track,
     wait_healthy,
-    write_connection,
 )
 
 CONNECTION = "rcsr-deploy"
@@ -210,7 +212,7 @@ class LoggedProcess:
             bufsize=1,
             start_new_session=True,
         )
-        if TAG_VAR in env:  # stopped with its launcher, also on a signal (launch.track)
+        if TAG_VAR in env:  # stopped with its launcher, also on a signal (processes.track)
             track(env[TAG_VAR], self.process)
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()

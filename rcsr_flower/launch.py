@@ -16,15 +16,13 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
    app's, or any app's that runs through ``rcsr_flower.runner``) and exits non-zero
    unless it says ``completed``;
 5. always stops the SuperLink and everything it spawned (by process group, and by a
-   tag in their environment for what left the group), on SIGTERM and SIGINT too.
+   tag in their environment for what left the group), on SIGTERM and SIGINT too
+   (``rcsr_flower.processes``).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
-import functools
 import json
 import logging
 import os
@@ -32,22 +30,25 @@ import re
 import shlex
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rcsr_flower import provenance
+from rcsr_flower.processes import (
+    TAG_VAR,
+    new_tag,
+    stop_process_group,
+    stop_tagged,
+    track,
+    wait_healthy,
+)
 
 if TYPE_CHECKING:
     from rcsr_flower.config import RunConfig
@@ -131,152 +132,6 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     # Flower spawns the ServerApp/ClientApp with `python`: make it this interpreter's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def stop_process_group(process: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL, the process group ``process`` leads (it was started with
-    ``start_new_session=True``), so whatever it spawned goes too."""
-    if process is None:
-        return
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        pgid = None
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if pgid is None:
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        time.sleep(0.5)
-    if process.poll() is None:  # the leader ignored both signals: reap what we can
-        process.kill()
-        process.wait(timeout=5)
-
-
-# ------------------------------------------------------------- what a launcher started
-# Every process a launcher starts carries TAG_VAR=<its tag> in its environment, and so
-# does everything those start (Flower's SuperExec, ServerApp and ClientApp processes,
-# Ray's workers and daemons, some of which leave the process group). The tag finds them
-# all, by PID, when the launcher stops, and from a SIGTERM/SIGINT handler when the
-# launcher's own process is told to stop (a CI timeout, Ctrl-C), which would otherwise
-# leave servers running in their own sessions.
-TAG_VAR = "RCSR_LAUNCH_TAG"
-_LEADERS: dict[str, list[subprocess.Popen]] = {}  # tag -> session leaders started
-_HANDLERS: dict[int, object] = {}  # signal -> the handler ours replaced
-
-
-def new_tag() -> str:
-    return uuid.uuid4().hex
-
-
-def track(tag: str, process: subprocess.Popen) -> None:
-    """Stop ``process``'s session and everything tagged ``tag`` on exit or a signal."""
-    _install_handlers()
-    _LEADERS.setdefault(tag, []).append(process)
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries ``TAG_VAR=tag``."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    pids = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = Path(entry.path, "environ").read_bytes()  # empty for a zombie
-            except OSError:
-                continue
-            if needle in environ.split(b"\0"):
-                pids.append(int(entry.name))
-    return pids
-
-
-def stop_tagged(tag: str, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, every session started under ``tag`` and every process
-    that carries it. Uses no ``Popen.wait``, so it is safe in a signal handler that
-    interrupted one."""
-    leaders = [p for p in _LEADERS.pop(tag, []) if p.returncode is None]
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for process in leaders:  # not yet reaped: the pid is still this session's
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, sig)
-        for pid in tagged_pids(tag):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while tagged_pids(tag) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not tagged_pids(tag):
-            break
-    # a process spawned while the others were dying (Ray starts its dashboard agent late)
-    # escaped both sweeps: keep killing what carries the tag until nothing does
-    deadline = time.monotonic() + 15.0
-    while (late := tagged_pids(tag)) and time.monotonic() < deadline:
-        for pid in late:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    for process in leaders:
-        with contextlib.suppress(Exception):
-            process.poll()  # reap when we can; a zombie holds nothing
-
-
-def stop_all() -> None:
-    """Stop everything every launcher in this process started."""
-    for tag in list(_LEADERS):
-        stop_tagged(tag)
-
-
-def _install_handlers() -> None:
-    if _HANDLERS or threading.current_thread() is not threading.main_thread():
-        return
-    atexit.register(stop_all)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        _HANDLERS[sig] = signal.getsignal(sig)
-        signal.signal(sig, functools.partial(_on_signal, _HANDLERS[sig]))
-
-
-def _on_signal(previous, signum: int, frame) -> None:
-    """Stop what we started, then do what the signal did before: raise
-    KeyboardInterrupt, call the program's own handler, or die of the signal."""
-    stop_all()
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-def wait_healthy(
-    process: subprocess.Popen,
-    url: str,
-    log_file: Path,
-    cafile: Path | None = None,
-    timeout: float = 300,
-) -> None:
-    """Wait until ``url`` answers (any HTTP status) or the process exits."""
-    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{process.args[0]} exited with code {process.returncode}; see {log_file}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{process.args[0]} did not answer {url} in {timeout:.0f} s; see {log_file}")
 
 
 class LaunchError(RuntimeError):
