@@ -287,6 +287,27 @@ def _describe(msg: Message) -> str:
     return what if server_round is None else f"{what} round {server_round}"
 
 
+def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
+    """A warning when personal adapters will learn from anchoring alone on some client.
+
+    A unimodal client's only loss is prototype anchoring, whose optimum sends every sample
+    to one point; its personal adapters are never averaged, so they get there and that
+    client's personalised retrieval falls (docs/algorithm.md, "Measured", 6). Allowed, as
+    the ablation it is, but nobody should find it out from the numbers."""
+    if not (cfg.uses_personal_adapters and cfg.uses_anchoring):
+        return None
+    unimodal = sorted(int(n["partition-id"]) for n in nodes if int(n.get("modality", 0)) != 0)
+    if not unimodal:
+        return None
+    return (
+        f"personal-adapters = true with anchoring on and {len(unimodal)} unimodal client(s) "
+        f"(partitions {unimodal}): their personal adapters learn from prototype anchoring "
+        "alone and collapse their embeddings, so their personalised retrieval falls "
+        "(docs/algorithm.md, Measured 6); set personal-adapters=false unless that is what "
+        "you are measuring"
+    )
+
+
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
     """SPEC §3: count-weighted k-means over the paired clients' group centroids."""
     groups = [n["groups"] for n in nodes if "groups" in n]
@@ -339,6 +360,8 @@ def _run(grid: Grid, cfg: RunConfig, run: RoutedRun) -> list[dict]:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])
     run.check_num_clients(num_partitions)
+    if warning := personal_collapse_warning(cfg, nodes):
+        log.warning(warning)
     if any(n.get("shard") for n in nodes):  # nodes hold their own data: record what they hold
         write_json(out / "partition.json", reported_partition(nodes))
         log.info("nodes hold their own shards: %s", [n["num-train"] for n in nodes])

@@ -119,3 +119,26 @@ def test_the_first_wait_ends_after_node_wait_timeout_naming_missing_partitions(m
         "to start the run: 2 connected, 3 needed (min-available-nodes 3); "
         "partitions not connected: 1"
     )
+
+
+def test_personal_adapters_on_unimodal_clients_with_anchoring_are_warned_about():
+    """The combination whose personal adapters collapse (docs/algorithm.md, Measured 6)
+    is named with its partitions; the combinations that do not collapse say nothing."""
+    from rcsr_flower.client import MODALITY_CODES
+
+    nodes = [
+        {"partition-id": i, "modality": MODALITY_CODES[m]}
+        for i, m in enumerate(["paired", "image-only", "paired", "text-only"])
+    ]
+    cfg = RunConfig(personal_adapters=True)
+    warning = server.personal_collapse_warning(cfg, nodes)
+    assert warning is not None and "partitions [1, 3]" in warning
+    assert "personal-adapters=false" in warning
+    paired = [dict(n, modality=MODALITY_CODES["paired"]) for n in nodes]
+    for quiet_cfg, quiet_nodes in [
+        (cfg, paired),
+        (cfg.replace(anchoring=False), nodes),
+        (RunConfig(personal_adapters=False), nodes),
+        (RunConfig(strategy="fedper"), nodes),  # personal adapters, no anchoring
+    ]:
+        assert server.personal_collapse_warning(quiet_cfg, quiet_nodes) is None
