@@ -25,7 +25,8 @@ test images (image-only) or captions (text-only) with shared + personal adapters
 norm of its personal adapters.
 
 With ``--json`` the per-round lines go to stderr and stdout ends with one JSON line:
-``{"settings": {...}, "rsum": [[round, rsum], ...]}``.
+``{"settings": {...}, "rsum": [[round, rsum], ...], "personalised": [[round, {...}], ...]}``
+(``personalised`` empty without personal adapters).
 """
 
 from __future__ import annotations
