@@ -30,6 +30,7 @@ from rcsr_flower.aggregation import unanswered
 from rcsr_flower.assets import load_model
 from rcsr_flower.checkpoint import Checkpoint
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
+from rcsr_flower.data.partition import MODALITIES
 from rcsr_flower.faults import ServerKillGrid
 from rcsr_flower.federation import (
     global_test_set,
@@ -296,7 +297,11 @@ def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
     the ablation it is, but nobody should find it out from the numbers."""
     if not (cfg.uses_personal_adapters and cfg.uses_anchoring):
         return None
-    unimodal = sorted(int(n["partition-id"]) for n in nodes if int(n.get("modality", 0)) != 0)
+    unimodal = sorted(
+        int(n["partition-id"])
+        for n in nodes
+        if MODALITIES[int(n.get("modality", 0))] != "paired"  # the code a node describes
+    )
     if not unimodal:
         return None
     return (
