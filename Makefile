@@ -24,12 +24,14 @@ run: $(STAMP)
 # An experiment suite (experiments/$(SUITE).toml), then its report in docs/results/$(SUITE)/.
 # Completed cells are skipped; the report is written even when some cells failed.
 SUITE ?= smoke
+# The README's overview of a suite is rewritten when it has the suite's markers.
+README_OVERVIEW = $(if $(shell grep -l "results:$(SUITE):start" README.md),--readme README.md)
 experiments: $(STAMP)
 	$(PY) -m rcsr_flower.experiments run --suite $(SUITE) $(ARGS); status=$$?; \
-	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) && exit $$status
+	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) $(README_OVERVIEW) && exit $$status
 
 report: $(STAMP)
-	$(PY) -m rcsr_flower.experiments report --suite $(SUITE)
+	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) $(README_OVERVIEW)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

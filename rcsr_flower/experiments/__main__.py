@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="draw from the archive as it is (e.g. a fresh clone), copying nothing into it",
     )
+    report.add_argument(
+        "--readme",
+        default=None,
+        help="also write the overview tables between the <!-- results:SUITE:start/end --> "
+        "markers of this file (README.md)",
+    )
     args = parser.parse_args(argv)
     app_dir = Path(args.app_dir).resolve()
     try:
@@ -86,7 +92,12 @@ def _run(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
 
 
 def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
-    from rcsr_flower.experiments.report import archive_cells, write_report
+    from rcsr_flower.experiments.report import (
+        archive_cells,
+        readme_block,
+        update_readme,
+        write_report,
+    )
 
     out_dir = Path(args.results_dir) / suite.name
     archive = out_dir / "cells"
@@ -97,6 +108,14 @@ def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
     command = f"python -m rcsr_flower.experiments report --suite {suite.name}"
     md = write_report(suite, archive, out_dir, command)
     print(f"wrote {md} and its figures")
+    if args.readme:
+        readme = Path(args.readme)
+        block = readme_block(suite, archive, f"{command} --readme {readme.name}")
+        try:
+            changed = update_readme(readme, suite.name, block)
+        except (OSError, ValueError) as exc:
+            raise SuiteError(str(exc)) from exc
+        print(f"{'updated' if changed else 'unchanged'}: the overview in {readme}")
     return 0
 
 
