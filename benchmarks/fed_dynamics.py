@@ -43,6 +43,7 @@ from flwr.app import RecordDict
 from rcsr_flower.client import setup
 from rcsr_flower.config import RunConfig
 from rcsr_flower.federation import global_test_set
+from rcsr_flower.metrics import retrieval_recall
 from rcsr_flower.server import bootstrap_bank
 from rcsr_flower.splits import embed_split, evaluate_retrieval, preprocess_split
 from rcsr_flower.task import TrainSettings, bootstrap_groups, local_train
@@ -135,15 +136,15 @@ def main() -> None:
         collapse = {}
         for i, n in enumerate(nodes):
             mine = personal.get(i)
+            for a in (template, mine):  # as evaluate_retrieval does; training sets train()
+                if a is not None:
+                    a.eval()
+            # embedded once: the rsum (evaluate_retrieval's) and the collapse measure
+            z_i, z_t, owner = embed_split(backbone, n.data.test, template, mine)
             groups.setdefault(n.data.modality, []).append(
-                float(evaluate_retrieval(backbone, n.data.test, template, mine)["rsum"])
+                float(retrieval_recall(z_i, z_t, owner)["rsum"])
             )
             if n.data.modality != "paired":
-                for a in (template, mine):
-                    if a is not None:
-                        a.eval()
-                with torch.no_grad():
-                    z_i, z_t, _ = embed_split(backbone, n.data.test, template, mine)
                 z = z_i if n.data.modality == "image-only" else z_t
                 sim = z @ z.T
                 off = (sim.sum() - sim.diagonal().sum()) / (len(z) * (len(z) - 1))
