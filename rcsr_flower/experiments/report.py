@@ -30,6 +30,7 @@ from rcsr_flower.plot import (
     plot_weight_heatmap,
     plot_weights_by_client,
     read_clients,
+    update_marked_block,
 )
 
 CELL_FILES = ("metrics.jsonl", "config.json", "result.json", "provenance.json")
@@ -341,9 +342,6 @@ def overview(suite: Suite, data: dict[str, list[MethodCells]]) -> list[str]:
     return lines
 
 
-READ_ME_MARK = "<!-- results:{suite}:{end} -->"
-
-
 def readme_block(suite: Suite, archive: Path, command: str) -> str:
     """The README's copy of the overview, between its ``results:<suite>`` markers."""
     data = collect(suite, archive)
@@ -359,21 +357,8 @@ def readme_block(suite: Suite, archive: Path, command: str) -> str:
 
 
 def update_readme(readme: Path, suite_name: str, block: str) -> bool:
-    """Replace the text between the suite's markers in ``readme``; True if it changed."""
-    start = READ_ME_MARK.format(suite=suite_name, end="start")
-    end = READ_ME_MARK.format(suite=suite_name, end="end")
-    text = readme.read_text()
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(
-            f"{readme} needs exactly one '{start}' line followed by one '{end}' line where "
-            f"the suite's overview goes; add them, or run report without --readme"
-        )
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    new = f"{before}{start}\n{block}{end}{after}"
-    if new != text:
-        readme.write_text(new)
-    return new != text
+    """Replace the suite's overview between its markers in ``readme``; True if changed."""
+    return update_marked_block(readme, suite_name, block)
 
 
 def _setting_table(rows: list[MethodCells]) -> list[str]:
