@@ -64,9 +64,55 @@ def new_tag() -> str:
 
 
 def track(tag: str, process: subprocess.Popen) -> None:
-    """Stop ``process``'s session and everything tagged ``tag`` on exit or a signal."""
+    """Stop ``process``'s session and everything tagged ``tag`` on exit or a signal;
+    while it runs, its sessions keep this process's niceness (:func:`pass_on_niceness`)."""
     _install_handlers()
+    first = tag not in _LEADERS
     _LEADERS.setdefault(tag, []).append(process)
+    if first and niceness() > 0 and _autogroups():
+        threading.Thread(target=_keep_niceness, args=(tag,), daemon=True).start()
+
+
+# ------------------------------------------------------------- niceness across sessions
+# With autogroup scheduling (Linux's default on many distributions) every session is a
+# scheduling group of its own, whose weight ignores `nice`. The SuperLink and what Flower
+# and Ray start run in sessions of their own, so `nice make experiments` alone would still
+# take half the CPU from foreground work. Their autogroups get this process's niceness.
+def _autogroups() -> bool:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    """The nice value of ``pid``'s autogroup (``/proc/PID/autogroup``), None if unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def niceness() -> int:
+    """How nice this process is: its own nice value or its autogroup's, the larger."""
+    return max(os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice() or 0)
+
+
+def pass_on_niceness(pids: list[int], nice: int | None = None) -> None:
+    """Raise the autogroup nice value of ``pids`` to ``nice`` (default: ours); never
+    lowers one (that needs privileges, and is not ours to do)."""
+    nice = niceness() if nice is None else nice
+    for pid in pids:
+        current = autogroup_nice(pid)
+        if current is not None and current < nice:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+
+
+def _keep_niceness(tag: str, every: float = 2.0) -> None:
+    while tag in _LEADERS:  # sessions keep appearing during a run (Ray, its actors)
+        pass_on_niceness([p.pid for p in _LEADERS.get(tag, [])] + tagged_pids(tag))
+        time.sleep(every)
 
 
 def tagged_pids(tag: str) -> list[int]:

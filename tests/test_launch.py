@@ -152,3 +152,43 @@ def test_another_app_gets_its_own_keys_checked_and_its_values_passed_on_as_writt
     )
     with pytest.raises(LaunchError, match=r"has no 'output-dir' in \[tool"):
         SimulationLauncher(app_dir=bare, flwr_home=tmp_path / "g").check("z", tmp_path)
+
+
+AUTOGROUPS = (
+    Path("/proc/self/autogroup").exists()
+    and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+)
+
+
+@pytest.mark.skipif(not AUTOGROUPS, reason="no autogroup scheduling on this kernel")
+def test_a_niced_launcher_passes_its_niceness_to_the_sessions_it_starts(tmp_path):
+    """`nice make experiments` must stay nice: the SuperLink (and what Flower and Ray start)
+    run in sessions of their own, each an autogroup whose weight ignores `nice`."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, subprocess, time
+        from rcsr_flower.processes import autogroup_nice, niceness, pass_on_niceness, track
+        os.nice(5)
+        mine = niceness()  # 5, or more where the test runs niced itself
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        before = autogroup_nice(child.pid)  # a new session's autogroup starts at 0
+        track("t", child)  # starts the keeper: within its period the child follows
+        deadline = time.monotonic() + 20
+        while autogroup_nice(child.pid) != mine and time.monotonic() < deadline:
+            time.sleep(0.1)
+        other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        open(f"/proc/{other.pid}/autogroup", "w").write("19")
+        pass_on_niceness([other.pid])  # nicer than us already: left alone
+        print(before, autogroup_nice(child.pid) == mine, autogroup_nice(other.pid))
+        other.kill()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "True", "19"]
