@@ -18,6 +18,7 @@ from rcsr_flower.experiments.__main__ import main
 from rcsr_flower.experiments.report import (
     archive_cells,
     readme_block,
+    unimodal_share,
     update_readme,
     write_report,
 )
@@ -504,6 +505,11 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     assert rows["central"].startswith("| central | 2 | 156.5 ± 0.7 |") and rows["central"].endswith(
         "| — | — | — | — | — |"
     )
+    # the unimodal clients' share of the weights: in B (missing modalities) only
+    assert "Unimodal clients' share" in md.split("## B")[1]
+    assert "Unimodal clients' share" not in table
+    shares = md.split("## B")[1].split("| method | seeds | % of participants")[1]
+    assert "| RCSR | 2 |" in shares and "| local |" not in shares
     # RCSR − FedAvg = +10 in both seeds: no spread, p = 0
     assert "| fedavg | +10.0 [+10.0, +10.0], p<0.001 | +0.0 [+0.0, +0.0], p=1.000 |" in table
     for png in ("curves.png", "personalised.png", "weights-heatmap.png", "weights-by-client.png"):
@@ -535,6 +541,32 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match=r"<!-- results:t:start -->.*add them"):
         update_readme(readme, "t", block)
+
+
+def test_unimodal_share_of_the_aggregation_weights_by_hand():
+    from rcsr_flower.plot import RunRecord
+
+    clients = [{"client_id": 0, "modality": "paired"}, {"client_id": 1, "modality": "image-only"}]
+    clients.append({"client_id": 2, "modality": "text-only"})
+    rows = [
+        {"round": 0},  # no aggregation: not counted
+        {"round": 1, "weights": {"0": {"router": 0.6, "minimax": 0.5, "fused": 0.7},
+                                 "1": {"router": 0.4, "minimax": 0.5, "fused": 0.3}}},
+        {"round": 2, "weights": {"1": {"router": 0.2, "minimax": 0.25, "fused": 0.1},
+                                 "2": {"router": 0.3, "minimax": 0.25, "fused": 0.4},
+                                 "0": {"router": 0.5, "minimax": 0.5, "fused": 0.5}}},
+    ]  # fmt: skip
+    run = RunRecord(Path("x"), rows, {}, {}, clients)
+    share = unimodal_share(run)
+    # round 1: 1 of 2 participants, router 0.4, minimax 0.5, fused 0.3; round 2: 2 of 3,
+    # 0.5, 0.5, 0.5 -> the means
+    assert share == pytest.approx(
+        {"participants": (1 / 2 + 2 / 3) / 2, "router": 0.45, "minimax": 0.5, "fused": 0.4}
+    )
+    paired_only = RunRecord(Path("x"), rows, {}, {}, [{"client_id": i, "modality": "paired"}
+                                                     for i in range(3)])  # fmt: skip
+    assert unimodal_share(paired_only) is None
+    assert unimodal_share(RunRecord(Path("x"), rows[:1], {}, {}, clients)) is None
 
 
 def test_report_readme_without_the_suites_markers_is_a_clear_error(tmp_path, capsys):

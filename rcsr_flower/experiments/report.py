@@ -22,6 +22,7 @@ from rcsr_flower.experiments.stats import mean_std, paired_t
 from rcsr_flower.experiments.suite import POOLED, Suite
 from rcsr_flower.plot import (
     GROUPS,
+    WEIGHT_KINDS,
     RunRecord,
     colour_map,
     footer_line,
@@ -220,6 +221,7 @@ def write_report(suite: Suite, archive: Path, out_dir: Path, command: str) -> Pa
         lines += _setting_table(rows)
         if reference is not None:
             lines += _comparison_table(rows, reference.name)
+        lines += _unimodal_weight_table(rows)
 
     figures = _figures(suite, data, out_dir, colours, footer)
     if figures:
@@ -422,6 +424,51 @@ def _comparison_table(rows: list[MethodCells], reference: str) -> list[str]:
         pers = "—" if m.pooled else paired(ref.final("personalized"), m.final("personalized"))
         lines.append(f"| {m.label} | {glob} | {pers} |")
     return [*lines, ""]
+
+
+def unimodal_share(run: RunRecord) -> dict[str, float] | None:
+    """Mean over the aggregating rounds of the unimodal clients' share of the participants
+    (``participants``) and of each recorded weight (``router``, ``minimax``, ``fused``);
+    None when the run recorded no weights or had no unimodal participant."""
+    modality = run.modality()
+    rounds = [r["weights"] for r in run.rows if r.get("weights")]
+    if not rounds:
+        return None
+    sums = dict.fromkeys(("participants", *WEIGHT_KINDS), 0.0)
+    for weights in rounds:
+        unimodal = [c for c in weights if modality.get(int(c), "paired") != "paired"]
+        sums["participants"] += len(unimodal) / len(weights)
+        for kind in WEIGHT_KINDS:
+            total = sum(w[kind] for w in weights.values())
+            sums[kind] += sum(weights[c][kind] for c in unimodal) / total if total else 0.0
+    if not sums["participants"]:
+        return None
+    return {k: v / len(rounds) for k, v in sums.items()}
+
+
+def _unimodal_weight_table(rows: list[MethodCells]) -> list[str]:
+    """How much of each aggregation went to the clients that miss a modality: the router
+    is meant to move weight off clients whose updates pull the shared space apart."""
+    lines = []
+    for m in rows:
+        shares = [s for run in m.runs.values() if (s := unimodal_share(run)) is not None]
+        if shares:
+            cells = [fmt([100 * s[k] for s in shares]) for k in ("participants", *WEIGHT_KINDS)]
+            lines.append(f"| {m.label} | {len(shares)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "Unimodal clients' share of each round's aggregation in %, mean over the rounds, "
+        "then mean ± std over seeds: of the participants, and of the router, minimax and "
+        "fused weights. Without the router the *router* column records the sample-count weights "
+        "the fusion uses instead; FedAvg's weights are sample counts throughout.",
+        "",
+        "| method | seeds | % of participants | % of router weight | % of minimax weight "
+        "| % of fused weight |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 def _figures(
