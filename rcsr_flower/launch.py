@@ -329,6 +329,14 @@ class SimulationLauncher:
     def _env(self) -> dict[str, str]:
         return {**flower_env(self.flwr_home, self.env), TAG_VAR: self.tag}
 
+    @property
+    def database(self) -> Path:
+        """This launcher's own SuperLink state, deleted when it stops. Not one shared
+        ``state.db``: a run that a killed launcher left in it is started again by the next
+        SuperLink on that file, beside the new run (seen: a suite cut short in one session
+        ran its last cell again, unasked, in the next)."""
+        return self.flwr_home / f"state-{self.tag[:16]}.db"
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}")
@@ -346,7 +354,7 @@ class SimulationLauncher:
             "--control-api-address",
             f"127.0.0.1:{self.control_port}",
             "--database",
-            str(self.flwr_home / "state.db"),
+            str(self.database),
             "--log-file",
             str(log_file),
             "--disable-runtime-dependency-installation",
@@ -367,6 +375,8 @@ class SimulationLauncher:
         stop_process_group(self.process)
         stop_tagged(self.tag)
         self.process = None
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.database}{suffix}").unlink(missing_ok=True)
 
     def check(self, run_name: str, output_dir: Path) -> dict[str, object]:
         """Validate the run config and build what the run needs (:func:`prepare_run`);

@@ -192,3 +192,69 @@ def test_a_niced_launcher_passes_its_niceness_to_the_sessions_it_starts(tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True", "19"]
+
+
+@pytest.mark.slow
+def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_path):
+    """A suite cut short (a kill between submitting a run and its start, a machine going
+    away) leaves the run pending in the SuperLink's database; a SuperLink opening that
+    database starts it, beside the next run (seen: a cell cut short in one session ran
+    again, unasked, in the next). Each launcher's SuperLink has a database of its own,
+    deleted when it stops."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from rcsr_flower.launch import CONNECTION, flwr_run_command
+    from rcsr_flower.processes import stop_tagged, tagged_pids
+
+    def superexecs(tag: str) -> list[int]:
+        return [
+            pid
+            for pid in tagged_pids(tag)
+            if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    def wait_for(condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert condition(), what
+
+    home = tmp_path / "flwr"
+    app = ROOT / "examples" / "label-routing"
+    log = home / "superlink.log"
+    first = SimulationLauncher(app_dir=app, flwr_home=home, num_supernodes=2, prepare=False)
+    first.start()
+    try:
+        # no SuperExec to take it: the submitted run stays pending, as when the launcher
+        # dies right after submitting
+        wait_for(lambda: superexecs(first.tag), "the SuperLink started no SuperExec")
+        for pid in superexecs(first.tag):
+            os.kill(pid, signal.SIGKILL)
+        options = ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+        cmd = flwr_run_command(app, CONNECTION, [], {}, *options, quote=False)
+        submit = subprocess.Popen(
+            cmd, env=first._env(), stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_for(lambda: "Created run" in log.read_text(), "the run was never created")
+        # the launcher dies without stopping anything: all it started is killed
+        os.killpg(first.process.pid, signal.SIGKILL)
+        os.killpg(submit.pid, signal.SIGKILL)
+        stop_tagged(first.tag, grace=0)
+        first.process.wait(timeout=30)
+    finally:
+        first.process = None
+    assert first.database.is_file()  # what the crash left behind
+
+    second = SimulationLauncher(app_dir=app, flwr_home=home, num_supernodes=2, prepare=False)
+    assert second.database != first.database
+    offset = len(log.read_text())
+    second.start()
+    try:
+        time.sleep(10)  # a pending run would be taken within seconds of start-up
+        assert "Started task" not in log.read_text()[offset:]
+    finally:
+        second.stop()
+    assert not second.database.exists()
