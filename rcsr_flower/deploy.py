@@ -313,6 +313,13 @@ class LocalDeployment:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def database(self) -> Path:
+        """The SuperLink's state for this deployment only (its nodes are registered
+        again at every start), deleted when it stops: a run a killed deployment left
+        pending would otherwise be started by the next one (launch.SimulationLauncher)."""
+        return self.root / "superlink" / f"state-{self.tag[:16]}.db"
+
     def _env(self, home: Path) -> dict[str, str]:
         return {**flower_env(home, self.env), TAG_VAR: self.tag}
 
@@ -355,7 +362,7 @@ class LocalDeployment:
             "--port",
             str(self.port),
             "--database",
-            str(home / "state.db"),
+            str(self.database),
             "--disable-runtime-dependency-installation",
         ]
         log_file = self.root / "superlink.log"
@@ -504,6 +511,8 @@ class LocalDeployment:
             if proc is not None:
                 proc.stop()
         stop_tagged(self.tag)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.database}{suffix}").unlink(missing_ok=True)
 
 
 def parse_pairs(text: str) -> dict[str, object]:
