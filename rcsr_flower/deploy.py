@@ -56,6 +56,8 @@ from rcsr_flower.launch import (
 from rcsr_flower.processes import (
     TAG_VAR,
     new_tag,
+    private_database,
+    remove_database,
     stop_process_group,
     stop_tagged,
     track,
@@ -316,9 +318,8 @@ class LocalDeployment:
     @property
     def database(self) -> Path:
         """The SuperLink's state for this deployment only (its nodes are registered
-        again at every start), deleted when it stops: a run a killed deployment left
-        pending would otherwise be started by the next one (launch.SimulationLauncher)."""
-        return self.root / "superlink" / f"state-{self.tag[:16]}.db"
+        again at every start), deleted when it stops (:func:`private_database`)."""
+        return private_database(self.root / "superlink", self.tag)
 
     def _env(self, home: Path) -> dict[str, str]:
         return {**flower_env(home, self.env), TAG_VAR: self.tag}
@@ -511,8 +512,7 @@ class LocalDeployment:
             if proc is not None:
                 proc.stop()
         stop_tagged(self.tag)
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{self.database}{suffix}").unlink(missing_ok=True)
+        remove_database(self.database)
 
 
 def parse_pairs(text: str) -> dict[str, object]:

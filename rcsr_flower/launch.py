@@ -44,6 +44,8 @@ from rcsr_flower import provenance
 from rcsr_flower.processes import (
     TAG_VAR,
     new_tag,
+    private_database,
+    remove_database,
     stop_process_group,
     stop_tagged,
     track,
@@ -331,11 +333,8 @@ class SimulationLauncher:
 
     @property
     def database(self) -> Path:
-        """This launcher's own SuperLink state, deleted when it stops. Not one shared
-        ``state.db``: a run that a killed launcher left in it is started again by the next
-        SuperLink on that file, beside the new run (seen: a suite cut short in one session
-        ran its last cell again, unasked, in the next)."""
-        return self.flwr_home / f"state-{self.tag[:16]}.db"
+        """This launcher's own SuperLink state, deleted when it stops (:func:`private_database`)."""
+        return private_database(self.flwr_home, self.tag)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -375,8 +374,7 @@ class SimulationLauncher:
         stop_process_group(self.process)
         stop_tagged(self.tag)
         self.process = None
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{self.database}{suffix}").unlink(missing_ok=True)
+        remove_database(self.database)
 
     def check(self, run_name: str, output_dir: Path) -> dict[str, object]:
         """Validate the run config and build what the run needs (:func:`prepare_run`);

@@ -73,6 +73,20 @@ def track(tag: str, process: subprocess.Popen) -> None:
         threading.Thread(target=_keep_niceness, args=(tag,), daemon=True).start()
 
 
+# ------------------------------------------------------------- a SuperLink's own state
+def private_database(directory: Path, tag: str) -> Path:
+    """A SuperLink database for one launcher (``tag``): a run that a killed launcher left
+    pending in a shared one is started again by the next SuperLink on that file, beside
+    the new run (seen: a suite cut short in one session ran its last cell again, unasked,
+    in the next). Delete it with :func:`remove_database` when the launcher stops."""
+    return directory / f"state-{tag[:16]}.db"
+
+
+def remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------- niceness across sessions
 # With autogroup scheduling (Linux's default on many distributions) every session is a
 # scheduling group of its own, whose weight ignores `nice`. The SuperLink and what Flower
