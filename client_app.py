@@ -3,13 +3,13 @@
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from rcsr_flower.client import handle_evaluate, handle_query, handle_train, light_query, setup
-
 app = ClientApp()
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    from rcsr_flower.client import handle_query, light_query, setup
+
     light = light_query(context.run_config, context.node_config, msg.content["config"])
     if light is not None:  # no backbone, no data
         return Message(RecordDict({"metrics": MetricRecord(light)}), reply_to=msg)
@@ -23,6 +23,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from rcsr_flower.client import handle_train, setup
+
     node = setup(context.run_config, context.node_config)
     prototypes = msg.content.array_records.get("prototypes")
     out = handle_train(
@@ -38,6 +40,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from rcsr_flower.client import handle_evaluate, setup
+
     node = setup(context.run_config, context.node_config)
     metrics = handle_evaluate(
         node, msg.content["arrays"], context.state, msg.content.config_records.get("config")

@@ -3,11 +3,13 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from rcsr_flower.server import run_server
-
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # imported here, not at the top: Flower's simulation loads this module before it
+    # starts Ray, so torch & co. load in the ServerApp's thread while the nodes start
+    from rcsr_flower.server import run_server
+
     run_server(grid, context)

@@ -1,9 +1,10 @@
 """The ServerApp's work: set up the run, bootstrap, run the strategy, write results.
 
 ``server_app.py`` only hands Flower's ``grid`` and ``context`` to :func:`run_server`.
-A run: resolve config (and the checkpoint to resume, if any) -> run dir -> assets and
-backbone -> a QUERY round in which every node reports its partition and paired nodes
-their group centroids (SPEC §3 bootstrap) -> partition and prototype bank ->
+A run: resolve config (and the checkpoint to resume, if any) -> run dir -> a QUERY
+round in which every node reports its partition and paired nodes their group centroids
+(SPEC §3 bootstrap), while the server's backbone and global test split load in a thread
+-> partition and prototype bank ->
 ``strategy.start`` with centralised zero-shot evaluation at round 0 and a checkpoint
 after every round -> final adapters, bank, router and ``result.json`` -> the nodes drop
 their resume snapshots. A resumed run restores the checkpoint instead of bootstrapping
@@ -19,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from flwr.serverapp import Grid
 
 from rcsr_flower.aggregation import unanswered
 from rcsr_flower.assets import load_model
+from rcsr_flower.backbones.clip import Backbone
 from rcsr_flower.checkpoint import Checkpoint
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
 from rcsr_flower.data.partition import MODALITIES
@@ -48,7 +51,7 @@ from rcsr_flower.retrieval_task import (
     make_evaluate_fn,
 )
 from rcsr_flower.runner import RoutedRun
-from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.splits import SplitTensors, evaluate_retrieval, preprocess_split
 from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
 
 log = logging.getLogger(__name__)
@@ -352,15 +355,41 @@ def _run(grid: Grid, cfg: RunConfig, run: RoutedRun) -> list[dict]:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    try:
-        node_ids = wait_for_federation(grid, cfg)
-    except NodeWaitTimeout as exc:
-        raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, None)}") from None
+    # the backbone and the global test split load while the nodes start and answer the
+    # query round: mostly importing the CLIP model code, seconds of one core that would
+    # otherwise stand between "federation up" and the first message (issue 12)
+    with ThreadPoolExecutor(1, thread_name_prefix="server-evaluation") as pool:
+        evaluation = pool.submit(_load_evaluation, cfg)
+        try:
+            node_ids = wait_for_federation(grid, cfg)
+        except NodeWaitTimeout as exc:
+            raise NodeWaitTimeout(f"{exc}. {continue_hint(cfg, out, resume, None)}") from None
+        if evaluation.done():  # failed already (a model that is not there): say so now
+            evaluation.result()
+        # a resumed run has its prototype bank: no bootstrap, only who is who
+        bootstrap = cfg.routed and resume is None
+        kind = "bootstrap" if bootstrap else "describe"
+        nodes = query_nodes(PartitionOrderedGrid(grid, {}), cfg, kind, node_ids)
+        backbone, test = evaluation.result()  # its error (a missing model...) is raised here
+    return _run_federation(grid, cfg, run, backbone, test, nodes)
+
+
+def _load_evaluation(cfg: RunConfig) -> tuple[Backbone, SplitTensors]:
+    """The server's backbone and its preprocessed global test split."""
     backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
-    # a resumed run has its prototype bank: no bootstrap, only who is who
-    bootstrap = cfg.routed and resume is None
-    kind = "bootstrap" if bootstrap else "describe"
-    nodes = query_nodes(PartitionOrderedGrid(grid, {}), cfg, kind, node_ids)
+    return backbone, preprocess_split(backbone, global_test_set(cfg), workers=cfg.loader_workers)
+
+
+def _run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    run: RoutedRun,
+    backbone: Backbone,
+    test: SplitTensors,
+    nodes: list[dict],
+) -> list[dict]:
+    """Partition, prototype bank and strategy, once the nodes have answered the query."""
+    out, resume = run.out, run.resume
     if not nodes:
         raise RuntimeError("no node answered the query round; nothing to train")
     num_partitions = int(nodes[0]["num-partitions"])
@@ -396,7 +425,6 @@ def _run(grid: Grid, cfg: RunConfig, run: RoutedRun) -> list[dict]:
             momentum=cfg.prototype_momentum,
         )
 
-    test = preprocess_split(backbone, global_test_set(cfg), workers=cfg.loader_workers)
     template = backbone.new_adapters(
         cfg.adapter_layers, cfg.adapter_bottleneck, cfg.adapter_init_std
     )
