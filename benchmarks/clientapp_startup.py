@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import client_app  # torch, flwr, the app (transformers loads with the backbone)
-t1 = time.perf_counter()
+import client_app  # flwr and the app; a handler imports the project (torch) when called
 import tomllib
 from rcsr_flower.assets import load_model
+from rcsr_flower.client import process_age, setup  # what the first handler imports
 from rcsr_flower.config import RunConfig
 from rcsr_flower.task import load_client_data
-from rcsr_flower.client import process_age
+t1 = time.perf_counter()
 
 raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
 raw.update(json.loads(sys.argv[1]))
