@@ -321,13 +321,8 @@ def overview(suite: Suite, data: dict[str, list[MethodCells]]) -> list[str]:
         return f"{fmt(values)} ({len(values)})" if values else "—"
 
     def zero_shot(setting: str, key: str) -> str:
-        firsts = {}
-        for m in data[setting]:
-            for seed, run in m.runs.items():
-                value = pick(run.at(0, key), key, "rsum")
-                if not m.pooled and value is not None:
-                    firsts.setdefault(seed, value)
-        return cell([firsts[s] for s in sorted(firsts)])
+        runs = zero_shot_runs(data[setting], key)
+        return cell([pick(runs[s].at(0, key), key, "rsum") for s in sorted(runs)])
 
     head = ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     lines = []
@@ -371,6 +366,19 @@ def update_readme(readme: Path, suite_name: str, block: str) -> bool:
     return update_marked_block(readme, suite_name, block)
 
 
+def zero_shot_runs(rows: list[MethodCells], key: str) -> dict[int, RunRecord]:
+    """Per seed, the first run with a round-0 ``key`` ("global" or "personalized") row.
+
+    Round 0 (the frozen backbone) is the same for every method of a seed: the setting's
+    partition and the global test split; a pooled method has a partition of its own."""
+    zero: dict[int, RunRecord] = {}
+    for m in rows:
+        for seed, run in sorted(m.runs.items()):
+            if not m.pooled and pick(run.at(0, key), key, "rsum") is not None:
+                zero.setdefault(seed, run)
+    return zero
+
+
 def _setting_table(rows: list[MethodCells]) -> list[str]:
     head = (
         "| method | seeds | global rsum | i2t R@1 | t2i R@1 | "
@@ -378,13 +386,7 @@ def _setting_table(rows: list[MethodCells]) -> list[str]:
         + " | pers. worst 10% |"
     )
     lines = [head, "|" + "---|" * (7 + len(GROUPS))]
-    # round 0 (the frozen backbone) is the same for every method of a seed: the setting's
-    # partition and the global test split; a pooled method has a partition of its own
-    zero: dict[int, RunRecord] = {}
-    for m in rows:
-        for seed, run in sorted(m.runs.items()):
-            if not m.pooled and run.at(0, "global"):
-                zero.setdefault(seed, run)
+    zero = zero_shot_runs(rows, "global")
     if zero:
         runs = [zero[s] for s in sorted(zero)]
 
