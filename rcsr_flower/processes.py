@@ -146,27 +146,69 @@ def tagged_pids(tag: str) -> list[int]:
     return pids
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """``(state, session id)`` of ``pid`` from ``/proc/PID/stat``, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[3])  # state, ppid, pgrp, session, ...
+
+
+def session_pids(sessions: set[int]) -> list[int]:
+    """Live processes (not zombies) in one of ``sessions``."""
+    pids = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            stat = _stat(int(entry.name))
+            if stat is not None and stat[0] != "Z" and stat[1] in sessions:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _sessions_of(pids: list[int]) -> set[int]:
+    """The sessions of ``pids`` other than ours (the launcher's own session holds its
+    caller's shell or test runner: never ours to stop)."""
+    own = os.getsid(0)
+    return {s for pid in pids if (stat := _stat(pid)) and (s := stat[1]) not in (own, 0)}
+
+
 def stop_tagged(tag: str, grace: float = 10.0) -> None:
     """SIGTERM, then SIGKILL, every session started under ``tag`` and every process
     that carries it. Uses no ``Popen.wait``, so it is safe in a signal handler that
-    interrupted one."""
+    interrupted one.
+
+    A tagged process's session was started by a process of ours (or is our own, which
+    is left alone), so everything in it is ours too, also what no longer shows the tag:
+    Ray's agents rename themselves (``setproctitle``) over the memory that
+    ``/proc/PID/environ`` reads, and left the run behind now and then before this.
+    """
     leaders = [p for p in _LEADERS.pop(tag, []) if p.returncode is None]
+    sessions: set[int] = {p.pid for p in leaders}  # start_new_session: pid = session id
+
+    def targets() -> list[int]:
+        tagged = tagged_pids(tag)
+        sessions.update(_sessions_of(tagged))
+        return sorted(set(tagged) | set(session_pids(sessions)))
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for process in leaders:  # not yet reaped: the pid is still this session's
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, sig)
-        for pid in tagged_pids(tag):
+        for pid in targets():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while tagged_pids(tag) and time.monotonic() < deadline:
+        while targets() and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not tagged_pids(tag):
+        if not targets():
             break
     # a process spawned while the others were dying (Ray starts its dashboard agent late)
     # escaped both sweeps: keep killing what carries the tag until nothing does
     deadline = time.monotonic() + 15.0
-    while (late := tagged_pids(tag)) and time.monotonic() < deadline:
+    while (late := targets()) and time.monotonic() < deadline:
         for pid in late:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
