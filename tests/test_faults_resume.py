@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from rcsr_flower.launch import SimulationLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# the tests read the runs of one module fixture: one worker takes them all
+pytestmark = [pytest.mark.slow(minutes=4), pytest.mark.xdist_group("faults_resume")]
 
 FAULTS = "raise:0@1,nan:1@1,raise:*@2,huge:2@3"
 
