@@ -33,12 +33,8 @@ experiments: $(STAMP)
 report: $(STAMP)
 	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) $(README_OVERVIEW)
 
-# Half the suite's wall time is waiting (heartbeat windows, timeouts, start-up), so it runs
-# on TEST_WORKERS pytest-xdist workers, longest tests first (tests/conftest.py);
-# TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 assets: $(STAMP)
 	$(PY) -m rcsr_flower.assets build

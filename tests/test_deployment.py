@@ -159,7 +159,7 @@ def test_the_server_names_nodes_that_did_not_answer(task_identity, caplog):
 
 
 # ============================================================================ Flower
-@pytest.mark.slow(minutes=4)
+@pytest.mark.slow
 def test_secure_federation_survives_a_supernode_killed_mid_round(tmp_path, embedded_assets):
     """One secure deployment (TLS + SuperNode auth, kept in one test for the suite's time):
 
@@ -266,7 +266,7 @@ def restart_supernode(deployment: LocalDeployment, node, timeout: float = 600):
         time.sleep(10)
 
 
-@pytest.mark.slow(minutes=8)
+@pytest.mark.slow
 def test_a_lost_node_rejoins_and_a_node_that_never_returns_ends_the_run(tmp_path, embedded_assets):
     """The guide's two-node federation (minimums 2), personal adapters on:
 

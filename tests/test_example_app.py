@@ -27,8 +27,7 @@ from rcsr_flower.launch import main
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "label-routing"
 ROUNDS = 4
-# two tests read the runs of one module fixture: one worker takes the module
-pytestmark = [pytest.mark.slow(minutes=2), pytest.mark.xdist_group("example_app")]
+pytestmark = pytest.mark.slow
 
 
 def launch(tmp: Path, name: str, *config: str) -> int:

@@ -636,7 +636,7 @@ def test_plot_draws_one_run(tmp_path, capsys):
 
 
 # ============================================================================ real Flower
-@pytest.mark.slow(minutes=5)
+@pytest.mark.slow
 def test_smoke_suite_through_flower_then_report(tmp_path, embedded_assets, capsys):
     outputs, results = tmp_path / "outputs", tmp_path / "docs"
     # its own results dir: the committed docs/results/smoke/cells would make every cell
@@ -697,7 +697,7 @@ def test_smoke_suite_through_flower_then_report(tmp_path, embedded_assets, capsy
     assert (results / "smoke" / "results.md").read_text() == md
 
 
-@pytest.mark.slow(minutes=0.1)
+@pytest.mark.slow
 def test_a_cell_that_fails_in_the_launcher_is_reported_with_its_log(
     tmp_path, embedded_assets, capsys
 ):

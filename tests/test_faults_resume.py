@@ -32,8 +32,7 @@ from safetensors.torch import load_file
 from rcsr_flower.launch import SimulationLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
-# the tests read the runs of one module fixture: one worker takes them all
-pytestmark = [pytest.mark.slow(minutes=4), pytest.mark.xdist_group("faults_resume")]
+pytestmark = pytest.mark.slow
 
 FAULTS = "raise:0@1,nan:1@1,raise:*@2,huge:2@3"
 

@@ -9,7 +9,7 @@ import pytest
 from rcsr_flower.launch import SimulationLauncher, main
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow(minutes=1)
+pytestmark = pytest.mark.slow
 
 
 def port_open(port: int) -> bool:
@@ -41,7 +41,6 @@ def launch(tmp_path, embedded_assets, run_name, **run_config):
     return result, tmp_path / "outputs" / run_name
 
 
-@pytest.mark.slow(minutes=2.5)
 def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets):
     result, out = launch(tmp_path, embedded_assets, "rcsr", **{"num-server-rounds": 2})
     assert result["status"] == "completed", result.get("error")
@@ -80,7 +79,6 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
     assert json.loads((out / "config.json").read_text())["num-server-rounds"] == 2
 
 
-@pytest.mark.slow(minutes=3)
 def test_a_silent_client_is_left_behind_after_round_timeout(tmp_path, embedded_assets, capfd):
     """A client that is alive but never answers (``hang``: its node keeps its heartbeat,
     so only ``round-timeout`` ends the wait): the round goes on with the others after the

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow(minutes=1)
+pytestmark = pytest.mark.slow
 
 # A test's body: a secure deployment with a run in flight, no try/finally (a SIGTERM
 # kills a test process before any finally runs).

@@ -194,7 +194,7 @@ def test_a_niced_launcher_passes_its_niceness_to_the_sessions_it_starts(tmp_path
     assert out.stdout.split() == ["0", "True", "19"]
 
 
-@pytest.mark.slow(minutes=0.5)
+@pytest.mark.slow
 def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_path):
     """A suite cut short (a kill between submitting a run and its start, a machine going
     away) leaves the run pending in the SuperLink's database; a SuperLink opening that
