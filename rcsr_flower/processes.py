@@ -129,50 +129,28 @@ def _keep_niceness(tag: str, every: float = 2.0) -> None:
         time.sleep(every)
 
 
+def live_processes(tag: str) -> list[tuple[int, int, bool]]:
+    """``(pid, session id, carries TAG_VAR=tag)`` of every live process but this one,
+    zombies left out: one pass over ``/proc``."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:  # after the command's ")": state, ppid, pgrp, session, ...
+                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                environ = Path(entry.path, "environ").read_bytes()
+            except (OSError, IndexError):
+                continue  # gone
+            if stat[0] != "Z":
+                found.append((int(entry.name), int(stat[3]), needle in environ.split(b"\0")))
+    return found
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Live processes (not zombies) whose environment carries ``TAG_VAR=tag``."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    pids = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = Path(entry.path, "environ").read_bytes()  # empty for a zombie
-            except OSError:
-                continue
-            if needle in environ.split(b"\0"):
-                pids.append(int(entry.name))
-    return pids
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """``(state, session id)`` of ``pid`` from ``/proc/PID/stat``, None when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[3])  # state, ppid, pgrp, session, ...
-
-
-def session_pids(sessions: set[int]) -> list[int]:
-    """Live processes (not zombies) in one of ``sessions``."""
-    pids = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[0] != "Z" and stat[1] in sessions:
-                pids.append(int(entry.name))
-    return pids
-
-
-def _sessions_of(pids: list[int]) -> set[int]:
-    """The sessions of ``pids`` other than ours (the launcher's own session holds its
-    caller's shell or test runner: never ours to stop)."""
-    own = os.getsid(0)
-    return {s for pid in pids if (stat := _stat(pid)) and (s := stat[1]) not in (own, 0)}
+    return [pid for pid, _, tagged in live_processes(tag) if tagged]
 
 
 def stop_tagged(tag: str, grace: float = 10.0) -> None:
@@ -181,17 +159,19 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
     interrupted one.
 
     A tagged process's session was started by a process of ours (or is our own, which
-    is left alone), so everything in it is ours too, also what no longer shows the tag:
-    Ray's agents rename themselves (``setproctitle``) over the memory that
-    ``/proc/PID/environ`` reads, and left the run behind now and then before this.
+    is left alone: it holds the caller's shell or test runner), so everything in it is
+    ours too, also what no longer shows the tag: Ray's agents rename themselves
+    (``setproctitle``) over the memory that ``/proc/PID/environ`` reads, and left the run
+    behind now and then before this.
     """
     leaders = [p for p in _LEADERS.pop(tag, []) if p.returncode is None]
     sessions: set[int] = {p.pid for p in leaders}  # start_new_session: pid = session id
+    own = os.getsid(0)
 
     def targets() -> list[int]:
-        tagged = tagged_pids(tag)
-        sessions.update(_sessions_of(tagged))
-        return sorted(set(tagged) | set(session_pids(sessions)))
+        processes = live_processes(tag)
+        sessions.update(s for _, s, tagged in processes if tagged and s not in (own, 0))
+        return [pid for pid, s, tagged in processes if tagged or s in sessions]
 
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for process in leaders:  # not yet reaped: the pid is still this session's
@@ -201,9 +181,9 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while targets() and time.monotonic() < deadline:
+        while (left := targets()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not targets():
+        if not left:
             break
     # a process spawned while the others were dying (Ray starts its dashboard agent late)
     # escaped both sweeps: keep killing what carries the tag until nothing does

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import json, os, subprocess, time
-    from rcsr_flower.processes import TAG_VAR, _stat, session_pids, stop_tagged
+    from rcsr_flower.processes import TAG_VAR, live_processes, stop_tagged
 
     tag = "test-" + os.urandom(4).hex()
     tagged = {**os.environ, TAG_VAR: tag}
@@ -32,13 +32,16 @@ SCRIPT = textwrap.dedent(
     here_tagged = subprocess.Popen(["sleep", "60"], env=tagged)
     here = subprocess.Popen(["sleep", "60"])
     elsewhere = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    def in_session():  # the leader's untagged child
+        return [p for p, s, _ in live_processes(tag) if s == leader.pid and p != leader.pid]
+
     deadline = time.monotonic() + 30
-    while len(session_pids({leader.pid})) < 2 and time.monotonic() < deadline:
+    while not in_session() and time.monotonic() < deadline:
         time.sleep(0.05)
-    untagged_child = next(p for p in session_pids({leader.pid}) if p != leader.pid)
+    untagged_child = in_session()[0]
     stop_tagged(tag, grace=0)
     time.sleep(0.5)  # init reaps the orphan
-    alive = lambda pid: (s := _stat(pid)) is not None and s[0] != "Z"
+    alive = lambda pid: pid in {p for p, _, _ in live_processes(tag)}
     print(json.dumps({
         "leader": alive(leader.pid), "untagged child": alive(untagged_child),
         "tagged, our session": alive(here_tagged.pid), "untagged, our session": alive(here.pid),
