@@ -1,12 +1,20 @@
 """What a fresh ClientApp process costs before it can work on a message.
 
-In a deployment every message starts a new ClientApp process (Flower 1.41), so these
-costs are paid per message, per node. Each repetition runs a fresh interpreter that
-imports the app, loads the backbone and this node's data, the way ``client_app.py``
-does, and reports the phases; the first repetition starts with no cached client data
-(decode + preprocess every image of the partition), the others read the node's disk
-cache (``<cache-dir>/client-data/``). A node's log shows the same phases for real
-messages (``ClientApp start-up ...``), plus Flower's own dispatch.
+In a deployment every message starts a new ClientApp process (Flower 1.41+), so these
+costs are paid per message, per node. Two ways, each a fresh interpreter per repetition
+that does what ``client_app.py`` does:
+
+- **in process** (a SuperNode without ``worker-idle-s``): import the app, load the
+  backbone and this node's data; the first repetition starts with no cached client data
+  (decode + preprocess every image of the partition), the others read the node's disk
+  cache (``<cache-dir>/client-data/``);
+- **node worker** (``worker-idle-s`` set, ``rcsr_flower.node_worker``): import the app
+  (no torch), hand a describe query (backbone and data in hand) to the node's worker; the
+  first repetition starts the worker, the others find it warm.
+
+A node's log shows the same phases for real messages, plus Flower's own dispatch.
+The last line is the JSON issue 12 names; ``startup_s`` is the warm-worker median, the
+deployment default of ``rcsr_flower.deploy``.
 
     .venv/bin/python benchmarks/clientapp_startup.py --num-partitions 2 --repeats 3
 """
@@ -14,11 +22,16 @@ messages (``ClientApp start-up ...``), plus Flower's own dispatch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +42,8 @@ t0 = time.perf_counter()
 import client_app  # flwr and the app; a handler imports the project (torch) when called
 import tomllib
 from rcsr_flower.assets import load_model
-from rcsr_flower.client import process_age, setup  # what the first handler imports
+from rcsr_flower.client import setup  # what the first handler imports
+from rcsr_flower.processes import process_age
 from rcsr_flower.config import RunConfig
 from rcsr_flower.task import load_client_data
 t1 = time.perf_counter()
@@ -49,6 +63,31 @@ print(json.dumps({
     "data": round(t4 - t3, 2),
     "total": round(process_age(), 2),
     "items": len(data.train) + len(data.test),
+}))
+"""
+
+
+WORKER_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import client_app  # flwr and the app, not torch
+import tomllib
+from flwr.app import ConfigRecord, Context, RecordDict
+from rcsr_flower.processes import process_age
+t1 = time.perf_counter()
+raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
+raw.update(json.loads(sys.argv[1]))
+node = {"partition-id": int(sys.argv[2]), "num-partitions": int(sys.argv[3]),
+        "worker-idle-s": 120}
+ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=raw)
+out = client_app.reply("query", RecordDict({"config": ConfigRecord({})}), ctx)
+t2 = time.perf_counter()
+print(json.dumps({
+    "import": round(t1 - t0, 2),
+    "worker": round(t2 - t1, 2),
+    "total": round(process_age(), 2),
+    "items": int(out["metrics"]["num-train"] + out["metrics"]["num-test"]),
+    "torch imported": "torch" in sys.modules,
 }))
 """
 
@@ -81,35 +120,63 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ids = [str(args.partition_id), str(args.num_partitions)]
-    rows = []
-    for i in range(args.repeats):
+
+    def fresh(code: str, extra_env: dict[str, str] | None = None) -> dict:
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, args.run_config, *ids],
+            [sys.executable, "-c", code, args.run_config, *ids],
             cwd=ROOT,
-            env=env,
+            env={**env, **(extra_env or {})},
             capture_output=True,
             text=True,
             check=True,
         )
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for i in range(args.repeats):
+        row = fresh(CHILD)
         row["client data"] = "preprocessed" if i == 0 else "disk cache"
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({"mode": "in process", **row}), flush=True)
+
+    home = Path(tempfile.mkdtemp(prefix="cs"))  # this benchmark's own node worker
+    worker_rows = []
+    try:
+        for i in range(args.repeats + 1):
+            row = fresh(WORKER_CHILD, {"XDG_RUNTIME_DIR": str(home)})
+            row["node worker"] = "started" if i == 0 else "warm"
+            worker_rows.append(row)
+            print(json.dumps({"mode": "node worker", **row}), flush=True)
+    finally:
+        for log in home.glob("*/*.log"):
+            for pid in re.findall(r"node worker (\d+) listening", log.read_text()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGTERM)
+        shutil.rmtree(home, ignore_errors=True)
+
     warm = rows[1:] or rows
+    warm_worker = worker_rows[1:]
     print(
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-        f"{rows[0]['items']} items; cold data {rows[0]['data']} s; warm median: "
+        f"{rows[0]['items']} items; cold data {rows[0]['data']} s; in process, warm median: "
         + ", ".join(
             f"{k} {statistics.median(r[k] for r in warm):.2f} s"
             for k in ("interpreter", "import", "backbone", "data", "total")
         )
+        + f"; node worker: first message {worker_rows[0]['total']:.2f} s, then median "
+        + ", ".join(
+            f"{k} {statistics.median(r[k] for r in warm_worker):.2f} s"
+            for k in ("import", "worker", "total")
+        )
     )
-    # the figure issue 12 asks for, last: the median of the warm processes' totals
+    # the figure issue 12 asks for, last
     print(
         json.dumps(
             {
-                "startup_s": round(statistics.median(r["total"] for r in warm), 2),
-                "repeats": len(warm),
+                "startup_s": round(statistics.median(r["total"] for r in warm_worker), 2),
+                "worker_start_s": worker_rows[0]["total"],
+                "in_process_s": round(statistics.median(r["total"] for r in warm), 2),
+                "repeats": len(warm_worker),
                 "load_avg_1m": round(os.getloadavg()[0], 2),
             }
         )

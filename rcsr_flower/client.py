@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
 from rcsr_flower.assets import cache_root, load_model
@@ -30,6 +29,7 @@ from rcsr_flower.config import RunConfig
 from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
 from rcsr_flower.outputs import durable_replace
+from rcsr_flower.processes import process_age
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.splits import evaluate_retrieval
 from rcsr_flower.task import (
@@ -187,16 +187,6 @@ class ClientNode:
             return self.adapters(state.array_records[PERSONAL_KEY].to_torch_state_dict())
         torch.manual_seed(self.seed(0, salt=7))
         return self.adapters()
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux ``/proc``); None elsewhere."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
 
 def setup(run_config, node_config) -> ClientNode:
@@ -409,3 +399,41 @@ def light_query(run_config, node_config, config: ConfigRecord) -> dict | None:
         ).release()
         return {"released": 1}
     return None
+
+
+# ------------------------------------------------------------------ message content
+# What each ClientApp handler replies, from the message's content and the node's Context:
+# client_app.py runs these in its own process, or hands them to the node's warm worker
+# (rcsr_flower.node_worker), which runs the same functions.
+def query_reply(content: RecordDict, context: Context) -> RecordDict:
+    config = content["config"]
+    light = light_query(context.run_config, context.node_config, config)
+    if light is not None:  # no backbone, no data
+        return RecordDict({"metrics": MetricRecord(light)})
+    out = handle_query(setup(context.run_config, context.node_config), config)
+    reply = RecordDict({"metrics": MetricRecord(out["describe"])})
+    if "groups" in out:
+        reply["groups"] = ArrayRecord(out["groups"])
+    return reply
+
+
+def train_reply(content: RecordDict, context: Context) -> RecordDict:
+    node = setup(context.run_config, context.node_config)
+    prototypes = content.array_records.get("prototypes")
+    out = handle_train(node, content["arrays"], content["config"], prototypes, context.state)
+    reply = RecordDict(
+        {"arrays": ArrayRecord(out["arrays"]), "metrics": MetricRecord(out["metrics"])}
+    )
+    if out["stats"] is not None:
+        reply["stats"] = ArrayRecord(out["stats"])
+    return reply
+
+
+def evaluate_reply(content: RecordDict, context: Context) -> RecordDict:
+    node = setup(context.run_config, context.node_config)
+    config = content.config_records.get("config")
+    metrics = handle_evaluate(node, content["arrays"], context.state, config)
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+REPLIES = {"query": query_reply, "train": train_reply, "evaluate": evaluate_reply}

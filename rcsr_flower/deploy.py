@@ -9,8 +9,9 @@ tests and can be tried on one machine first:
    (OpenSSH format), unless ``--insecure``;
 2. starts ``flower-superlink`` (runtime dependency installation off, SuperNode auth on);
 3. registers each node's public key with ``flwr supernode register``;
-4. starts ``flower-supernode`` i with ``--node-config "partition-id=i num-partitions=N"``
-   and waits until all N have joined;
+4. starts ``flower-supernode`` i with ``--node-config "partition-id=i num-partitions=N
+   worker-idle-s=600"`` (a warm worker per node, ``rcsr_flower.node_worker``;
+   ``--node-config worker-idle-s=0`` for none) and waits until all N have joined;
 5. submits the app with ``flwr run . <connection> --stream`` (connection in the user's
    ``$FLWR_HOME/config.toml``) and an absolute ``output-dir``;
 6. exits non-zero unless the ServerApp's ``result.json`` says ``completed``;
@@ -53,6 +54,7 @@ from rcsr_flower.launch import (
     start_cli,
     write_connection,
 )
+from rcsr_flower.node_worker import IDLE_KEY
 from rcsr_flower.processes import (
     TAG_VAR,
     new_tag,
@@ -67,6 +69,7 @@ from rcsr_flower.processes import (
 CONNECTION = "rcsr-deploy"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+WORKER_IDLE_S = 600  # a node's worker outlives a pause between runs of up to 10 minutes
 
 
 # ============================================================================ credentials
@@ -290,7 +293,8 @@ class LocalDeployment:
     num_supernodes: int = 2
     num_partitions: int | None = None  # None = num_supernodes; more = deploy a subset
     secure: bool = True  # TLS + SuperNode authentication
-    node_config: dict[str, object] = field(default_factory=dict)  # extra keys, every node
+    # extra keys, every node; a warm worker per node unless worker-idle-s=0 (node_worker)
+    node_config: dict[str, object] = field(default_factory=lambda: {IDLE_KEY: WORKER_IDLE_S})
     run_config: dict[str, object] = field(default_factory=dict)
     raw_run_config: list[str] = field(default_factory=list)
     timeout: float = 3600.0
@@ -558,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         num_supernodes=args.num_supernodes,
         num_partitions=args.num_partitions,
         secure=not args.insecure,
-        node_config=parse_pairs(args.node_config),
+        node_config={IDLE_KEY: WORKER_IDLE_S, **parse_pairs(args.node_config)},
         raw_run_config=args.run_config,
         timeout=args.timeout,
     )

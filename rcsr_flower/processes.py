@@ -47,6 +47,16 @@ def stop_process_group(process: subprocess.Popen | None) -> None:
         process.wait(timeout=5)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``); None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------- what a launcher started
 # Every process a launcher starts carries TAG_VAR=<its tag> in its environment, and so
 # does everything those start (Flower's SuperExec, ServerApp and ClientApp processes,

@@ -167,7 +167,8 @@ def test_secure_federation_survives_a_supernode_killed_mid_round(tmp_path, embed
       text-only) join;
     - the text-only node dies after receiving its train message: the round ends with the
       other two, the server's log names the lost node, the run completes;
-    - every message starts a fresh ClientApp process;
+    - every message starts a fresh ClientApp process, which does the work itself (no node
+      worker: the rejoin test below runs with one, the deployment default);
     - a second run that fails in the ServerApp is reported as failed.
 
     Flower's heartbeat (30 s interval, patience 2) reports the dead node unavailable
@@ -180,6 +181,7 @@ def test_secure_federation_survives_a_supernode_killed_mid_round(tmp_path, embed
         root=tmp_path / "deploy",
         num_supernodes=3,
         num_partitions=NUM_PARTITIONS,
+        node_config={"worker-idle-s": 0},
         run_config=small_run(embedded_assets, **{"round-timeout": 600.0, "fraction-train": 1.0}),
         timeout=2400,
     )
@@ -275,6 +277,9 @@ def test_a_lost_node_rejoins_and_a_node_that_never_returns_ends_the_run(tmp_path
       is missing; node 1, restarted with the same key once the SuperLink has marked it
       offline, joins under its old id and trains in round 3, its personal state reloaded
       from the snapshot it wrote after round 1;
+    - both runs with a warm worker per node (``worker-idle-s``, the deployment default):
+      node 0 keeps one worker for both runs, node 1's dies with it and its successor
+      starts its own;
     - run "lost": node 1 is killed in round 1 and never comes back: the run ends by
       itself after ``node-wait-timeout``, failed, naming the missing partition and the
       checkpoint to continue from (round 0), which is intact.
@@ -327,6 +332,10 @@ def test_a_lost_node_rejoins_and_a_node_that_never_returns_ends_the_run(tmp_path
     # ... and trained again in round 3 from the state it saved after round 1
     assert set(rows[3]["weights"]) == {"0", "1"} and rows[3]["skipped"] is False
     assert "restored client state after round 1" in back.proc.text()
+    # the nodes ran with a warm worker (the deployment default): node 0 one for both runs
+    # (one FAB: a file changed in the app between the runs makes a new app, a new worker)
+    assert deployment.supernodes[0].proc.text().count("started node worker") == 1
+    assert back.proc.text().count("started node worker") == 1
 
     # lost: the run ended by itself, failed, with one line that says how to go on
     assert lost["status"] == "failed"
