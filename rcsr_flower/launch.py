@@ -131,6 +131,14 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    # Threads that wait for work sleep instead of spinning: torch's OpenMP threads spin by
+    # default, and with several torch processes on the same cores (SuperNodes, the
+    # ServerApp, Ray actors beside it) each spins on the core another needs. Measured
+    # here (2 cores, one client's local epoch, 2 threads per process): 5.2 s alone; two
+    # processes at once 22-29 s in one session and 178 s in separate sessions (Linux
+    # gives each session an equal share), against 10 s with passive waiting; alone it
+    # costs nothing measurable (docs/development.md).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Flower spawns the ServerApp/ClientApp with `python`: make it this interpreter's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

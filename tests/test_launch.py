@@ -18,6 +18,7 @@ from rcsr_flower.launch import (
     LaunchError,
     SimulationLauncher,
     check_run_config,
+    flower_env,
     quote_bare_strings,
 )
 
@@ -258,3 +259,13 @@ def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_pa
     finally:
         second.stop()
     assert not second.database.exists()
+
+
+def test_flower_processes_wait_passively_unless_told_otherwise(tmp_path, monkeypatch):
+    """Several torch processes share this machine's cores in a simulation or a local
+    deployment; spinning OpenMP threads made two nodes' local epochs 2-30x slower
+    (docs/development.md). A user's own setting is kept."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert flower_env(tmp_path)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert flower_env(tmp_path)["OMP_WAIT_POLICY"] == "ACTIVE"
