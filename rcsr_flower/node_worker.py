@@ -9,7 +9,8 @@ work to a worker process that keeps torch, the backbone and the node's data load
 
 - the first message a ClientApp sees starts the worker (``python -m
   rcsr_flower.node_worker``, from the same app directory and interpreter) and waits until
-  it listens; later messages connect to it, send ``(kind, content, context)`` and get the
+  it listens; later messages connect to it, send ``(kind, content, context)`` (Flower's
+  protobuf encoding, nothing pickled) and get the
   reply's content, the updated ``context.state`` and the log lines the work wrote, which
   the ClientApp writes to its own log. The work is the same functions
   (``rcsr_flower.client.REPLIES``) the ClientApp runs itself without a worker.
@@ -38,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import select
 import signal
 import socket
@@ -49,21 +49,35 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 log = logging.getLogger("flwr").getChild(__name__)  # a ClientApp's INFO reaches its node's log
 
 IDLE_KEY = "worker-idle-s"
 START_TIMEOUT_S = 300.0  # importing torch + transformers on a loaded machine, with margin
 _HEADER = struct.Struct("!Q")
+_COUNT = struct.Struct("!I")
 
 
 class NodeWorkerError(RuntimeError):
     """The node's worker could not be started, or ended while working on a message."""
+
+
+class WorkerRaised(RuntimeError):
+    """The work raised in the worker: ``"<ExceptionType>: <message>"``; its cause, a
+    :class:`WorkerTraceback`, is where."""
 
 
 class WorkerTraceback(Exception):
@@ -97,15 +111,33 @@ def reply(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 
 # ------------------------------------------------------------------ wire format
-def send(sock: socket.socket, obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEADER.pack(len(data)))
-    sock.sendall(data)
+# A message is a JSON header and byte frames: Flower's own protobuf encoding of the records
+# and the Context (what flwr-clientapp and the SuperNode exchange), so nothing is unpickled
+# (tests/test_security.py).
+def send(sock: socket.socket, header: dict, frames: Sequence[bytes] = ()) -> None:
+    parts = [json.dumps(header).encode(), *frames]
+    sock.sendall(_COUNT.pack(len(parts)) + b"".join(_HEADER.pack(len(x)) for x in parts))
+    for part in parts:
+        sock.sendall(part)
 
 
-def recv(sock: socket.socket) -> object:
-    (size,) = _HEADER.unpack(_exactly(sock, _HEADER.size))
-    return pickle.loads(_exactly(sock, size))
+def recv(sock: socket.socket) -> tuple[dict, list[bytes]]:
+    (count,) = _COUNT.unpack(_exactly(sock, _COUNT.size))
+    sizes = [_HEADER.unpack_from(_exactly(sock, _HEADER.size))[0] for _ in range(count)]
+    parts = [bytes(_exactly(sock, size)) for size in sizes]
+    return json.loads(parts[0]), parts[1:]
+
+
+def _records(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def _context(data: bytes) -> Context:
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
 
 
 def _exactly(sock: socket.socket, size: int) -> bytearray:
@@ -188,21 +220,25 @@ class Worker:
     # ------------------------------------------------------------ the ClientApp side
     def call(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
         """Have the worker work on the message; ``context.state`` becomes its result."""
+        frames = [
+            recorddict_to_proto(content).SerializeToString(),
+            context_to_proto(context).SerializeToString(),
+        ]
         with self.connect() as sock:
-            send(sock, {"kind": kind, "content": content, "context": context})
+            send(sock, {"kind": kind}, frames)
             try:
-                response = recv(sock)
+                header, frames = recv(sock)
             except (EOFError, ConnectionError) as exc:
                 raise NodeWorkerError(
                     f"the node worker ended while working on a {kind} message ({exc}); "
                     f"its log: {self.log_path}"
                 ) from None
-        for name, level, text in response["logs"]:
+        for name, level, text in header["logs"]:
             logging.getLogger(name).log(level, "%s", text)
-        if not response["ok"]:
-            raise response["error"] from WorkerTraceback(response["traceback"])
-        context.state = response["state"]
-        return response["content"]
+        if not header["ok"]:
+            raise WorkerRaised(header["error"]) from WorkerTraceback(header["traceback"])
+        context.state = _records(frames[1])
+        return _records(frames[0])
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[socket.socket]:
@@ -312,14 +348,6 @@ class _Capture(logging.Handler):
         self.lines.append((record.name, record.levelno, text))
 
 
-def _picklable(exc: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:  # any exception the handler raised
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
 class _Watch:
     """What the worker's watchdog thread looks after: the SuperNode's SuperExec and the
     ClientApp whose message is being worked on. Either gone, the worker exits at once, as
@@ -369,7 +397,7 @@ def _closed(conn: socket.socket) -> bool:
 def work_on(conn: socket.socket, replies, watch: _Watch | None = None) -> None:
     """Receive one message's ``(kind, content, context)``, work on it, send the result."""
     try:
-        request = recv(conn)
+        request, frames = recv(conn)
     except (EOFError, ConnectionError):
         return  # the ClientApp went away before it asked
     if watch is not None:
@@ -378,20 +406,29 @@ def work_on(conn: socket.socket, replies, watch: _Watch | None = None) -> None:
     capture = _Capture()
     root = logging.getLogger()
     root.addHandler(capture)
-    context: Context = request["context"]
+    header: dict = {"ok": True}
+    out: list[bytes] = []
     try:
-        content = replies[request["kind"]](request["content"], context)
-        response = {"ok": True, "content": content, "state": context.state}
+        context = _context(frames[1])
+        content = replies[request["kind"]](_records(frames[0]), context)
+        out = [
+            recorddict_to_proto(content).SerializeToString(),
+            recorddict_to_proto(context.state).SerializeToString(),
+        ]
     except Exception as exc:  # the ClientApp raises it
-        response = {"ok": False, "error": _picklable(exc), "traceback": traceback.format_exc()}
+        header = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     finally:
         root.removeHandler(capture)
         if watch is not None:
             with watch.lock:
                 watch.conn = None
-    response["logs"] = capture.lines
+    header["logs"] = capture.lines
     try:
-        send(conn, response)
+        send(conn, header, out)
     except OSError as exc:  # the ClientApp was stopped meanwhile: nothing to tell it
         print(f"could not send the reply: {exc}", flush=True)
 

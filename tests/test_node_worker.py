@@ -22,11 +22,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from rcsr_flower.client import PERSONAL_KEY, PREVIOUS_DELTA_KEY, setup
-from rcsr_flower.faults import InjectedFault
 from rcsr_flower.node_worker import (
     IDLE_KEY,
     NodeWorkerError,
     Worker,
+    WorkerRaised,
     WorkerTraceback,
     idle_seconds,
     process_start,
@@ -163,7 +163,7 @@ def test_the_worker_replies_what_the_clientapp_computes_itself(home, embedded_as
     assert "ClientApp start-up (partition 2)" in text
 
 
-def test_a_handler_error_comes_back_with_its_type_and_the_worker_goes_on(home, embedded_assets):
+def test_a_handler_error_comes_back_named_and_the_worker_goes_on(home, embedded_assets):
     run = run_config(**{"fault-injection": "raise:2@1"})
     ctx = context(600, run)
     size = RecordDict({"config": ConfigRecord({"kind": "size"})})
@@ -173,7 +173,7 @@ def test_a_handler_error_comes_back_with_its_type_and_the_worker_goes_on(home, e
     train = RecordDict(
         {"arrays": ArrayRecord(theta), "config": ConfigRecord({"server-round": 1, "lr": 1e-3})}
     )
-    with pytest.raises(InjectedFault, match="client 2 raises in round 1") as info:
+    with pytest.raises(WorkerRaised, match=r"^InjectedFault: .*client 2 raises in round 1") as info:
         reply("train", train, ctx)
     assert isinstance(info.value.__cause__, WorkerTraceback)
     assert "before_training" in str(info.value.__cause__)
