@@ -63,6 +63,8 @@ from flwr.common.serde import (
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from rcsr_flower.processes import process_start
+
 log = logging.getLogger("flwr").getChild(__name__)  # a ClientApp's INFO reaches its node's log
 
 IDLE_KEY = "worker-idle-s"
@@ -167,21 +169,16 @@ def worker_home() -> Path:
     return home
 
 
-def process_start(pid: int) -> str | None:
-    """When ``pid`` started (Linux ``/proc``), so a reused pid is not mistaken for it;
-    ``""`` where /proc is not there, None when no such process runs."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return None
-    except OSError:
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """The start lock of one worker: held by a ClientApp while it starts the worker, and by
+    the worker while it stops listening."""
+    with open(path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return ""
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -217,6 +214,10 @@ class Worker:
     def log_path(self) -> Path:
         return self.home / f"{self.key}.log"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.home / f"{self.key}.lock"
+
     # ------------------------------------------------------------ the ClientApp side
     def call(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
         """Have the worker work on the message; ``context.state`` becomes its result."""
@@ -244,7 +245,7 @@ class Worker:
     def connect(self) -> Iterator[socket.socket]:
         sock = self._try_connect()
         if sock is None:
-            with self._locked():  # one ClientApp starts the worker; the others wait for it
+            with _locked(self.lock_path):  # one ClientApp starts the worker; the others wait for it
                 sock = self._try_connect() or self._start()
         with sock:
             yield sock
@@ -257,15 +258,6 @@ class Worker:
             sock.close()
             return None
         return sock
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.home / f"{self.key}.lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _start(self) -> socket.socket:
         """Start the worker (the lock is held) and connect once it listens."""
@@ -372,12 +364,17 @@ class _Watch:
                 if self.conn is not None and _closed(self.conn):
                     self.exit(1, "the ClientApp it was working for is gone", keep_log=True)
 
+    def release_socket(self) -> None:
+        """Take the socket file away if it is still ours, under the start lock (a ClientApp
+        starting the next worker holds it, and that worker may already listen there)."""
+        with _locked(self.socket_path.with_suffix(".lock")), contextlib.suppress(OSError):
+            if self.inode is not None and self.socket_path.stat().st_ino == self.inode:
+                self.socket_path.unlink()
+
     def exit(self, code: int, why: str, keep_log: bool = False) -> None:
         """Leave now, taking the socket file (if still ours) and, unless asked, the log."""
         print(f"node worker {os.getpid()} exits: {why}", flush=True)
-        with contextlib.suppress(OSError):
-            if self.inode is not None and self.socket_path.stat().st_ino == self.inode:
-                self.socket_path.unlink()
+        self.release_socket()
         if self.log_path is not None and not keep_log:
             self.log_path.unlink(missing_ok=True)
         os._exit(code)
@@ -449,7 +446,7 @@ def serve(
     watch = _Watch(parent, parent_start, socket_path, log_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(socket_path))
-    inode = watch.inode = socket_path.stat().st_ino
+    watch.inode = socket_path.stat().st_ino
     signal.signal(signal.SIGTERM, lambda *_: watch.exit(0, "stopped (SIGTERM)"))
     threading.Thread(target=watch.run, daemon=True, name="watchdog").start()
     server.listen(16)
@@ -467,15 +464,7 @@ def serve(
             conn.settimeout(None)
             work_on(conn, REPLIES, watch)
         last = time.monotonic()
-    # Stop taking connections under the start lock (a ClientApp starting the next worker
-    # holds it, and that worker may already listen on this path), then answer whoever
-    # connected before.
-    with open(socket_path.with_suffix(".lock"), "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with contextlib.suppress(FileNotFoundError):
-            if socket_path.stat().st_ino == inode:
-                socket_path.unlink()
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    watch.release_socket()  # no new connections; answer whoever connected before
     server.setblocking(False)
     while True:
         try:

@@ -47,12 +47,29 @@ def stop_process_group(process: subprocess.Popen | None) -> None:
         process.wait(timeout=5)
 
 
+def process_start(pid: int | str) -> str | None:
+    """When ``pid`` started (clock ticks after boot, Linux ``/proc``), so a reused pid is
+    not mistaken for it; ``""`` where /proc is not there, None when no such process runs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(int(pid) if pid != "self" else os.getpid(), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux ``/proc``); None elsewhere."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(process_start("self") or "")
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
     return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
