@@ -33,8 +33,10 @@ experiments: $(STAMP)
 report: $(STAMP)
 	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) $(README_OVERVIEW)
 
+# Two workers (pytest-xdist): a third of the suite's time is waits (heartbeat windows,
+# round timeouts, start-ups) that the other worker fills; tests/conftest.py orders them.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 assets: $(STAMP)
 	$(PY) -m rcsr_flower.assets build

@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, in file order. ``make test`` runs two pytest-xdist workers
+    (``--dist loadgroup``): each starts on a long federation and the fast tests fill in
+    around them, instead of one worker meeting a five-minute deployment test last while
+    the other has nothing left. Tests that share an expensive module fixture are one
+    ``xdist_group`` so it is computed once."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def embedded_assets():
     """The real embedded corpus + tiny CLIP (built on first use, like `flwr run .`)."""

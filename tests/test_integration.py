@@ -42,7 +42,10 @@ def launch(tmp_path, embedded_assets, run_name, **run_config):
 
 
 def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets):
-    result, out = launch(tmp_path, embedded_assets, "rcsr", **{"num-server-rounds": 2})
+    # the first 1,600 items (about 400 a client), as the smoke suite: mechanics, not accuracy
+    result, out = launch(
+        tmp_path, embedded_assets, "rcsr", **{"num-server-rounds": 2, "train-max-items": 1600}
+    )
     assert result["status"] == "completed", result.get("error")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -85,18 +88,21 @@ def test_a_silent_client_is_left_behind_after_round_timeout(tmp_path, embedded_a
     timeout, the node is named in the log and in the round's ``dropped``.
 
     Robust to a loaded machine both ways: the hanging client holds one of the two Ray
-    actors, so the other three clients train one after the other on the second; the
-    20 s ``round-timeout`` this test had was missed by a healthy client on a busy machine.
-    At 90 s it passed with the 2-core machine at load average 8-13; the hanging client
-    answers 1.5 timeouts after it started, 45 s after the server has gone on."""
+    actors, so the other three clients train one after the other on the second. With the
+    full 1,500 items each they needed 20-25 s quiet, and a 20 s timeout was missed by a
+    healthy client on a busy machine; with about 400 items each (``train-max-items``) they need
+    about 8 s, so 40 s leaves room for a machine 5x slower. Flower's simulation ends
+    only once the hung message has returned (``round-timeout`` + 15 s after it began),
+    so every second of timeout is paid about twice."""
     result, out = launch(
         tmp_path,
         embedded_assets,
-        "silent",  # 4 nodes: the partition the two-round run computed, cached
+        "silent",
         **{
             "num-server-rounds": 1,
             "fraction-train": 1.0,
-            "round-timeout": 90.0,
+            "train-max-items": 1600,
+            "round-timeout": 40.0,
             "fault-injection": "hang:1@1",
         },
     )
@@ -104,10 +110,10 @@ def test_a_silent_client_is_left_behind_after_round_timeout(tmp_path, embedded_a
     (row,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     assert set(row["weights"]) == {"0", "2", "3"} and row["skipped"] is False
     (why,) = row["dropped"].values()
-    assert why == "no reply within 90 s"
+    assert why == "no reply within 40 s"
     (node,) = row["dropped"]
     logged = capfd.readouterr().out
-    assert f"train round 1: node {node} (partition 1) sent no reply within 90 s" in logged
+    assert f"train round 1: node {node} (partition 1) sent no reply within 40 s" in logged
 
 
 def failing_run(tmp_path, embedded_assets, name: str, supernodes: int, *config: str) -> int:
