@@ -33,10 +33,11 @@ experiments: $(STAMP)
 report: $(STAMP)
 	$(PY) -m rcsr_flower.experiments report --suite $(SUITE) $(README_OVERVIEW)
 
-# Two workers (pytest-xdist): a third of the suite's time is waits (heartbeat windows,
-# round timeouts, start-ups) that the other worker fills; tests/conftest.py orders them.
+# Two workers (pytest-xdist), a file at a time: a third of the serial suite's core-time
+# is idle (heartbeat windows, round timeouts, start-ups), which the other worker fills;
+# tests/conftest.py hands out the slow files first. ARGS='-n 0' runs it in one process.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 assets: $(STAMP)
 	$(PY) -m rcsr_flower.assets build

@@ -9,14 +9,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch is imported: OpenMP threads that spin while waiting for work take the cores
+# from the other xdist worker's federation (rcsr_flower.launch does the same for Flower's).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first, in file order. ``make test`` runs two pytest-xdist workers
-    (``--dist loadgroup``): each starts on a long federation and the fast tests fill in
-    around them, instead of one worker meeting a five-minute deployment test last while
-    the other has nothing left. Tests that share an expensive module fixture are one
-    ``xdist_group`` so it is computed once."""
+    """Slow tests first (stable, so files keep their order). ``make test`` runs two
+    pytest-xdist workers a file at a time (``--dist loadfile --no-loadscope-reorder``, so
+    a module fixture runs once): the files with the long federations are handed out
+    first and the fast ones fill in around them, instead of one worker meeting a
+    five-minute deployment test last while the other has nothing left to do."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -27,7 +27,7 @@ from rcsr_flower.launch import main
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "label-routing"
 ROUNDS = 4
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("example-app")]  # one `uninterrupted`
+pytestmark = pytest.mark.slow
 
 
 def launch(tmp: Path, name: str, *config: str) -> int:

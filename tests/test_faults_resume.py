@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from rcsr_flower.launch import SimulationLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]  # one `runs` fixture
+pytestmark = pytest.mark.slow
 
 FAULTS = "raise:0@1,nan:1@1,raise:*@2,huge:2@3"
 
