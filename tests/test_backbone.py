@@ -39,6 +39,16 @@ def test_load_backbone_is_frozen_and_cached_per_process(embedded_assets, backbon
     assert not any(p.requires_grad for p in backbone.model.parameters())
 
 
+def test_a_checkpoint_asked_for_under_another_name_keeps_that_name(embedded_assets, backbone):
+    """The name keys cached partitions: one process that loaded the checkpoint as
+    "embedded" and then by its path (a test worker running both kinds of test) computed
+    the partition under one key and looked for it under the other."""
+    path = str(embedded_assets.backbone_dir)
+    named = load_backbone(path, device="cpu", name="embedded")
+    assert named.name == "embedded" and backbone.name == path
+    assert load_backbone(path, device="cpu", name="embedded") is named
+
+
 def test_zero_shot_is_clearly_above_chance(embedded_assets, backbone):
     test = open_dataset(embedded_assets.corpus_json, "test").subset(range(200))
     metrics = evaluate_retrieval(backbone, preprocess_split(backbone, test), None)

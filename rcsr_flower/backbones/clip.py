@@ -245,7 +245,7 @@ class Backbone:
         return z, owner
 
 
-_CACHE: dict[tuple[str, str], Backbone] = {}
+_CACHE: dict[tuple[str, str, str], Backbone] = {}
 _LOCK = threading.Lock()
 
 
@@ -267,7 +267,9 @@ def load_backbone(
             "project's tiny CLIP) is loaded with rcsr_flower.assets.load_model('embedded')"
         )
     dev = torch.device(device) if device is not None else default_device()
-    key = (str(Path(path).resolve()) if os.path.isdir(path) else path, str(dev))
+    # the name is part of the key: it keys cached partitions (federation.partition_key),
+    # so the same checkpoint asked for as "embedded" and by its path must not share one
+    key = (str(Path(path).resolve()) if os.path.isdir(path) else path, str(dev), name or path)
     with _LOCK:
         if key not in _CACHE:
             _CACHE[key] = _load(path, dev, name or path)
