@@ -69,6 +69,7 @@ log = logging.getLogger("flwr").getChild(__name__)  # a ClientApp's INFO reaches
 
 IDLE_KEY = "worker-idle-s"
 START_TIMEOUT_S = 300.0  # importing torch + transformers on a loaded machine, with margin
+GREETING = b"rcsr-flower-worker\n"  # sent on accept: the ClientApp knows it was taken in
 _HEADER = struct.Struct("!Q")
 _COUNT = struct.Struct("!I")
 
@@ -251,13 +252,20 @@ class Worker:
             yield sock
 
     def _try_connect(self) -> socket.socket | None:
+        """A connection the worker has accepted (its greeting came; it may first finish
+        another ClientApp's message), or None: nobody listens there, or the listener
+        ended before it accepted us. A killed worker's socket could still take a
+        connection and then reset it (seen under load): that was reported as the worker
+        dying while working on a message it never saw, and no new worker was started."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.socket_path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            return None
-        return sock
+            if sock.recv(len(GREETING), socket.MSG_WAITALL) == GREETING:
+                return sock
+        except (FileNotFoundError, ConnectionError):
+            pass
+        sock.close()
+        return None
 
     def _start(self) -> socket.socket:
         """Start the worker (the lock is held) and connect once it listens."""
@@ -391,6 +399,15 @@ def _closed(conn: socket.socket) -> bool:
         return True
 
 
+def _greet(conn: socket.socket) -> bool:
+    """Tell the ClientApp its connection was accepted (False: it has gone meanwhile)."""
+    try:
+        conn.sendall(GREETING)
+    except OSError:
+        return False
+    return True
+
+
 def work_on(conn: socket.socket, replies, watch: _Watch | None = None) -> None:
     """Receive one message's ``(kind, content, context)``, work on it, send the result."""
     try:
@@ -462,7 +479,8 @@ def serve(
             continue
         with conn:
             conn.settimeout(None)
-            work_on(conn, REPLIES, watch)
+            if _greet(conn):
+                work_on(conn, REPLIES, watch)
         last = time.monotonic()
     watch.release_socket()  # no new connections; answer whoever connected before
     server.setblocking(False)
@@ -473,7 +491,8 @@ def serve(
             break
         with conn:
             conn.setblocking(True)
-            work_on(conn, REPLIES, watch)
+            if _greet(conn):
+                work_on(conn, REPLIES, watch)
     server.close()
     print(f"node worker {os.getpid()} exits: no message for {idle_s:g} s", flush=True)
     if log_path is not None:

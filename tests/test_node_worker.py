@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -180,6 +181,22 @@ def test_a_handler_error_comes_back_named_and_the_worker_goes_on(home, embedded_
     assert reply("query", size, ctx)["metrics"]["partition-id"] == 2
     (log,) = home.glob("*/*.log")
     assert len(worker_pids(log)) == 1  # the same worker throughout
+
+
+def test_a_listener_that_ends_before_accepting_is_a_stale_socket(home):
+    """A connection that got into a listener's backlog and was reset before the worker
+    accepted it (a killed worker's socket, seen under load) is not a worker that died on
+    the message: no greeting came, so the ClientApp starts a new worker instead."""
+    worker = Worker("b" * 24, worker_home(), ROOT, os.getpid(), process_start(os.getpid()), 600)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(worker.socket_path))
+    listener.listen(4)
+    closer = threading.Timer(0.5, listener.close)
+    closer.start()
+    started = time.monotonic()
+    assert worker._try_connect() is None  # connected into the backlog, then reset
+    assert 0.4 < time.monotonic() - started < 30
+    closer.join()
 
 
 def test_a_killed_worker_fails_its_message_and_the_next_one_starts_a_new_worker(
