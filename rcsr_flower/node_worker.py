@@ -9,10 +9,11 @@ work to a worker process that keeps torch, the backbone and the node's data load
 
 - the first message a ClientApp sees starts the worker (``python -m
   rcsr_flower.node_worker``, from the same app directory and interpreter) and waits until
-  it listens; later messages connect to it, send ``(kind, content, context)`` (Flower's
-  protobuf encoding, nothing pickled) and get the
-  reply's content, the updated ``context.state`` and the log lines the work wrote, which
-  the ClientApp writes to its own log. The work is the same functions
+  it listens; later messages connect to it, wait for its greeting (it has accepted the
+  connection: a dead worker's socket may take one and reset it), send ``(kind, content,
+  context)`` (Flower's protobuf encoding, nothing pickled) and get the reply's content,
+  the updated ``context.state`` and the log lines the work wrote, which the ClientApp
+  writes to its own log. The work is the same functions
   (``rcsr_flower.client.REPLIES``) the ClientApp runs itself without a worker.
 - one worker per SuperNode and app version: it is keyed by the app directory, the
   interpreter, the node config and the ClientApp's parent (the SuperNode's SuperExec), so
