@@ -172,10 +172,10 @@ def worker_home() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """The start lock of one worker: held by a ClientApp while it starts the worker, and by
-    the worker while it stops listening."""
-    with open(path, "a+b") as lock:
+def _start_lock(socket_path: Path) -> Iterator[None]:
+    """The start lock of the worker listening on ``socket_path`` (one file beside it): held
+    by a ClientApp while it starts the worker, and by the worker while it stops listening."""
+    with open(socket_path.with_suffix(".lock"), "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -216,10 +216,6 @@ class Worker:
     def log_path(self) -> Path:
         return self.home / f"{self.key}.log"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.home / f"{self.key}.lock"
-
     # ------------------------------------------------------------ the ClientApp side
     def call(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
         """Have the worker work on the message; ``context.state`` becomes its result."""
@@ -247,7 +243,7 @@ class Worker:
     def connect(self) -> Iterator[socket.socket]:
         sock = self._try_connect()
         if sock is None:
-            with _locked(self.lock_path):  # one ClientApp starts the worker; the others wait for it
+            with _start_lock(self.socket_path):  # one ClientApp starts it; the others wait
                 sock = self._try_connect() or self._start()
         with sock:
             yield sock
@@ -376,7 +372,7 @@ class _Watch:
     def release_socket(self) -> None:
         """Take the socket file away if it is still ours, under the start lock (a ClientApp
         starting the next worker holds it, and that worker may already listen there)."""
-        with _locked(self.socket_path.with_suffix(".lock")), contextlib.suppress(OSError):
+        with _start_lock(self.socket_path), contextlib.suppress(OSError):
             if self.inode is not None and self.socket_path.stat().st_ino == self.inode:
                 self.socket_path.unlink()
 
