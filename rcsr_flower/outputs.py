@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,16 +67,19 @@ class MetricsLog:
     def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.pending: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # the central evaluation adds its fields from a thread
         self.rows: list[dict[str, Any]] = list(rows or [])
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         os.replace(tmp, path)
 
     def add(self, server_round: int, **fields: Any) -> None:
-        self.pending.setdefault(server_round, {"round": server_round}).update(fields)
+        with self._lock:
+            self.pending.setdefault(server_round, {"round": server_round}).update(fields)
 
     def flush(self, server_round: int) -> None:
-        row = self.pending.pop(server_round, None)
+        with self._lock:
+            row = self.pending.pop(server_round, None)
         if row is None:
             return
         with open(self.path, "a") as fh:

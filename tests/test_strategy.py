@@ -688,7 +688,7 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
     assert rows[0]["personalized"]["mean"]["rsum"] == pytest.approx(1.5)
     # the strategy writes every round's row itself, with where the time went
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").open()] == [0, 1]
-    assert set(rows[0]["seconds"]) == {"round", "federated_evaluate", "central_evaluate", "clients"}
+    assert set(rows[0]["seconds"]) == {"round", "federated_evaluate", "clients"}  # no central
     phases = rows[1]["seconds"]
     assert set(phases) == {
         "round",
@@ -696,11 +696,79 @@ def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_
         "aggregate",
         "router_step",
         "federated_evaluate",
-        "central_evaluate",
         "clients",
     }
     assert phases["clients"] == {"train": 2.5, "evaluate": 0.25}  # 2 nodes
     assert phases["round"] >= phases["train_wait"] + phases["federated_evaluate"] >= 0
+
+
+def test_the_central_evaluation_runs_while_the_clients_evaluate(tmp_path):
+    """``evaluate_fn`` runs in a thread beside the federated evaluation of the same
+    arrays: here it can only finish once the clients were asked to evaluate (run one
+    after the other, it would wait in vain), and the clients can only answer once it
+    started. Its draws from ``random`` come after the sampling: the same nodes are
+    sampled as without it. Its error reaches the caller."""
+    import random
+    import threading
+
+    from rcsr_flower.outputs import MetricsLog
+
+    def strategy() -> RCSRStrategy:
+        return RCSRStrategy(
+            None,
+            RoutingOptions(mode="fedavg"),
+            num_clients=4,
+            metrics_log=MetricsLog(tmp_path / "metrics.jsonl"),
+            fraction_train=0.5,
+            fraction_evaluate=0.5,
+            min_train_nodes=2,
+            min_evaluate_nodes=2,
+            min_available_nodes=2,
+        )
+
+    asked, started = threading.Event(), threading.Event()
+    evaluated_by = []
+
+    def send_and_receive(messages, timeout=None):
+        messages = list(messages)
+        if messages[0].metadata.message_type == MessageType.EVALUATE:
+            evaluated_by.append(sorted(m.metadata.dst_node_id for m in messages))
+            asked.set()
+            assert started.wait(30), "the central evaluation did not start beside the clients"
+            return [evaluate_reply(m.metadata.dst_node_id, {"rsum": 1.0}) for m in messages]
+        return [reply(m.metadata.dst_node_id, theta(1), 10) for m in messages]
+
+    def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started.set()
+        random.random()  # a draw from the global RNG the node sampling uses
+        assert asked.wait(30), "the clients were not asked while the server evaluated"
+        asked.clear()
+        return MetricRecord({"rsum": float(server_round)})
+
+    result = strategy().start(
+        mock_grid([1, 2, 3, 4], send_and_receive),
+        ArrayRecord(theta(0)),
+        num_rounds=2,
+        evaluate_fn=central,
+    )
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+    assert result.evaluate_metrics_serverapp[2]["rsum"] == 2.0
+    with_central = list(evaluated_by)
+    evaluated_by.clear()
+    started.set()  # clients need not wait without a central evaluation
+    strategy().start(mock_grid([1, 2, 3, 4], send_and_receive), ArrayRecord(theta(0)), num_rounds=2)
+    assert evaluated_by == with_central  # the thread's draw moved no node sample
+
+    def broken(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        raise ValueError("the test split is gone")
+
+    with pytest.raises(ValueError, match="test split is gone"):
+        strategy().start(
+            mock_grid([1, 2, 3, 4], send_and_receive),
+            ArrayRecord(theta(0)),
+            num_rounds=1,
+            evaluate_fn=broken,
+        )
 
 
 def evaluate_reply(node: int, metrics: dict) -> Message:
