@@ -141,3 +141,36 @@ def test_zero_initialised_adapters_reproduce_clipmodel_embeddings_on_vit_b32(vit
     # CLIPModel.forward normalises its own way: equal up to the last bits
     assert torch.allclose(z_i, full.image_embeds, atol=1e-6)
     assert torch.allclose(z_t, full.text_embeds, atol=1e-6)
+
+
+def test_two_threads_with_their_own_adapters_on_one_model_get_their_own_outputs(tiny_model):
+    """One backbone serves a process (``load_backbone``): the server's central evaluation
+    thread and an in-process client use it at once with different adapters. Hooks live
+    on the shared model, so without the model's lock each forward would also run the
+    other thread's adapters."""
+    import threading
+
+    pixels, ids = inputs()
+    sets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        s = AdapterSet.for_model(tiny_model)
+        for p in s.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        sets.append(s)
+    expected = [embed(tiny_model, pixels, ids, s) for s in sets]
+    start, wrong = threading.Barrier(2), []
+
+    def work(k: int) -> None:
+        start.wait()
+        for _ in range(200):
+            zi, zt = embed(tiny_model, pixels, ids, sets[k])
+            if not (torch.allclose(zi, expected[k][0]) and torch.allclose(zt, expected[k][1])):
+                wrong.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 400 forwards ran another thread's adapters"

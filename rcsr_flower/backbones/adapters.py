@@ -7,12 +7,17 @@ the adapted model starts *exactly* as the frozen backbone (round 0 is true zero-
 Adapters wrap the model without forking its code: they are applied with forward hooks
 on ``CLIPEncoderLayer`` for the duration of an :func:`adapted` block, so one cached
 backbone per process serves the shared adapters, a client's personal adapters, or none.
-Only adapter tensors are trainable and only they travel.
+Hooks change the shared model, so such a block holds the model's :func:`model_lock`: two
+threads of one process (the server's central evaluation beside in-process clients)
+take turns instead of running each other's adapters. Only adapter tensors are
+trainable and only they travel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -115,6 +120,20 @@ class AdapterSet(nn.Module):
         return min(self.blocks[tower]) if self.blocks[tower] else None
 
 
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock a forward holds while hooks or swapped modules change ``model``
+    (:func:`adapted`, ``backbones.prefix``): one per model, re-entrant."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 def _encoder_layers(model: nn.Module, tower: str) -> nn.ModuleList:
     sub = model.vision_model if tower == "vision" else model.text_model
     return sub.encoder.layers
@@ -125,24 +144,25 @@ def adapted(model: nn.Module, *adapter_sets: AdapterSet | None) -> Iterator[nn.M
     """Apply the given adapter sets (summed: shared + personal) inside the block."""
     sets = [s for s in adapter_sets if s is not None]
     handles = []
-    try:
-        for tower in TOWERS:
-            for i, layer in enumerate(_encoder_layers(model, tower)):
-                mods = [a for s in sets if (a := s.get(tower, i)) is not None]
-                if not mods:
-                    continue
+    with model_lock(model):
+        try:
+            for tower in TOWERS:
+                for i, layer in enumerate(_encoder_layers(model, tower)):
+                    mods = [a for s in sets if (a := s.get(tower, i)) is not None]
+                    if not mods:
+                        continue
 
-                def hook(_m, _inp, out, mods=mods):
-                    h = out[0] if isinstance(out, tuple) else out
-                    delta = sum(a(h) for a in mods)
-                    h = h + delta
-                    return (h, *out[1:]) if isinstance(out, tuple) else h
+                    def hook(_m, _inp, out, mods=mods):
+                        h = out[0] if isinstance(out, tuple) else out
+                        delta = sum(a(h) for a in mods)
+                        h = h + delta
+                        return (h, *out[1:]) if isinstance(out, tuple) else h
 
-                handles.append(layer.register_forward_hook(hook))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+                    handles.append(layer.register_forward_hook(hook))
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def count_parameters(module: nn.Module) -> int:

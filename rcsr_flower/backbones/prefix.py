@@ -16,14 +16,13 @@ cost, not the tower's full context.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_SWAP_LOCK = threading.RLock()  # replay swaps modules of a model shared per process
+from rcsr_flower.backbones.adapters import model_lock
 
 
 @dataclass
@@ -110,7 +109,7 @@ def replay(model: nn.Module, tower: str, block: int, hidden: torch.Tensor) -> It
     *inside* this context) still run on the stand-ins, in the same place."""
     sub = tower_module(model, tower)
     layers = sub.encoder.layers
-    with _SWAP_LOCK:
+    with model_lock(model):  # a backbone is shared per process
         saved_layers = [layers[i] for i in range(block + 1)]
         saved_embeddings = sub.embeddings
         saved_norm = getattr(sub, "pre_layrnorm", None)
@@ -140,13 +139,14 @@ def _run_to_block(model: nn.Module, tower: str, block: int, forward: Callable[[]
     def stop(_module, _inputs, output):
         raise _Captured(output[0] if isinstance(output, tuple) else output)
 
-    handle = tower_module(model, tower).encoder.layers[block].register_forward_hook(stop)
-    try:
-        forward()
-    except _Captured as captured:
-        return captured.value
-    finally:
-        handle.remove()
+    with model_lock(model):  # the hook would stop another thread's forward too
+        handle = tower_module(model, tower).encoder.layers[block].register_forward_hook(stop)
+        try:
+            forward()
+        except _Captured as captured:
+            return captured.value
+        finally:
+            handle.remove()
     raise RuntimeError(f"the {tower} tower never reached block {block}")
 
 
