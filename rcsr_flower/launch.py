@@ -131,6 +131,13 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    # Flower's simulation calls ray.init() without an address, and Ray then joins the
+    # cluster named in <ray temp dir>/ray_current_cluster, which any `ray start` on this
+    # machine writes and a killed cluster leaves behind: the run joined someone else's
+    # cluster, or waited forever on a dead one (seen here). "local" always starts the
+    # run's own; a RAY_ADDRESS the user set is kept.
+    if not env.get("RAY_ADDRESS"):
+        env["RAY_ADDRESS"] = "local"
     # Threads that wait for work sleep instead of spinning: torch's OpenMP threads spin by
     # default, and with several torch processes on the same cores (SuperNodes, the
     # ServerApp, Ray actors beside it) each spins on the core another needs. Measured

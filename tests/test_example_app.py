@@ -15,6 +15,7 @@ cost a third launch.
 
 import hashlib
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rcsr_flower.launch import main
+from rcsr_flower.launch import free_port, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "label-routing"
@@ -125,13 +126,23 @@ def test_the_example_app_runs_routed_with_metrics_evaluation_and_checkpoints(uni
     assert set(load_file(str(run / "task-state.safetensors"))) == {"prior"}
 
 
-def test_the_example_resumed_from_a_checkpoint_ends_like_the_uninterrupted_run(uninterrupted):
+def test_the_example_resumed_from_a_checkpoint_ends_like_the_uninterrupted_run(
+    uninterrupted, monkeypatch
+):
+    """Also on a machine where a dead Ray cluster's address was left in Ray's temp dir
+    (what `ray start` writes, and a killed cluster leaves): Flower's ``ray.init()`` would
+    join it and wait until the launcher's timeout; the launcher starts the run's own."""
     assert uninterrupted["code"] == 0
     k = uninterrupted["snapshot"].get("round")
     assert k is not None, "no checkpoint of rounds 1..3 was seen while the run went on"
     tmp, a = uninterrupted["tmp"], uninterrupted["run"]
     snapshot = tmp / "snapshot"
-    code = launch(tmp, "B", f"num-server-rounds={ROUNDS}", f'resume-from="{snapshot}"')
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:  # short: sockets
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        code = launch(tmp, "B", f"num-server-rounds={ROUNDS}", f'resume-from="{snapshot}"')
     assert code == 0
     b = tmp / "outputs" / "B"
     assert json.loads((b / "result.json").read_text())["resumed_after_round"] == k
