@@ -149,14 +149,14 @@ def caption_embeddings(
     """Per item: the normalised mean of its frozen-backbone caption embeddings."""
     import torch
 
-    from rcsr_flower.backbones.clip import available_cores, torch_threads
+    from rcsr_flower.backbones import clip
 
     captions = [dataset.captions(i) for i in range(len(dataset))]
     # every node computes this itself: no bf16 on GPUs. It runs once, under the partition
     # lock that every client and the server wait on, so it may use all the cores (a Ray
     # actor has one thread). With torch's CPU kernels the embeddings are bit-identical for
     # 1 and 2 threads (tests/test_partition.py), so the partition does not depend on it.
-    with backbone.full_precision(), torch_threads(available_cores()):
+    with backbone.full_precision(), clip.torch_threads(clip.available_cores()):
         z, owner = backbone.embed_caption_lists(captions, batch_size=batch_size)
     sums = torch.zeros(len(captions), z.shape[1]).index_add_(0, owner, z)
     return torch.nn.functional.normalize(sums, dim=-1).numpy()

@@ -276,6 +276,7 @@ def test_partition_embeddings_use_all_cores_and_match_one_thread(
     import torch
 
     from rcsr_flower import federation
+    from rcsr_flower.backbones import clip
     from rcsr_flower.backbones.clip import available_cores, torch_threads
     from rcsr_flower.data.datasets import open_dataset
 
@@ -293,7 +294,7 @@ def test_partition_embeddings_use_all_cores_and_match_one_thread(
         assert torch.get_num_threads() == 1
         found = {}
         for cores in (2, 1):  # fixed counts: the same comparison on any machine
-            monkeypatch.setattr(federation, "available_cores", lambda cores=cores: cores)
+            monkeypatch.setattr(clip, "available_cores", lambda cores=cores: cores)
             found[cores] = federation.caption_embeddings(backbone, items)
     assert seen == [available_cores(), 2, 1]
     np.testing.assert_array_equal(found[2], found[1])
