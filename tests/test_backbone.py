@@ -73,6 +73,42 @@ def test_dynamic_padding_gives_the_same_embeddings_as_fixed_padding(backbone):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["backbone", "vit_b32"])
+def test_cached_token_ids_give_the_tokenizers_own_tensors(which, request, embedded_assets):
+    """Captions are tokenised once per process and padded from the cache: bit-identical
+    to the tokenizer's padding="longest", truncation included, on a second call too."""
+    from rcsr_flower.backbones import clip
+
+    model = request.getfixturevalue(which)
+    test = open_dataset(embedded_assets.corpus_json, "test").subset(range(12))
+    captions = [c for i in range(len(test)) for c in test.captions(i)]
+    too_long = " ".join(["a red star beside two small blue circles"] * 20)
+    batches = [captions[:7], [captions[3], too_long, "a star", captions[3]], captions]
+    model._token_ids.clear()
+    for batch in (*batches, *batches):  # the second round reads the cache only
+        ours = model.tokenize(batch)
+        theirs = model.tokenizer(
+            batch,
+            padding="longest",
+            truncation=True,
+            max_length=model.max_text_length,
+            return_tensors="pt",
+        )
+        for key in ("input_ids", "attention_mask"):
+            assert ours[key].dtype == theirs[key].dtype
+            assert torch.equal(ours[key], theirs[key]), key
+    assert ours["input_ids"].shape[1] < model.max_text_length  # still padded to the longest
+    assert len(model._token_ids) == len(set(captions) | {too_long, "a star"})
+    saved, clip.TOKEN_CACHE_SIZE = clip.TOKEN_CACHE_SIZE, len(model._token_ids)
+    try:  # bounded: a full cache starts over
+        ours = model.tokenize(["a new caption"])
+        theirs = model.tokenizer(["a new caption"], return_tensors="pt")
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert list(model._token_ids) == ["a new caption"]
+    finally:
+        clip.TOKEN_CACHE_SIZE = saved
+
+
 def test_length_sorted_batches_give_the_same_embeddings_in_input_order(backbone, embedded_assets):
     """Evaluation batches captions by length; the result is in the input order and equal,
     up to float rounding, to input-order batches."""

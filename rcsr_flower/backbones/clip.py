@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from rcsr_flower.backbones.prefix import replay
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+TOKEN_CACHE_SIZE = 500_000  # captions whose token ids a backbone keeps (COCO has 616,767)
 
 
 class BackboneNotFoundError(RuntimeError):
@@ -80,6 +81,9 @@ class Backbone:
     device: torch.device
     name: str
     mixed_precision: bool = True  # bf16 autocast of the frozen towers on CUDA
+    # caption -> its token ids (truncated, unpadded): a node's captions are tokenised once,
+    # not every round (13 % of a client's evaluation here); cleared past TOKEN_CACHE_SIZE
+    _token_ids: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -98,15 +102,42 @@ class Backbone:
 
     # ------------------------------------------------------------------ inputs
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Pad to the batch's longest caption, not to 77: short captions cost less."""
-        tokens = self.tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        """Pad to the batch's longest caption, not to 77: short captions cost less.
+
+        The same tensors as the tokenizer's ``padding="longest"`` (tested), built from
+        each caption's cached ids: the captions of a node's splits come back every round.
+        """
+        captions = list(captions)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if not captions or pad is None or self.tokenizer.padding_side != "right":
+            tokens = self.tokenizer(
+                captions,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_length,
+                return_tensors="pt",
+            )
+            return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        ids = self.token_ids(captions)
+        lengths = torch.tensor([len(x) for x in ids])
+        mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        input_ids = torch.full(mask.shape, pad, dtype=torch.long)
+        input_ids[mask] = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask.long()}
+
+    def token_ids(self, captions: list[str]) -> list[list[int]]:
+        """Each caption's token ids, truncated to the context, from the cache or tokenised."""
+        cache = self._token_ids
+        ids = [cache.get(c) for c in captions]
+        missing = list(dict.fromkeys(c for c, x in zip(captions, ids, strict=True) if x is None))
+        if missing:
+            encoded = self.tokenizer(missing, truncation=True, max_length=self.max_text_length)
+            new = dict(zip(missing, encoded["input_ids"], strict=True))
+            if len(cache) + len(new) > TOKEN_CACHE_SIZE:
+                cache.clear()
+            cache.update(new)
+            ids = [new[c] if x is None else x for c, x in zip(captions, ids, strict=True)]
+        return ids
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The checkpoint's own image preprocessing (resize, crop, normalise)."""
