@@ -85,12 +85,13 @@ def main() -> None:
 
     import torch
 
-    from rcsr_flower.backbones.adapters import tower_of
+    from rcsr_flower.backbones.adapters import TOWERS, tower_of
     from rcsr_flower.client import MODALITY_CODES
     from rcsr_flower.config import RunConfig
     from rcsr_flower.launch import prepare_run
     from rcsr_flower.server import _load_evaluation
     from rcsr_flower.splits import evaluate_retrieval
+    from rcsr_flower.task import tower_norm
 
     captured: dict[int, dict] = {}
     send = round_overhead.InProcessGrid.send_and_receive
@@ -152,14 +153,7 @@ def main() -> None:
 
     clients = {}
     for p, c in captured.items():
-        norms = {
-            tower: round(
-                float(sum(v.norm() ** 2 for k, v in delta[p].items() if tower_of(k) == tower))
-                ** 0.5,
-                3,
-            )
-            for tower in ("vision", "text")
-        }
+        norms = {tower: round(float(tower_norm(delta[p], tower)), 3) for tower in TOWERS}
         m = c["metrics"]
         clients[p] = {
             "modality": modality_of[int(m["modality"])],

@@ -474,6 +474,12 @@ def local_embeddings(
     return z_i, z_t
 
 
+def tower_norm(delta: dict[str, torch.Tensor], tower: str) -> torch.Tensor:
+    """``‖Δ_tower‖`` in float64 over the adapters of one tower (0 when it has none)."""
+    parts = [v.flatten() for k, v in delta.items() if tower_of(k) == tower]
+    return torch.cat(parts).double().norm() if parts else torch.zeros((), dtype=torch.float64)
+
+
 def update_geometry(
     delta: dict[str, torch.Tensor],
     previous: dict[str, torch.Tensor] | None,
@@ -489,12 +495,7 @@ def update_geometry(
     enter as ``log(1+x)``. ``cos`` is 0 without ``Δ_prev``.
     """
     flat = torch.cat([v.flatten() for v in delta.values()]).double()
-
-    def tower_norm(tower: str) -> torch.Tensor:
-        parts = [v.flatten() for k, v in delta.items() if tower_of(k) == tower]
-        return torch.cat(parts).double().norm() if parts else torch.zeros((), dtype=flat.dtype)
-
-    vision, text = tower_norm("vision"), tower_norm("text")
+    vision, text = tower_norm(delta, "vision"), tower_norm(delta, "text")
     norm = flat.norm()
     moved = vision + text
     share = vision / moved if moved > eps else torch.tensor(0.5, dtype=flat.dtype)
