@@ -285,23 +285,18 @@ def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict
 
 
 def make_evaluate_fn(
-    num_rounds: int,
-    eval_every: int,
     metrics_log: MetricsLog,
     evaluate: Callable[[ArrayRecord], dict],
 ) -> Callable:
-    """Centralised evaluation at round 0, every ``eval-every`` rounds and the last one.
+    """Centralised evaluation for the strategy, which calls it in the rounds it evaluates
+    (``eval-every``: :meth:`RCSRStrategy.evaluation_due`).
 
     Its metrics join the round's row, which the strategy writes when the round ends."""
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        due = server_round in (0, num_rounds) or (eval_every > 0 and server_round % eval_every == 0)
-        result = None
-        if due:
-            metrics = evaluate(arrays)
-            metrics_log.add(server_round, **{"global": metrics})
-            log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
-            result = MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
-        return result
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = evaluate(arrays)
+        metrics_log.add(server_round, **{"global": metrics})
+        log.info("round %d global: rsum %.2f", server_round, metrics["rsum"])
+        return MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
 
     return evaluate_fn

@@ -170,9 +170,10 @@ class RoutedRun:
         continue with their true numbers. The RNGs are restored last, so whatever the
         app drew while setting up does not shift what the rounds draw.
 
-        ``evaluate_fn(round, arrays)`` is the centralised evaluation (round 0, then every
-        round); what it returns joins the round's row as ``central_key`` (None: the app
-        writes its own field through :attr:`metrics_log`).
+        ``evaluate_fn(round, arrays)`` is the centralised evaluation, in the rounds the
+        strategy evaluates (:meth:`RCSRStrategy.evaluation_due`); what it returns joins
+        the round's row as ``central_key`` (None: the app writes its own field through
+        :attr:`metrics_log`).
         """
         if self.config is None:
             raise RuntimeError("RoutedRun.start before RoutedRun.open")
@@ -299,6 +300,7 @@ def run_routed(
     train_config: Mapping[str, Any] | None = None,
     evaluate_config: Mapping[str, Any] | None = None,
     timeout: float | None = None,
+    evaluate_every: int | None = None,
     may_change: Iterable[str] = (),
     **fedavg_kwargs: Any,
 ) -> Result:
@@ -308,21 +310,26 @@ def run_routed(
     ``resume-from`` and ``result.json`` with no further code.
 
     ``timeout`` (default: run-config ``round-timeout``, else 3600 s) bounds each round's
-    wait for replies; ``may_change`` names the app's run-config keys a resumed run may
-    set differently from the checkpointed one (``resume-from``, ``run-name`` and
-    ``output-dir`` always may); ``fedavg_kwargs`` go to Flower's ``FedAvg``
+    wait for replies; ``evaluate_every`` (default: run-config ``eval-every``, else 1)
+    spaces the federated and central evaluations (round 0 and the last always);
+    ``may_change`` names the app's run-config keys a resumed run may set differently
+    from the checkpointed one (``resume-from``, ``run-name`` and ``output-dir`` always
+    may); ``fedavg_kwargs`` go to Flower's ``FedAvg``
     (``fraction_train``, ``min_available_nodes``, ...).
     """
     config = dict(context.run_config)
     with RoutedRun(config) as run:
         run.open(config, may_change)
         run.check_num_clients(num_clients)
+        if evaluate_every is None:
+            evaluate_every = int(config.get("eval-every", 1))
         strategy = RCSRStrategy(
             task,
             options if options is not None else RoutingOptions(),
             num_clients,
             metrics_log=run.metrics_log,
             evaluation=evaluation,
+            evaluate_every=evaluate_every,
             **fedavg_kwargs,
         )
         if timeout is None:

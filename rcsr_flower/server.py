@@ -466,6 +466,7 @@ def _run_federation(
         num_clients=num_partitions,
         metrics_log=run.metrics_log,
         evaluation=PersonalizedRetrieval(),
+        evaluate_every=cfg.eval_every,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -491,9 +492,7 @@ def _run_federation(
             timeout=cfg.round_timeout,
             evaluate_config={"state-key": state_key},
             # the global metrics join the row as "global" (make_evaluate_fn writes them)
-            evaluate_fn=make_evaluate_fn(
-                cfg.num_server_rounds, cfg.eval_every, run.metrics_log, evaluate
-            ),
+            evaluate_fn=make_evaluate_fn(run.metrics_log, evaluate),
             central_key=None,
         )
     except NodeWaitTimeout as exc:

@@ -124,10 +124,20 @@ class RCSRStrategy(FedAvg):
         num_clients: int,
         metrics_log: MetricsLog | None = None,
         evaluation: FederatedEvaluation | None = None,
+        evaluate_every: int = 1,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if evaluate_every < 0:
+            raise ValueError(
+                f"evaluate_every = {evaluate_every}: use 0 (round 0 and the last round "
+                "only) or a period of 1 or more rounds"
+            )
         self.task = task if options.routed else None
+        # evaluation (federated and central) at round 0, every `evaluate_every` rounds
+        # and the last round: a 100-round run need not evaluate every client each round
+        self.evaluate_every = evaluate_every
+        self.num_rounds: int | None = None  # set by start()
         self.evaluation = evaluation if evaluation is not None else WeightedAverage()
         self.options = options
         self.metrics_log = metrics_log
@@ -185,6 +195,7 @@ class RCSRStrategy(FedAvg):
         """
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        self.num_rounds = num_rounds
         flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -276,6 +287,12 @@ class RCSRStrategy(FedAvg):
                     name = key.removesuffix("-seconds")
                     totals[name] = totals.get(name, 0.0) + float(value)
 
+    def evaluation_due(self, server_round: int) -> bool:
+        """Round 0, the last round and every ``evaluate_every``-th round (0: no others)."""
+        if server_round == 0 or server_round == self.num_rounds:
+            return True
+        return self.evaluate_every > 0 and server_round % self.evaluate_every == 0
+
     def _evaluate(
         self,
         server_round: int,
@@ -293,8 +310,11 @@ class RCSRStrategy(FedAvg):
         its evaluation fills the gaps the clients leave (on this 2-core VM a fifth of the
         central evaluation's core-time was idle). The nodes are sampled first, so the
         thread cannot draw between the sampling seed and the sample; nothing the
-        thread computes depends on the replies. ``(federated, central)`` results.
+        thread computes depends on the replies. ``(federated, central)`` results; both
+        None in a round :meth:`evaluation_due` skips.
         """
+        if not self.evaluation_due(server_round):
+            return None, None
         messages = list(self.configure_evaluate(server_round, arrays, config, grid))
 
         def run_central() -> MetricRecord | None:

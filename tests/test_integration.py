@@ -42,9 +42,13 @@ def launch(tmp_path, embedded_assets, run_name, **run_config):
 
 
 def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets):
-    # the first 1,600 items (about 400 a client), as the smoke suite: mechanics, not accuracy
+    # the first 1,600 items (about 400 a client), as the smoke suite: mechanics, not accuracy;
+    # eval-every = 0: evaluations at round 0 and the last round only
     result, out = launch(
-        tmp_path, embedded_assets, "rcsr", **{"num-server-rounds": 2, "train-max-items": 1600}
+        tmp_path,
+        embedded_assets,
+        "rcsr",
+        **{"num-server-rounds": 2, "train-max-items": 1600, "eval-every": 0},
     )
     assert result["status"] == "completed", result.get("error")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -63,10 +67,12 @@ def test_rcsr_two_rounds_with_missing_modality_clients(tmp_path, embedded_assets
         fused = [w["fused"] for w in row["weights"].values()]
         assert len(fused) == 2 and abs(sum(fused) - 1) < 1e-5
         assert row["router_loss"] is not None and row["weight_entropy"] > 0
-        assert set(row["global"]) >= {"i2t_r1", "t2i_r10", "rsum", "protocol"}
-        groups = row["personalized"]["by_group"]
-        assert {"paired", "image-only", "text-only"} <= set(groups)
-        assert row["personalized"]["clients"] == 4
+    # round 1 trained but evaluated nothing, on the server or on the clients
+    assert not {"global", "personalized"} & set(rows[1])
+    assert not {"federated_evaluate", "central_evaluate"} & set(rows[1]["seconds"])
+    assert set(rows[2]["global"]) >= {"i2t_r1", "t2i_r10", "rsum", "protocol"}
+    assert {"paired", "image-only", "text-only"} <= set(rows[2]["personalized"]["by_group"])
+    assert rows[2]["personalized"]["clients"] == 4
     partition = json.loads((out / "partition.json").read_text())
     modalities = sorted(c["modality"] for c in partition["clients"])
     assert modalities == ["image-only", "paired", "paired", "text-only"]

@@ -94,3 +94,44 @@ def test_a_fresh_run_does_not_overwrite_an_unfinished_one(tmp_path):
     cfg = checkpointed(tmp_path, 2)
     with pytest.raises(ConfigError, match="holds an unfinished run"), RoutedRun(cfg) as run:
         run.open(cfg)
+
+
+def test_run_routed_takes_eval_every_from_the_run_config(tmp_path):
+    """An app's ``eval-every`` spaces its evaluations with no code (round 0 and the last
+    always); the central and federated rows of the skipped rounds are absent."""
+    from flwr.app import Context, MessageType, MetricRecord, RecordDict
+    from test_strategy import evaluate_reply, mock_grid, reply
+
+    from rcsr_flower.runner import run_routed
+    from rcsr_flower.strategy import RoutingOptions
+
+    asked = []
+
+    def send_and_receive(messages, timeout=None):
+        messages = list(messages)
+        kind = messages[0].metadata.message_type
+        asked.append((kind, int(messages[0].content["config"]["server-round"])))
+        if kind == MessageType.EVALUATE:
+            return [evaluate_reply(m.metadata.dst_node_id, {"num-examples": 5}) for m in messages]
+        return [reply(m.metadata.dst_node_id, theta(1), 10) for m in messages]
+
+    run_config = config(tmp_path, **{"eval-every": 2, "num-server-rounds": 3})
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    run_routed(
+        mock_grid([1, 2], send_and_receive),
+        context,
+        None,
+        ArrayRecord(theta(0)),
+        num_clients=2,
+        options=RoutingOptions(mode="fedavg"),
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"rsum": float(rnd)}),
+        min_available_nodes=2,
+        min_train_nodes=2,
+        min_evaluate_nodes=2,
+    )
+    assert [r for kind, r in asked if kind == MessageType.EVALUATE] == [0, 2, 3]
+    assert [r for kind, r in asked if kind == MessageType.TRAIN] == [1, 2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows if "central" in r] == [0, 2, 3]

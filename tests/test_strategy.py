@@ -771,6 +771,62 @@ def test_the_central_evaluation_runs_while_the_clients_evaluate(tmp_path):
         )
 
 
+def test_eval_every_spaces_federated_and_central_evaluation_alike(tmp_path):
+    """``evaluate_every = 2`` over 5 rounds: clients and server evaluate at rounds 0, 2,
+    4 and the last (5), and no others; every round trains, on the same nodes as with
+    evaluation every round. ``evaluate_every = 0``: round 0 and the last only."""
+    from rcsr_flower.outputs import MetricsLog
+
+    def run(every: int) -> tuple[list, list, list, dict]:
+        evaluated, trained, central = [], [], []
+
+        def send_and_receive(messages, timeout=None):
+            messages = list(messages)
+            rnd = messages[0].content["config"]["server-round"]
+            nodes = sorted(m.metadata.dst_node_id for m in messages)
+            if messages[0].metadata.message_type == MessageType.EVALUATE:
+                evaluated.append(rnd)
+                return [evaluate_reply(n, {"num-examples": 5, "rsum": 1.0}) for n in nodes]
+            trained.append((rnd, nodes))
+            return [reply(n, theta(n), 10) for n in nodes]
+
+        def central_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            central.append(server_round)
+            return MetricRecord({"rsum": 1.0})
+
+        s = RCSRStrategy(
+            None,
+            RoutingOptions(mode="fedavg", seed=3),
+            num_clients=4,
+            metrics_log=MetricsLog(tmp_path / f"metrics-{every}.jsonl"),
+            evaluate_every=every,
+            fraction_train=0.5,
+            min_train_nodes=2,
+            min_evaluate_nodes=2,
+            min_available_nodes=2,
+        )
+        s.start(
+            mock_grid([1, 2, 3, 4], send_and_receive),
+            ArrayRecord(theta(0)),
+            num_rounds=5,
+            evaluate_fn=central_fn,
+        )
+        rows = {r["round"]: r for r in s.metrics_log.rows}
+        return evaluated, central, trained, rows
+
+    evaluated, central, trained, rows = run(2)
+    assert evaluated == central == [0, 2, 4, 5]
+    assert [r for r, _ in trained] == [1, 2, 3, 4, 5]
+    assert "evaluation" not in rows[3] and "federated_evaluate" not in rows[3]["seconds"]
+    assert "evaluation" in rows[4] and "train_wait" in rows[3]["seconds"]
+    every_round = run(1)
+    assert every_round[0] == every_round[1] == [0, 1, 2, 3, 4, 5]
+    assert every_round[2] == trained  # skipping an evaluation moves no training sample
+    assert run(0)[0] == [0, 5]
+    with pytest.raises(ValueError, match="evaluate_every = -1"):
+        RCSRStrategy(None, RoutingOptions(mode="fedavg"), num_clients=4, evaluate_every=-1)
+
+
 def evaluate_reply(node: int, metrics: dict) -> Message:
     return Message(
         RecordDict({"metrics": MetricRecord(metrics)}),
