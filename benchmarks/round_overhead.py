@@ -15,7 +15,8 @@ Runs the embedded default federation (or any `-c` overrides) with the same code:
   mode with 10 SuperNodes (`make run`).
 
 Same clients, rounds, seeds and sampling (nodes in partition order). Assets and the
-partition are prepared first and not timed.
+partition are prepared first and not timed; the zero-shot memo (``zero-shot-cache``) is
+off, so that every run computes round 0 and the bootstrap.
 
     .venv/bin/python benchmarks/round_overhead.py [-c "num-server-rounds=2"]
 
@@ -146,7 +147,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="round-overhead-")).resolve()
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    overrides = parse_config_args(args.run_config)
+    # each run computes round 0 and the bootstrap itself: with the memo, whichever ran
+    # first would fill it for the others (-c "zero-shot-cache=true" to time it on)
+    overrides = {"zero-shot-cache": False, **parse_config_args(args.run_config)}
 
     runs = {}
     kinds = {"plain": 1, "plain_all_cores": available_cores(), "flower": None}

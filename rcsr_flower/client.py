@@ -40,6 +40,7 @@ from rcsr_flower.task import (
     load_client_data,
     local_train,
 )
+from rcsr_flower.zero_shot import ZeroShotMemo
 
 log = logging.getLogger(__name__)
 # A child of Flower's logger: its console handler puts INFO lines into the SuperNode's log
@@ -167,6 +168,13 @@ class ClientNode:
             client_state_root(self.cfg), str(config["state-key"]), self.partition_id
         )
 
+    @property
+    def memo(self) -> ZeroShotMemo | None:
+        """Where this node keeps the frozen backbone's results (``zero-shot-cache``)."""
+        if not self.cfg.zero_shot_cache:
+            return None
+        return ZeroShotMemo(cache_root(self.cfg.cache_dir or None) / "zero-shot")
+
     def seed(self, server_round: int, salt: int = 0) -> int:
         return self.cfg.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
@@ -244,6 +252,7 @@ def handle_query(node: ClientNode, config: ConfigRecord) -> dict:
             int(config["prototype-slots"]),
             node.cfg.prototype_samples,
             node.seed(0),
+            memo=node.memo,
         )
         if groups is not None:
             out["groups"] = groups
@@ -373,6 +382,7 @@ def handle_evaluate(
             node.personal(state),
             protocol=node.cfg.eval_protocol,
             batch_size=node.cfg.eval_batch_size,
+            memo=node.memo,
         )
         metrics.update({k: v for k, v in recall.items() if isinstance(v, float)})
         metrics["evaluate-seconds"] = round(time.perf_counter() - started, 4)

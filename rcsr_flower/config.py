@@ -30,6 +30,7 @@ RESUME_MAY_CHANGE = frozenset(
         "round-timeout",
         "node-wait-timeout",
         "fault-injection",
+        "zero-shot-cache",  # a remembered result is the one recomputing gives
     }
 )
 
@@ -90,6 +91,7 @@ class RunConfig:
     adapter_bottleneck: int = field(default=64, metadata=_range(1))
     adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
     prefix_cache: bool = True  # adapter-layers = L: train from cached frozen prefixes
+    zero_shot_cache: bool = True  # round 0 and the bootstrap: the frozen backbone's results
     # prototypes (SPEC §3)
     prototype_slots: int = field(default=32, metadata=_range(1))
     prototype_momentum: float = field(default=0.95, metadata=_range(0.0, 1.0))

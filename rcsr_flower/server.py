@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid
 
 from rcsr_flower.aggregation import unanswered
-from rcsr_flower.assets import load_model
+from rcsr_flower.assets import cache_root, load_model
 from rcsr_flower.backbones.clip import Backbone
 from rcsr_flower.checkpoint import Checkpoint
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
@@ -53,6 +53,7 @@ from rcsr_flower.retrieval_task import (
 from rcsr_flower.runner import RoutedRun
 from rcsr_flower.splits import SplitTensors, evaluate_retrieval, preprocess_split
 from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.zero_shot import ZeroShotMemo
 
 log = logging.getLogger(__name__)
 
@@ -430,10 +431,21 @@ def _run_federation(
     )
     initial = ArrayRecord({k: v.detach().cpu() for k, v in template.state_dict().items()})
 
+    memo = (
+        ZeroShotMemo(cache_root(cfg.cache_dir or None) / "zero-shot")
+        if cfg.zero_shot_cache
+        else None
+    )
+
     def evaluate(arrays: ArrayRecord) -> dict:
         template.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         return evaluate_retrieval(
-            backbone, test, template, protocol=cfg.eval_protocol, batch_size=cfg.eval_batch_size
+            backbone,
+            test,
+            template,
+            protocol=cfg.eval_protocol,
+            batch_size=cfg.eval_batch_size,
+            memo=memo,
         )
 
     state_key = run.state_key  # clients keep resume snapshots of their state under it

@@ -16,6 +16,7 @@ from rcsr_flower.backbones.adapters import AdapterSet
 from rcsr_flower.backbones.clip import Backbone, preprocess_images
 from rcsr_flower.data.datasets import ImageCaptionDataset
 from rcsr_flower.metrics import retrieval_recall
+from rcsr_flower.zero_shot import ZeroShotMemo, is_identity
 
 
 @dataclass
@@ -104,8 +105,20 @@ def evaluate_retrieval(
     *adapters: AdapterSet | None,
     protocol: str = "standard",
     batch_size: int = 256,
+    memo: ZeroShotMemo | None = None,
 ) -> dict:
-    """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split."""
+    """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split.
+
+    ``memo``: while the adapters add nothing (round 0), the frozen backbone's metrics on
+    this very split come from there when computed before (:mod:`rcsr_flower.zero_shot`).
+    """
+    if memo is not None and is_identity(*adapters):
+        return memo.metrics(
+            backbone,
+            "retrieval",
+            [split.pixels, split.captions, protocol, batch_size],
+            lambda: evaluate_retrieval(backbone, split, protocol=protocol, batch_size=batch_size),
+        )
     was_training = [a.training for a in adapters if a is not None]
     for a in adapters:
         if a is not None:

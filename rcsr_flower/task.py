@@ -27,6 +27,7 @@ from rcsr_flower.backbones.prefix import TowerPrefix, image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.splits import SplitTensors, preprocess_split
+from rcsr_flower.zero_shot import ZeroShotMemo
 
 log = logging.getLogger(__name__)
 
@@ -545,14 +546,44 @@ def client_statistics(
 
 
 def bootstrap_groups(
-    backbone: Backbone, data: ClientData, num_slots: int, limit: int, seed: int
+    backbone: Backbone,
+    data: ClientData,
+    num_slots: int,
+    limit: int,
+    seed: int,
+    memo: ZeroShotMemo | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """SPEC §3 bootstrap reply of a paired client: k-means of ``normalize(z_I + z_T)``
-    into ``min(C, n/4)`` groups, each group's image mean, text mean and count."""
-    from sklearn.cluster import KMeans
+    into ``min(C, n/4)`` groups, each group's image mean, text mean and count.
 
+    It runs the frozen backbone alone: with a ``memo``, the groups of these very items
+    come from there when computed before (:mod:`rcsr_flower.zero_shot`)."""
     if data.modality != "paired" or len(data.train) < 1:
         return None
+    if memo is None:
+        return _bootstrap_groups(backbone, data, num_slots, limit, seed)
+    idx = _sample(len(data.train), limit, seed)
+    parts = [
+        data.train.pixels[idx],
+        [data.train.captions[i][0] for i in idx.tolist()],
+        [[tower, p.block] for tower, p in sorted(data.prefix.items())],
+        num_slots,
+        limit,
+        seed,
+    ]
+    return memo.tensors(
+        backbone,
+        "bootstrap",
+        parts,
+        lambda: _bootstrap_groups(backbone, data, num_slots, limit, seed),
+    )
+
+
+def _bootstrap_groups(
+    backbone: Backbone, data: ClientData, num_slots: int, limit: int, seed: int
+) -> dict[str, torch.Tensor]:
+    from sklearn.cluster import KMeans
+
     z_i, z_t = local_embeddings(backbone, data, [], limit, seed)
     joint = F.normalize(z_i + z_t, dim=1).numpy()
     k = max(1, min(num_slots, len(joint) // 4))
