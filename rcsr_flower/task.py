@@ -27,7 +27,7 @@ from rcsr_flower.backbones.prefix import TowerPrefix, image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.splits import SplitTensors, preprocess_split
-from rcsr_flower.zero_shot import ZeroShotMemo
+from rcsr_flower.zero_shot import ZeroShotMemo, backbone_digest
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,10 @@ def client_prefix(
 ) -> dict[str, TowerPrefix]:
     """The training split's frozen prefix per tower the client holds, computed once per
     node and kept on its disk beside the client data (safetensors, keyed by the same
-    things plus the tower and block; skipped when larger than ``data-cache-gb``; safe to
-    delete)."""
+    things plus the tower, the block and a hash of the backbone's weights, which the
+    client data's key names only by ``model-name``: new weights in the same directory
+    must not replay old hidden states; skipped when larger than ``data-cache-gb``; safe
+    to delete)."""
     from safetensors.torch import load_file
 
     out = {}
@@ -176,7 +178,8 @@ def client_prefix(
         held = data.has_image if tower == "vision" else data.has_text
         if not held or len(data.train) == 0:
             continue
-        path = data_path.with_name(f"{data_path.stem}.prefix-{tower}-{block}.safetensors")
+        weights = backbone_digest(backbone)[:12]
+        path = data_path.with_name(f"{data_path.stem}.prefix-{tower}-{block}-{weights}.safetensors")
         prefix = None
         if path.is_file():
             try:

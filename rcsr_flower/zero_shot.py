@@ -94,12 +94,15 @@ def backbone_digest(backbone) -> str:
     cached = _BACKBONE_DIGESTS.get(model)
     if cached is None:
         state = model.state_dict()
-        tokenizer = backbone.tokenizer
-        vocab = getattr(tokenizer, "backend_tokenizer", None)
+        tokenizer, processor = backbone.tokenizer, backbone.image_processor
+        if getattr(tokenizer, "backend_tokenizer", None) is not None:
+            vocab = tokenizer.backend_tokenizer.to_str()
+        else:  # a slow tokenizer, or none (a benchmark's bare model)
+            vocab = json.dumps(tokenizer.get_vocab()) if tokenizer is not None else None
         cached = digest(
             [[name, state[name]] for name in sorted(state)],
-            vocab.to_str() if vocab is not None else json.dumps(tokenizer.get_vocab()),
-            json.dumps(backbone.image_processor.to_dict(), sort_keys=True, default=str),
+            vocab,
+            json.dumps(processor.to_dict(), sort_keys=True, default=str) if processor else None,
             json.dumps(model.config.to_dict(), sort_keys=True, default=str),
         )
         _BACKBONE_DIGESTS[model] = cached

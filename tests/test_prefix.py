@@ -1,6 +1,8 @@
 """The frozen-prefix feature cache (SPEC §2): training from cached hidden states gives
 what the full towers give, on the real embedded backbone and corpus."""
 
+import copy
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from rcsr_flower.task import (
     train_image_features,
     train_text_features,
 )
+from rcsr_flower.zero_shot import backbone_digest
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +75,22 @@ def test_a_training_step_from_the_cache_equals_the_uncached_one(backbone, split,
     cached = ClientData(0, "paired", split, split)
     cached.prefix = client_prefix(cfg, backbone, cached, tmp_path / "client.safetensors")
     assert set(cached.prefix) == {"vision", "text"}
+    weights = backbone_digest(backbone)[:12]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [
-        f"client.prefix-text-{cached.prefix['text'].block}.safetensors",
-        f"client.prefix-vision-{cached.prefix['vision'].block}.safetensors",
+        f"client.prefix-text-{cached.prefix['text'].block}-{weights}.safetensors",
+        f"client.prefix-vision-{cached.prefix['vision'].block}-{weights}.safetensors",
     ]
     # a new process finds them on the node's disk
     again = client_prefix(cfg, backbone, plain, tmp_path / "client.safetensors")
     assert torch.equal(again["text"].hidden, cached.prefix["text"].hidden)
+    # new weights under the same model-name replay nothing of the old ones
+    retrained = copy.deepcopy(backbone)
+    with torch.no_grad():
+        retrained.model.text_model.embeddings.token_embedding.weight.mul_(1.5)
+    fresh = client_prefix(cfg, retrained, plain, tmp_path / "client.safetensors")
+    assert not torch.equal(fresh["text"].hidden, cached.prefix["text"].hidden)
+    assert len(list(tmp_path.iterdir())) == 4
 
     settings = TrainSettings(lr=1e-2, epochs=1, batch_size=8, anchoring=False)
     trained, start = {}, backbone.new_adapters("2").state_dict()
