@@ -12,13 +12,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rcsr_flower.metrics import RECALL_KEYS
+
+log = logging.getLogger(__name__)
 
 
 def resolve_output_path(path: str) -> Path:
@@ -48,6 +52,22 @@ def durable_replace(tmp: Path, final: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_cache_file(path: Path, write: Callable[[Path], Any], what: str) -> None:
+    """A cache file (a node's client data or prefixes, a zero-shot result): ``write`` fills
+    a temporary sibling, which is renamed into place, so a reader sees a whole file or
+    none. A full or read-only disk costs speed, not the round: it is logged and the file
+    is skipped."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache %s in %s: %s", what, path, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from rcsr_flower.backbones.adapters import AdapterSet, tower_of
 from rcsr_flower.backbones.clip import Backbone
 from rcsr_flower.backbones.prefix import TowerPrefix, image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
+from rcsr_flower.outputs import write_cache_file
 from rcsr_flower.prototypes import PrototypeBank
 from rcsr_flower.splits import SplitTensors, preprocess_split
 from rcsr_flower.zero_shot import ZeroShotMemo, backbone_digest
@@ -244,20 +244,10 @@ def write_client_cache(path: Path, data: ClientData) -> None:
 def save_cache_file(
     path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, what: str
 ) -> None:
-    """A node-side cache file (safetensors), written to a temporary sibling and renamed
-    into place, so a reader sees a whole file or none. A full or read-only disk costs
-    speed, not the round: it is logged and the file is skipped."""
+    """A node-side safetensors cache file, written whole or skipped (:func:`write_cache_file`)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not cache %s in %s: %s", what, path, exc)
-        tmp.unlink(missing_ok=True)
+    write_cache_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), what)
 
 
 def read_client_cache(path: Path, partition_id: int) -> ClientData | None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from rcsr_flower.backbones.adapters import AdapterSet, BottleneckAdapter
+from rcsr_flower.outputs import write_cache_file
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class ZeroShotMemo:
             except (OSError, ValueError) as exc:
                 log.warning("recomputing %s: unreadable %s (%s)", kind, path, exc)
         result = compute()
-        self._write(path, lambda tmp: tmp.write_text(json.dumps(result)))
+        write_cache_file(path, lambda tmp: tmp.write_text(json.dumps(result)), kind)
         return result
 
     def tensors(
@@ -169,17 +170,5 @@ class ZeroShotMemo:
             except Exception as exc:  # torn or foreign: recompute
                 log.warning("recomputing %s: unreadable %s (%s)", kind, path, exc)
         result = compute()
-        self._write(path, lambda tmp: save_file(result, str(tmp)))
+        write_cache_file(path, lambda tmp: save_file(result, str(tmp)), kind)
         return result
-
-    @staticmethod
-    def _write(path: Path, write: Callable[[Path], Any]) -> None:
-        """Whole or not at all; a full or read-only disk costs speed, not the round."""
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("could not keep %s: %s", path, exc)
-            tmp.unlink(missing_ok=True)
