@@ -60,11 +60,22 @@ def machine() -> str:
 
 
 def record(run_dir: Path, repo: Path) -> dict[str, str]:
-    """Write ``run_dir/provenance.json`` (commit of ``repo``, machine) and return it."""
-    info = {"commit": commit(repo), "machine": machine()}
+    """Write ``run_dir/provenance.json`` (commit of ``repo``, machine) and return it.
+
+    The machine is the one the ServerApp put in ``result.json`` (``RoutedRun.complete``)
+    where there is one, so a launcher never imports torch for it; else this process's."""
+    info = {"commit": commit(repo), "machine": _reported_machine(run_dir) or machine()}
     if run_dir.is_dir():
         (run_dir / FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _reported_machine(run_dir: Path) -> str | None:
+    try:
+        value = json.loads((run_dir / "result.json").read_text()).get("machine")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def read(run_dir: Path) -> dict[str, str] | None:

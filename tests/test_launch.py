@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,37 @@ def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout + out.stderr
+
+
+def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
+    """``provenance.json`` is written after every run: the machine line comes from the
+    ServerApp's ``result.json`` (``RoutedRun.complete`` puts it there), so the launcher
+    never imports torch for it (1.2 s at the end of every run); a ServerApp that wrote
+    none gets this process's."""
+    from rcsr_flower import provenance
+    from rcsr_flower.runner import RoutedRun
+
+    cfg = {"num-server-rounds": 1, "run-name": "r", "output-dir": str(tmp_path)}
+    with RoutedRun(cfg) as run:
+        run.open(cfg)
+        run.complete()
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["machine"] == provenance.machine() and "CPU" in result["machine"]
+    result["machine"] = "8-core test CPU, 1× test GPU"
+    (tmp_path / "r" / "result.json").write_text(json.dumps(result))
+    code = (
+        "import sys; from pathlib import Path; from rcsr_flower import provenance; "
+        f"print(provenance.record(Path({str(tmp_path / 'r')!r}), Path({str(ROOT)!r}))); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+    written = json.loads((tmp_path / "r" / "provenance.json").read_text())
+    assert written["machine"] == "8-core test CPU, 1× test GPU" and written["commit"]
+    (tmp_path / "r" / "result.json").write_text('{"status": "completed"}')  # another app's
+    assert provenance.record(tmp_path / "r", ROOT)["machine"] == provenance.machine()
 
 
 def test_launcher_names_missing_data_before_starting_anything(cfg, tmp_path):
