@@ -81,6 +81,11 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "rcsr-flower"
 
 
+def embedded_assets(cache_dir: str | os.PathLike | None = None) -> EmbeddedAssets:
+    """Where this version's embedded assets are (or will be) in the cache; builds nothing."""
+    return EmbeddedAssets(cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}")
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock across processes (released if the holder dies)."""
@@ -100,7 +105,7 @@ def ensure_assets(
 
     The build runs in a child interpreter unless ``in_process`` (the CLI itself).
     """
-    assets = EmbeddedAssets(cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}")
+    assets = embedded_assets(cache_dir)
     if assets.complete and not force:
         return assets
     if not in_process:
@@ -209,7 +214,7 @@ def pretrain_shipped_backbone(out_dir: Path, cache_dir: str | os.PathLike | None
     from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
     from rcsr_flower.pretrain import pretrain_tiny_clip
 
-    root = cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}"
+    root = embedded_assets(cache_dir).root
     recipe = TinyClipRecipe()
     with file_lock(root.parent / f"embedded-{ASSETS_VERSION}.lock"):
         target = generate_corpus(root / "corpus", CorpusSpec())
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.command == "path":
-        print(cache_root(args.cache_dir) / f"embedded-{ASSETS_VERSION}")
+        print(embedded_assets(args.cache_dir).root)
         return 0
     if args.command == "pretrain":
         report = pretrain_shipped_backbone(args.out, args.cache_dir)
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         assets = ensure_assets(args.cache_dir, force=args.force, in_process=True)
     else:
-        assets = EmbeddedAssets(cache_root(args.cache_dir) / f"embedded-{ASSETS_VERSION}")
+        assets = embedded_assets(args.cache_dir)
         if not assets.complete:
             print(f"not built yet: {assets.root} (run `python -m rcsr_flower.assets build`)")
             return 1

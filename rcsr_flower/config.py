@@ -47,13 +47,17 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open)}
 
 
+EMBEDDED = "embedded"
+"""``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
 
     # data and backbone (SPEC §1, §2)
-    model_name: str = "embedded"
-    dataset: str = "embedded"
+    model_name: str = EMBEDDED
+    dataset: str = EMBEDDED
     data_dir: str = ""
     dataset_format: str = field(default="auto", metadata=_choice("auto", "karpathy", "hf"))
     image_column: str = "image"

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rcsr_flower.assets import cache_root, ensure_assets, file_lock, load_model
-from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.assets import cache_root, embedded_assets, ensure_assets, file_lock, load_model
+from rcsr_flower.config import EMBEDDED, ConfigError, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
 from rcsr_flower.data.partition import MODALITIES, Partition, make_partition
 
@@ -162,6 +162,32 @@ def caption_embeddings(
     return torch.nn.functional.normalize(sums, dim=-1).numpy()
 
 
+def backbone_stamp(name: str, cache_dir: str | None = None) -> list | str | None:
+    """Which files stand behind ``model-name`` now, cheaply (no torch, no hashing): the
+    name, size and mtime of every file of a checkpoint directory (``"embedded"``: the one
+    in the cache), the snapshot commit of a hub id in the local Hugging Face cache, None
+    where neither is found. Partitions embed captions with the backbone, so new weights
+    saved under the same name must not find the old partition (nor the client caches and
+    frozen-prefix features keyed by it)."""
+    if name == EMBEDDED:
+        directory = embedded_assets(cache_dir).backbone_dir
+    else:
+        directory = Path(name).expanduser()
+    if directory.is_dir():
+        return sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in directory.iterdir()
+            if f.is_file()
+        )
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a repo id at all, or no cache: the name is all there is
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int) -> str:
     """The partition's cache key; ``backbone`` may be given by its name (``model-name``),
     so a caller can look for a cached partition without loading the model."""
@@ -176,6 +202,7 @@ def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int)
         "image_root": image_root,
         "fmt": fmt,
         "backbone": backbone_name,
+        "backbone_files": backbone_stamp(backbone_name, cfg.cache_dir or None),
         "num_partitions": num_partitions,
         "partitioning": cfg.partitioning,
         "clusters": cfg.partition_clusters,
@@ -238,6 +265,9 @@ def prepare_partition(cfg: RunConfig, num_partitions: int) -> Path:
     if not path.is_file():
         backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
         load_partition(cfg, backbone, num_partitions)
+        # the key names the backbone's files, which a first run has only now (built or
+        # downloaded by load_model)
+        path = partition_file(cfg, num_partitions, backbone)
     return path
 
 

@@ -97,3 +97,48 @@ def test_train_max_items_caps_the_split_every_client_draws_from(
     monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
     data = load_client_data(capped, backbone, 1, 4)
     assert len(data.train) + len(data.test) == 100
+
+
+def test_new_weights_under_the_same_model_name_get_a_new_partition_key(
+    embedded_assets, tmp_path, monkeypatch
+):
+    """The partition embeds captions with the backbone, and the client caches and
+    frozen-prefix features are keyed by the partition's key: a checkpoint directory
+    rewritten in place (new weights, same ``model-name``) must not find the old ones.
+    The key reads only file names, sizes and times (the launcher looks it up without
+    torch); a hub id is keyed by its snapshot in the local Hugging Face cache."""
+    import os
+    import shutil
+
+    from huggingface_hub import constants
+
+    from rcsr_flower.federation import backbone_stamp
+
+    model = tmp_path / "my-clip"
+    shutil.copytree(embedded_assets.backbone_dir, model)
+    cfg = RunConfig(model_name=str(model), cache_dir=str(embedded_assets.root.parent))
+    before = partition_key(cfg, str(model), 4)
+    assert partition_key(cfg, str(model), 4) == before  # nothing changed: same key
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # saved again: same name, new file
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert partition_key(cfg, str(model), 4) != before
+    # the embedded name stands for the files in the cache, like any directory
+    embedded = RunConfig(cache_dir=str(embedded_assets.root.parent))
+    assert backbone_stamp("embedded", embedded.cache_dir) == backbone_stamp(
+        str(embedded_assets.backbone_dir)
+    )
+    # a hub id: the snapshot commit the local cache's refs/main points at
+    repo = tmp_path / "hub" / "models--org--clip"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    keys = []
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "refs" / "main").write_text(commit)
+        assert backbone_stamp("org/clip") == commit
+        keys.append(partition_key(cfg.replace(model_name="org/clip"), "org/clip", 4))
+    assert keys[0] != keys[1]
+    assert backbone_stamp("org/not-cached") is None

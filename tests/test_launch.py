@@ -60,6 +60,25 @@ def test_prepare_partition_writes_the_file_the_run_reads(cfg, tmp_path, monkeypa
         prepare_partition(cfg, 4)
 
 
+def test_prepare_partition_returns_the_file_a_first_run_wrote(cfg, tmp_path, monkeypatch):
+    """On a first run the model's files appear only when it is loaded (the embedded
+    backbone built into the cache, a hub checkpoint downloaded), and the partition's key
+    names those files: the path the launcher reports is the one the run reads."""
+    import shutil
+
+    model = tmp_path / "arrives-on-load"
+    first = dataclasses.replace(cfg, model_name=str(model))
+
+    def download(name, cache_dir=None):
+        shutil.copytree(cfg.model_name, model)
+        return clip.load_backbone(str(model), "cpu")
+
+    monkeypatch.setattr(federation, "load_model", download)
+    path = prepare_partition(first, 3)
+    assert path.is_file()
+    assert path == federation.partition_file(first, 3)  # what every process of the run reads
+
+
 def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path):
     """The launcher's check runs before anything else starts: with the partition cached,
     it needs no backbone, so no torch (1.4 s of its 2.6 s here when it imported it)."""

@@ -23,10 +23,10 @@ from PIL import Image
 
 from rcsr_flower.backbones.adapters import AdapterSet, adapted
 from rcsr_flower.backbones.prefix import replay
+from rcsr_flower.config import EMBEDDED
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
 TOKEN_CACHE_SIZE = 500_000  # captions whose token ids a backbone keeps (COCO has 616,767)
 
 
