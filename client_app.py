@@ -11,8 +11,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from rcsr_flower.node_worker import reply
+from rcsr_flower.packing import packing_mod
 
-app = ClientApp()
+# a deployed server sends the adapters as one array (rcsr_flower.packing); unpacked here
+app = ClientApp(mods=[packing_mod])
 
 
 @app.query()

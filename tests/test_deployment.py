@@ -223,6 +223,8 @@ def test_secure_federation_survives_a_supernode_killed_mid_round(tmp_path, embed
         server_log,
     )
     assert named, server_log[-3000:]
+    # the deployed ServerApp pulls replies every 0.2 s and sends the adapters as one array
+    assert "deployed grid: replies pulled every 0.2 s, messages through PackingGrid" in server_log
 
     # every message (query, train, evaluate) got a fresh ClientApp process
     for node in deployment.supernodes[:2]:

@@ -135,3 +135,72 @@ def test_run_routed_takes_eval_every_from_the_run_config(tmp_path):
     assert [r for kind, r in asked if kind == MessageType.TRAIN] == [1, 2, 3]
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
     assert [r["round"] for r in rows if "central" in r] == [0, 2, 3]
+
+
+def fake_http_grid(ready_at: dict[str, float], clock: list[float]):
+    """Flower's ``HttpGrid`` (the deployed ServerApp's grid) without a SuperLink:
+    replies become pullable at given times of a fake clock."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    class FakeHttpGrid(HttpGrid):
+        def __init__(self) -> None:  # no connection
+            self.ready_at, self.clock, self.pulls = ready_at, clock, 0
+
+        push_messages = _Pullable.push_messages
+        pull_messages = _Pullable.pull_messages
+        get_node_ids = _Pullable.get_node_ids
+
+    return FakeHttpGrid()
+
+
+class _Pullable:
+    def __init__(self, ready_at: dict[str, float], clock: list[float]) -> None:
+        self.ready_at, self.clock, self.pulls = ready_at, clock, 0
+
+    def push_messages(self, messages):
+        return [m for m in messages]
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        ready = [i for i in message_ids if self.ready_at.get(i, float("inf")) <= self.clock[0]]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_a_deployed_grid_is_pulled_every_fifth_of_a_second_not_every_three(monkeypatch):
+    """Flower's HttpGrid sleeps 3 s between pulls; the ServerApp's grid pulls every 0.2 s
+    until every reply is in, or until the timeout with what came, as Flower's loop does.
+    The simulation's in-memory grid (0.1 s) is used as it is."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from rcsr_flower import runner
+    from rcsr_flower.runner import PromptGrid, prompt_grid
+
+    clock = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(runner.time, "sleep", sleep)
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    raw = fake_http_grid({"a": 0.5, "b": 1.3}, clock)
+    grid = prompt_grid(raw)
+    assert isinstance(grid, PromptGrid) and prompt_grid(grid) is grid
+    assert grid.get_node_ids() == [1, 2]  # everything else is the grid's
+    replies = grid.send_and_receive(["a", "b"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert set(slept) == {0.2} and 1.3 <= clock[0] < 1.3 + 0.2 + 1e-9  # not 3 s late
+    clock[0], slept[:] = 0.0, []
+    replies = grid.send_and_receive(["a", "never"], timeout=2.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 2.0 <= clock[0] < 2.0 + 0.2 + 1e-9  # gave up at the timeout with what came
+    in_memory = InMemoryGrid.__new__(InMemoryGrid)  # simulation: as it is
+    assert prompt_grid(in_memory) is in_memory
+    wired = prompt_grid(fake_http_grid({}, clock), wire=lambda g: ("wire", g))
+    assert wired._grid[0] == "wire"  # the app's wire format sits under the polling
