@@ -175,7 +175,7 @@ def backbone_stamp(name: str, cache_dir: str | None = None) -> list | str | None
         directory = Path(name).expanduser()
     if directory.is_dir():
         return sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            (f.name, (st := f.stat()).st_size, st.st_mtime_ns)
             for f in directory.iterdir()
             if f.is_file()
         )
