@@ -21,30 +21,37 @@ import uuid
 from pathlib import Path
 
 
-def stop_process_group(process: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL, the process group ``process`` leads (it was started with
-    ``start_new_session=True``), so whatever it spawned goes too."""
-    if process is None:
-        return
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        pgid = None
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if pgid is None:
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
+def stop_process_group(*processes: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL, the process groups ``processes`` lead (each started with
+    ``start_new_session=True``), so whatever they spawned goes too. All groups are
+    signalled before any is waited for: they stop side by side."""
+    groups: dict[subprocess.Popen, int] = {}
+    for process in processes:
+        if process is None:
             continue
-        time.sleep(0.5)
-    if process.poll() is None:  # the leader ignored both signals: reap what we can
-        process.kill()
-        process.wait(timeout=5)
+        try:
+            groups[process] = os.getpgid(process.pid)
+        except ProcessLookupError:
+            groups[process] = -1
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        signalled = []
+        for process, pgid in groups.items():
+            with contextlib.suppress(ProcessLookupError):
+                if pgid >= 0:
+                    os.killpg(pgid, sig)  # SIGKILL too: what outlived its leader
+                    signalled.append(process)
+        if not signalled:
+            break
+        deadline = time.monotonic() + wait
+        for process in signalled:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if all(p.poll() is not None for p in signalled):
+            time.sleep(0.5)  # what they spawned gets the leader's moment to go too
+    for process in groups:
+        if process.poll() is None:  # the leader ignored both signals: reap what we can
+            process.kill()
+            process.wait(timeout=5)
 
 
 def process_start(pid: int | str) -> str | None:

@@ -303,8 +303,8 @@ def fake_run(path: Path, overrides: dict, status: str = "completed", base: float
 
 
 class FakeLauncher:
-    """The launcher's interface (start/stop/run/process) with runs faked on disk; a
-    cell with ``eval-every = 7`` fails."""
+    """The launcher's interface (start/stop/run/alive/process) with runs faked on disk;
+    a cell with ``eval-every = 7`` fails."""
 
     runs: ClassVar[list[tuple[str, dict]]] = []
     starts = 0
@@ -320,6 +320,9 @@ class FakeLauncher:
 
     def stop(self):
         self.process = None
+
+    def alive(self):
+        return self.process is not None
 
     def run(self, run_name, output_dir):
         FakeLauncher.runs.append((str(output_dir / run_name), dict(self.run_config)))

@@ -358,3 +358,53 @@ def test_flower_processes_start_their_own_ray_unless_told_otherwise(tmp_path, mo
     assert flower_env(tmp_path)["RAY_ADDRESS"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert flower_env(tmp_path)["RAY_ADDRESS"] == "10.0.0.5:6379"
+
+
+@pytest.mark.slow
+def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch):
+    """Flower's simulation starts a Ray cluster for every run (4-5 s on 2 cores) and
+    stops it at the end, unless RAY_ADDRESS names one: the launcher starts one beside its
+    SuperLink and each run it submits joins it as a Ray job of its own. A cluster that
+    died is said before the next run is submitted; stop() leaves none of its processes.
+    With RAY_ADDRESS set (``local``: each run its own, Flower's way) it starts none."""
+    import json
+    import os
+    import signal
+
+    from rcsr_flower.processes import tagged_pids
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    launcher = SimulationLauncher(
+        app_dir=ROOT / "examples" / "label-routing",
+        flwr_home=tmp_path / "flwr",
+        num_supernodes=2,
+        prepare=False,
+        run_config={"num-server-rounds": 1, "num-clients": 2},
+        timeout=600,
+    )
+    assert launcher._env()["RAY_ADDRESS"] == f"127.0.0.1:{launcher.ray_port}"
+    tag = launcher.tag
+    launcher.start()
+    try:
+        for name in ("one", "two"):
+            result = launcher.run(name, tmp_path / "out")
+            assert result["status"] == "completed", result.get("error")
+        info = json.loads(launcher.ray_ready_file.read_text())
+        assert info["gcs_address"].endswith(f":{launcher.ray_port}")
+        drivers = sorted((Path(info["session_dir"]) / "logs").glob("python-core-driver-*"))
+        assert len(drivers) == 3, drivers  # the cluster's own, then one job per run
+        assert launcher.alive()
+        os.killpg(launcher.ray_process.pid, signal.SIGKILL)
+        launcher.ray_process.wait(timeout=30)
+        assert not launcher.alive()  # the experiment runner starts the launcher again
+        failed = launcher.run("three", tmp_path / "out")
+        assert failed["status"] == "failed"
+        assert "Ray cluster" in failed["error"] and "ray-head.log" in failed["error"]
+    finally:
+        launcher.stop()
+    assert not tagged_pids(tag)
+    assert not launcher.ray_ready_file.exists()
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    own = SimulationLauncher(app_dir=ROOT, flwr_home=tmp_path / "flwr")
+    assert not own.ray_head and own._env()["RAY_ADDRESS"] == "local"

@@ -235,7 +235,7 @@ def run_suite(
                     if launcher is None or launcher.process is None:
                         launcher = make_launcher(app_dir, flwr_home, suite.timeout)
                         launcher.start()
-                    elif launcher.process.poll() is not None:  # the SuperLink died
+                    elif not launcher.alive():  # the SuperLink or the Ray cluster died
                         launcher.stop()
                         launcher.start()
                     launcher.num_supernodes = cell.num_supernodes
