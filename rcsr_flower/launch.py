@@ -417,7 +417,7 @@ class SimulationLauncher:
         # a new cluster of its own ("local", never one another `ray start` left), whose
         # address the SuperLink's environment named before it was up
         env = {**self._env(), "RAY_ADDRESS": "local", "RAY_GCS_SERVER_PORT": str(self.ray_port)}
-        with open(self.flwr_home / "ray-head.log", "wb") as log:
+        with open(self.flwr_home / "ray-head.log", "ab") as log:  # shared by launchers of a home
             self.ray_process = subprocess.Popen(
                 [sys.executable, "-m", "rcsr_flower.ray_head", str(self.ray_ready_file)],
                 env=env,
