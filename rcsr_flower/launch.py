@@ -362,6 +362,11 @@ class SimulationLauncher:
         return env
 
     @property
+    def ray_log(self) -> Path:
+        """The Ray cluster's output, appended to by every launcher of this home."""
+        return self.flwr_home / "ray-head.log"
+
+    @property
     def ray_ready_file(self) -> Path:
         """Written by the Ray cluster once up: its ``gcs_address`` and ``session_dir``."""
         return self.flwr_home / f"ray-head-{self.tag[:16]}.json"
@@ -417,7 +422,7 @@ class SimulationLauncher:
         # a new cluster of its own ("local", never one another `ray start` left), whose
         # address the SuperLink's environment named before it was up
         env = {**self._env(), "RAY_ADDRESS": "local", "RAY_GCS_SERVER_PORT": str(self.ray_port)}
-        with open(self.flwr_home / "ray-head.log", "ab") as log:  # shared by launchers of a home
+        with open(self.ray_log, "ab") as log:
             self.ray_process = subprocess.Popen(
                 [sys.executable, "-m", "rcsr_flower.ray_head", str(self.ray_ready_file)],
                 env=env,
@@ -434,7 +439,7 @@ class SimulationLauncher:
         if self.ray_process is not None and self.ray_process.poll() is not None:
             raise LaunchError(
                 f"the Ray cluster for the simulations exited with code "
-                f"{self.ray_process.returncode}; see {self.flwr_home / 'ray-head.log'} (or "
+                f"{self.ray_process.returncode}; see {self.ray_log} (or "
                 "set RAY_ADDRESS=local to let each run start its own)"
             )
 
@@ -476,9 +481,6 @@ class SimulationLauncher:
         """Submit the app, stream its logs, and return ``result.json`` (or a failure)."""
         try:
             overrides = self.check(run_name, output_dir)
-        except LaunchError as exc:
-            return {"status": "failed", "error": str(exc)}
-        try:
             self._check_ray_head()
         except LaunchError as exc:
             return {"status": "failed", "error": str(exc)}
