@@ -10,9 +10,15 @@ with 5 random captions each, three ways on the same data and the same initial ad
   (`task.client_prefix`: what a node does before its first epoch);
 - **cached**: the same epoch from the cached hidden states.
 
+and then the retrieval evaluation of the same split (`splits.evaluate_retrieval`, as the
+server and every client run it each round) without and with its evaluation prefix: the
+first evaluation with it fills it (`eval_fill_s`), the later ones replay it.
+
     .venv/bin/python benchmarks/prefix_cache.py [--device cuda] [--repeats 3]
 
-Ends with one JSON line: {"uncached_s", "cached_s", "ratio", "fill_s", ...} (medians).
+Ends with one JSON line: {"uncached_s", "cached_s", "ratio", "fill_s", "eval_uncached_s",
+"eval_cached_s", "eval_ratio", "eval_fill_s", "eval_same", ...} (medians; `eval_same`: the
+cached evaluation's metrics equal the plain one's exactly).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from gpu_check import build_backbone, sync
 
 from rcsr_flower.backbones.random_clip import random_captions
 from rcsr_flower.config import RunConfig
-from rcsr_flower.splits import SplitTensors
+from rcsr_flower.splits import SplitTensors, evaluate_retrieval
 from rcsr_flower.task import ClientData, TrainSettings, client_prefix, local_train
 
 
@@ -79,6 +85,27 @@ def main() -> None:
             uncached.append(epoch(plain))
             warm.append(epoch(cached))
     u, c, f = (statistics.median(x) for x in (uncached, warm, fills))
+
+    adapters = backbone.new_adapters(args.adapter_layers)
+    adapters.load_state_dict(start)
+
+    def evaluation(target: SplitTensors, budget: float) -> tuple[float, dict]:
+        sync(device)
+        t0 = time.perf_counter()
+        metrics = evaluate_retrieval(backbone, target, adapters, prefix_bytes=budget)
+        sync(device)
+        return time.perf_counter() - t0, metrics
+
+    kept = SplitTensors(pixels, captions)
+    eval_fill, filled = evaluation(kept, 2**34)
+    eval_plain, eval_warm, same = [], [], True
+    for _ in range(args.repeats):
+        seconds, expected = evaluation(split, 0.0)
+        eval_plain.append(seconds)
+        seconds, metrics = evaluation(kept, 2**34)
+        eval_warm.append(seconds)
+        same = same and metrics == expected == filled
+    eu, ec = statistics.median(eval_plain), statistics.median(eval_warm)
     print(
         json.dumps(
             {
@@ -86,6 +113,11 @@ def main() -> None:
                 "cached_s": round(c, 3),
                 "ratio": round(u / c, 2),
                 "fill_s": round(f, 3),
+                "eval_uncached_s": round(eu, 3),
+                "eval_cached_s": round(ec, 3),
+                "eval_ratio": round(eu / ec, 2),
+                "eval_fill_s": round(eval_fill, 3),
+                "eval_same": same,
                 "backbone": backbone.name,
                 "device": str(device),
                 "adapter_layers": args.adapter_layers,

@@ -383,6 +383,7 @@ def handle_evaluate(
             protocol=node.cfg.eval_protocol,
             batch_size=node.cfg.eval_batch_size,
             memo=node.memo,
+            prefix_bytes=node.cfg.eval_prefix_bytes,
         )
         metrics.update({k: v for k, v in recall.items() if isinstance(v, float)})
         metrics["evaluate-seconds"] = round(time.perf_counter() - started, 4)

@@ -94,7 +94,7 @@ class RunConfig:
     adapter_layers: str = "all"
     adapter_bottleneck: int = field(default=64, metadata=_range(1))
     adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
-    prefix_cache: bool = True  # adapter-layers = L: train from cached frozen prefixes
+    prefix_cache: bool = True  # frozen prefixes: training (adapter-layers = L), evaluation
     zero_shot_cache: bool = True  # round 0 and the bootstrap: the frozen backbone's results
     # prototypes (SPEC §3)
     prototype_slots: int = field(default=32, metadata=_range(1))
@@ -245,6 +245,12 @@ class RunConfig:
     def faults(self) -> FaultPlan:
         """The test-only ``fault-injection`` plan (empty in real runs)."""
         return FaultPlan.parse(self.fault_injection)
+
+    @property
+    def eval_prefix_bytes(self) -> float:
+        """What an evaluation split's cached frozen prefix may take (0 = not cached):
+        ``prefix-cache`` turns it on and off, ``data-cache-gb`` bounds it."""
+        return self.data_cache_gb * 2**30 if self.prefix_cache else 0.0
 
     @property
     def uses_anchoring(self) -> bool:

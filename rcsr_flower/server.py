@@ -449,6 +449,7 @@ def _run_federation(
             protocol=cfg.eval_protocol,
             batch_size=cfg.eval_batch_size,
             memo=memo,
+            prefix_bytes=cfg.eval_prefix_bytes,
         )
 
     state_key = run.state_key  # clients keep resume snapshots of their state under it

@@ -7,16 +7,45 @@ run configs, clients or Flower, so backbone pretraining can evaluate with it too
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from rcsr_flower.backbones.adapters import AdapterSet
-from rcsr_flower.backbones.clip import Backbone, preprocess_images
+from rcsr_flower.backbones.clip import Backbone, gather, preprocess_images
+from rcsr_flower.backbones.prefix import block_output
 from rcsr_flower.data.datasets import ImageCaptionDataset
 from rcsr_flower.metrics import retrieval_recall
 from rcsr_flower.zero_shot import ZeroShotMemo, is_identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalPrefix:
+    """A split's frozen prefix (SPEC §2) in the evaluation's own batches.
+
+    Each tower's hidden states after the block where the adapters start, batch by batch
+    exactly as :func:`embed_split` batches the split, so that replaying them runs the same
+    shapes on the same inputs as the plain path: the embeddings are bit-identical, not
+    only close. Only valid while the backbone is frozen (every federated run; not
+    backbone pretraining, which therefore never passes a budget).
+    """
+
+    backbone: Backbone
+    key: tuple  # (vision block, text block, batch size)
+    images: list[torch.Tensor] | None  # per image batch, on the CPU
+    texts: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] | None
+    # per caption batch: (positions among the flat captions, tokens, hidden)
+
+    @property
+    def nbytes(self) -> int:
+        hidden = [*(self.images or []), *(h for _, _, h in self.texts or [])]
+        return sum(h.numel() * h.element_size() for h in hidden)
 
 
 @dataclass
@@ -25,6 +54,8 @@ class SplitTensors:
 
     pixels: torch.Tensor | None
     captions: list[list[str]] | None
+    # the evaluation's frozen prefix, filled by the first evaluation given a budget
+    eval_prefix: EvalPrefix | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         if self.pixels is not None:
@@ -86,16 +117,109 @@ def preprocess_split(
     return SplitTensors(pixels, captions)
 
 
+def first_block(tower: str, adapters: Sequence[AdapterSet | None]) -> int | None:
+    """The lowest block any of ``adapters`` adapts in ``tower``: below it all is frozen."""
+    blocks = [b for a in adapters if a is not None and (b := a.first_block(tower)) is not None]
+    return min(blocks) if blocks else None
+
+
+_PREFIX_LOCK = threading.Lock()
+
+
+def split_prefix(
+    backbone: Backbone,
+    split: SplitTensors,
+    adapters: Sequence[AdapterSet | None],
+    batch_size: int,
+    budget_bytes: float,
+) -> EvalPrefix | None:
+    """The split's evaluation prefix for these adapters, computed on first use and kept
+    on the split; None when nothing is adapted or it would not fit ``budget_bytes``.
+
+    The first evaluation pays nothing extra (it runs the frozen blocks once, as it would
+    anyway); every later one runs only the adapted blocks: with ``adapter-layers = L`` of
+    ViT-B/32's 12 that is L blocks instead of 12; with ``all`` one block of each tower is
+    saved (of 4 in the embedded tiny CLIP).
+    """
+    blocks = (first_block("vision", adapters), first_block("text", adapters))
+    if budget_bytes <= 0 or blocks == (None, None) or not len(split):
+        return None
+    key = (*blocks, batch_size)
+    with _PREFIX_LOCK:
+        cached = split.eval_prefix
+        if cached is not None and cached.backbone is backbone and cached.key == key:
+            return cached
+        vision_block, text_block = blocks
+        flat = [c for caps in split.captions for c in caps]
+        plan = backbone.text_batches(flat, batch_size, by_length=True)
+        need = 0
+        if vision_block is not None:
+            vision = backbone.model.config.vision_config
+            tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+            need += len(split) * tokens * vision.hidden_size * 4
+        if text_block is not None:
+            width = backbone.model.config.text_config.hidden_size
+            need += sum(t["input_ids"].numel() for _, t in plan) * width * 4
+        if need > budget_bytes:
+            log.info(
+                "evaluation prefix of %d items not cached: %.0f MB > the %.0f MB budget "
+                "(data-cache-gb)",
+                len(split),
+                need / 2**20,
+                budget_bytes / 2**20,
+            )
+            return None
+        images = texts = None
+        if vision_block is not None:
+            images = [
+                block_output(backbone, "vision", vision_block, split.pixels[b]).cpu()
+                for b in torch.arange(len(split)).split(batch_size)
+            ]
+        if text_block is not None:
+            texts = [
+                (idx, tokens, block_output(backbone, "text", text_block, tokens).cpu())
+                for idx, tokens in plan
+            ]
+        split.eval_prefix = EvalPrefix(backbone, key, images, texts)
+        return split.eval_prefix
+
+
+@torch.no_grad()
 def embed_split(
-    backbone: Backbone, split: SplitTensors, *adapters: AdapterSet | None, batch_size: int = 256
+    backbone: Backbone,
+    split: SplitTensors,
+    *adapters: AdapterSet | None,
+    batch_size: int = 256,
+    prefix_bytes: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z_I [N,d], z_T [M,d], caption->image index [M])`` of a paired split."""
+    """``(z_I [N,d], z_T [M,d], caption->image index [M])`` of a paired split.
+
+    ``prefix_bytes`` > 0: the frozen part of the towers runs once per split and is
+    replayed from then on (:func:`split_prefix`), within that many bytes.
+    """
     if split.pixels is None or split.captions is None:
         raise ValueError("retrieval evaluation needs both modalities of the split")
-    z_i = backbone.embed_images(split.pixels, *adapters, batch_size=batch_size)
-    z_t, owner = backbone.embed_caption_lists(
-        split.captions, *adapters, batch_size=batch_size, by_length=True
-    )
+    prefix = split_prefix(backbone, split, adapters, batch_size, prefix_bytes)
+    if prefix is not None and prefix.images is not None:
+        block = prefix.key[0]
+        z_i = torch.cat(
+            [backbone.image_features(h, *adapters, prefix_block=block).cpu() for h in prefix.images]
+        )
+    else:
+        z_i = backbone.embed_images(split.pixels, *adapters, batch_size=batch_size)
+    if prefix is not None and prefix.texts is not None:
+        block = prefix.key[1]
+        z_t = gather(
+            [
+                (idx, backbone.text_features(tokens, *adapters, prefix=(block, h)).cpu())
+                for idx, tokens, h in prefix.texts
+            ]
+        )
+        owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
+    else:
+        z_t, owner = backbone.embed_caption_lists(
+            split.captions, *adapters, batch_size=batch_size, by_length=True
+        )
     return z_i, z_t, owner
 
 
@@ -106,11 +230,14 @@ def evaluate_retrieval(
     protocol: str = "standard",
     batch_size: int = 256,
     memo: ZeroShotMemo | None = None,
+    prefix_bytes: float = 0.0,
 ) -> dict:
     """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split.
 
     ``memo``: while the adapters add nothing (round 0), the frozen backbone's metrics on
     this very split come from there when computed before (:mod:`rcsr_flower.zero_shot`).
+    ``prefix_bytes``: keep the split's frozen prefix within that budget (:func:`embed_split`);
+    0 for a backbone that changes between calls.
     """
     if memo is not None and is_identity(*adapters):
         return memo.metrics(
@@ -124,7 +251,9 @@ def evaluate_retrieval(
         if a is not None:
             a.eval()
     try:
-        z_i, z_t, owner = embed_split(backbone, split, *adapters, batch_size=batch_size)
+        z_i, z_t, owner = embed_split(
+            backbone, split, *adapters, batch_size=batch_size, prefix_bytes=prefix_bytes
+        )
     finally:
         for a, mode in zip([a for a in adapters if a is not None], was_training, strict=True):
             a.train(mode)

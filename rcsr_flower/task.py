@@ -26,7 +26,7 @@ from rcsr_flower.backbones.prefix import TowerPrefix, image_prefix, text_prefix
 from rcsr_flower.config import RunConfig
 from rcsr_flower.outputs import write_cache_file
 from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.splits import SplitTensors, preprocess_split
+from rcsr_flower.splits import SplitTensors, first_block, preprocess_split
 from rcsr_flower.zero_shot import ZeroShotMemo, backbone_digest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,10 @@ def _pixel_bytes(data: ClientData) -> int:
         for s in (data.train, data.test)
         if s.pixels is not None
     )
-    return pixels + sum(p.nbytes for p in data.prefix.values())
+    prefixes = [p.nbytes for p in data.prefix.values()]
+    if data.test.eval_prefix is not None:
+        prefixes.append(data.test.eval_prefix.nbytes)
+    return pixels + sum(prefixes)
 
 
 def _remember(key: tuple, data: ClientData, budget_bytes: float) -> None:
@@ -309,15 +312,10 @@ def pick_captions(
     return [(i, d % len(captions[i])) for i, d in zip(idx.tolist(), draws, strict=True)]
 
 
-def _first_block(tower: str, adapters: Sequence[AdapterSet | None]) -> int | None:
-    blocks = [b for a in adapters if a is not None and (b := a.first_block(tower)) is not None]
-    return min(blocks) if blocks else None
-
-
 def _prefix(data: ClientData, tower: str, adapters: Sequence[AdapterSet | None]):
     """The cached prefix of ``tower`` when it ends where these adapters start, else None."""
     prefix = data.prefix.get(tower)
-    if prefix is not None and prefix.block == _first_block(tower, adapters):
+    if prefix is not None and prefix.block == first_block(tower, adapters):
         return prefix
     return None
 

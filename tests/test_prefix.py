@@ -146,6 +146,83 @@ def test_the_prefix_cache_benchmark_prints_its_json_line():
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=True)
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["uncached_s"] > 0 and line["cached_s"] > 0 and line["fill_s"] > 0
+    assert line["eval_uncached_s"] > 0 and line["eval_cached_s"] > 0 and line["eval_fill_s"] > 0
+    assert line["eval_same"] is True  # the cached evaluation's metrics, exactly
     # the ratio of the unrounded times: within what rounding each to 1 ms allows
     u, c = line["uncached_s"], line["cached_s"]
     assert (u - 5e-4) / (c + 5e-4) - 0.01 <= line["ratio"] <= (u + 5e-4) / (c - 5e-4) + 0.01
+
+
+def count_block_calls(backbone, tower: str, block: int) -> list[int]:
+    """How often ``block`` of ``tower`` runs (a forward hook that only counts)."""
+    calls = [0]
+    layers = getattr(backbone.model, f"{tower}_model").encoder.layers
+
+    def hook(*_):
+        calls[0] += 1
+
+    handle = layers[block].register_forward_hook(hook)
+    return calls, handle
+
+
+@pytest.mark.parametrize("layers", ["all", "2"])
+def test_evaluation_replays_the_split_prefix_bit_for_bit(backbone, split, layers):
+    """The evaluation's cache runs the plain path's very batches: the same embeddings to
+    the last bit (so a run's metrics do not move), and the frozen blocks run once."""
+    from rcsr_flower.splits import SplitTensors, embed_split, evaluate_retrieval
+
+    shared = noisy_adapters(backbone, layers, seed=3)
+    personal = noisy_adapters(backbone, layers, seed=4)
+    # batches of 10 images and 7 captions: several of each, sorted by length, ragged ends
+    plain = embed_split(backbone, split, shared, personal, batch_size=7)
+    cached_split = SplitTensors(split.pixels, split.captions)
+    first = embed_split(backbone, cached_split, shared, personal, batch_size=7, prefix_bytes=1e9)
+    kept = cached_split.eval_prefix
+    assert kept is not None and kept.nbytes > 0
+    assert kept.key == (shared.first_block("vision"), shared.first_block("text"), 7)
+    frozen = shared.first_block("vision")  # the last frozen block's output is what is kept
+    calls, handle = count_block_calls(backbone, "vision", frozen)
+    try:
+        later = embed_split(
+            backbone, cached_split, shared, personal, batch_size=7, prefix_bytes=1e9
+        )
+    finally:
+        handle.remove()
+    assert calls == [0]  # replayed, not recomputed
+    for a, b, c in zip(plain, first, later, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert cached_split.eval_prefix is kept
+    assert evaluate_retrieval(
+        backbone, cached_split, shared, personal, batch_size=7, prefix_bytes=1e9
+    ) == evaluate_retrieval(backbone, split, shared, personal, batch_size=7)
+
+
+def test_the_evaluation_prefix_respects_its_budget_and_its_adapters(backbone, split):
+    from rcsr_flower.splits import SplitTensors, embed_split
+
+    adapters = noisy_adapters(backbone, "2", seed=5)
+    plain = embed_split(backbone, split, adapters, batch_size=8)
+    small = SplitTensors(split.pixels, split.captions)
+    # 0 (backbone pretraining, prefix-cache = false) and a budget too small: nothing kept
+    for budget in (0.0, 1e3):
+        out = embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=budget)
+        assert small.eval_prefix is None
+        assert all(torch.equal(a, b) for a, b in zip(plain, out, strict=True))
+    embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=1e9)
+    kept = small.eval_prefix
+    # adapters starting elsewhere, or another batch size: computed again for them
+    everywhere = noisy_adapters(backbone, "all", seed=6)
+    out = embed_split(backbone, small, everywhere, batch_size=8, prefix_bytes=1e9)
+    assert small.eval_prefix is not kept and small.eval_prefix.key == (0, 0, 8)
+    expected = embed_split(backbone, split, everywhere, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(expected, out, strict=True))
+    # no adapters at all (the zero-shot backbone): nothing to cache
+    fresh = SplitTensors(split.pixels, split.captions)
+    embed_split(backbone, fresh, prefix_bytes=1e9)
+    assert fresh.eval_prefix is None
+
+
+def test_runs_cache_the_evaluation_prefix_unless_prefix_cache_is_off():
+    assert RunConfig().eval_prefix_bytes == 4.0 * 2**30
+    assert RunConfig(data_cache_gb=0.5).eval_prefix_bytes == 0.5 * 2**30
+    assert RunConfig(prefix_cache=False).eval_prefix_bytes == 0.0

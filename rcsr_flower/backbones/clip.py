@@ -226,6 +226,27 @@ class Backbone:
             [self.image_features(pixels[b], *adapters).cpu() for b in order.split(batch_size)]
         )
 
+    def text_batches(
+        self, captions: Sequence[str], batch_size: int = 256, by_length: bool = False
+    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """How :meth:`embed_texts` batches captions: ``(positions in captions, tokens)``
+        per batch. One plan for the plain path and the evaluation's cached frozen prefix
+        (:mod:`rcsr_flower.splits`), so both run the very same batches."""
+        captions = list(captions)
+        n = len(captions)
+        if not by_length or n <= batch_size:
+            return [
+                (idx, self.tokenize(captions[int(idx[0]) : int(idx[-1]) + 1]))
+                for idx in torch.arange(n).split(batch_size)
+            ]
+        tokens = self.tokenize(captions)  # padded to the longest; each batch is trimmed
+        lengths = tokens["attention_mask"].sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        return [
+            (idx, {k: v[idx, : int(lengths[idx].max())] for k, v in tokens.items()})
+            for idx in order.split(batch_size)
+        ]
+
     @torch.no_grad()
     def embed_texts(
         self,
@@ -241,26 +262,12 @@ class Backbone:
         split (4.1 -> 2.7 s). Equal up to float rounding, not bit-identical, to input order,
         so it is for evaluation only: training statistics keep the input order.
         """
-        captions = list(captions)
-        if not by_length or len(captions) <= batch_size:
-            return torch.cat(
-                [
-                    self.text_features(self.tokenize(captions[s : s + batch_size]), *adapters).cpu()
-                    for s in range(0, len(captions), batch_size)
-                ]
-            )
-        tokens = self.tokenize(captions)  # padded to the longest; each batch is trimmed
-        lengths = tokens["attention_mask"].sum(1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        out = None
-        for idx in order.split(batch_size):
-            width = int(lengths[idx].max())
-            batch = {k: v[idx, :width] for k, v in tokens.items()}
-            z = self.text_features(batch, *adapters).cpu()
-            if out is None:
-                out = torch.empty(len(captions), z.shape[1], dtype=z.dtype)
-            out[idx] = z
-        return out
+        return gather(
+            [
+                (idx, self.text_features(tokens, *adapters).cpu())
+                for idx, tokens in self.text_batches(captions, batch_size, by_length)
+            ]
+        )
 
     def embed_caption_lists(
         self,
@@ -274,6 +281,17 @@ class Backbone:
         owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
         z = self.embed_texts(flat, *adapters, batch_size=batch_size, by_length=by_length)
         return z, owner
+
+
+def gather(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Rows computed batch by batch as ``(positions, rows)``, back in input order."""
+    if not parts:
+        return torch.empty(0)
+    rows = parts[0][1]
+    out = rows.new_empty(sum(len(idx) for idx, _ in parts), *rows.shape[1:])
+    for idx, z in parts:
+        out[idx] = z
+    return out
 
 
 _CACHE: dict[tuple[str, str, str], Backbone] = {}

@@ -151,20 +151,33 @@ def _run_to_block(model: nn.Module, tower: str, block: int, forward: Callable[[]
 
 
 @torch.no_grad()
+def block_output(
+    backbone, tower: str, block: int, inputs: torch.Tensor | dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The output of block ``block`` of ``tower`` (no adapters) for one batch: ``inputs``
+    are pixels (vision) or ``Backbone.tokenize`` output (text). On the backbone's device."""
+    model, device = backbone.model, backbone.device
+    if tower == "vision":
+
+        def forward() -> None:
+            model.vision_model(pixel_values=inputs.to(device))
+
+    else:
+
+        def forward() -> None:
+            model.text_model(
+                input_ids=inputs["input_ids"].to(device),
+                attention_mask=inputs["attention_mask"].to(device),
+            )
+
+    with backbone._autocast():
+        return _run_to_block(model, tower, block, forward)
+
+
+@torch.no_grad()
 def image_prefix(backbone, pixels: torch.Tensor, block: int, batch_size: int = 256) -> TowerPrefix:
     """The vision tower's frozen prefix of every image (no adapters), on the CPU."""
-    vision = backbone.model.vision_model
-    parts = []
-    for batch in pixels.split(batch_size):
-        with backbone._autocast():
-            parts.append(
-                _run_to_block(
-                    backbone.model,
-                    "vision",
-                    block,
-                    lambda batch=batch: vision(pixel_values=batch.to(backbone.device)),
-                ).cpu()
-            )
+    parts = [block_output(backbone, "vision", block, b).cpu() for b in pixels.split(batch_size)]
     return TowerPrefix("vision", block, torch.cat(parts))
 
 
@@ -178,16 +191,7 @@ def text_prefix(
     hidden, ids, lengths = [], [], []
     for s in range(0, len(flat), batch_size):
         tokens = backbone.tokenize(flat[s : s + batch_size])
-        with backbone._autocast():
-            out = _run_to_block(
-                backbone.model,
-                "text",
-                block,
-                lambda tokens=tokens: backbone.model.text_model(
-                    input_ids=tokens["input_ids"].to(backbone.device),
-                    attention_mask=tokens["attention_mask"].to(backbone.device),
-                ),
-            ).cpu()
+        out = block_output(backbone, "text", block, tokens).cpu()
         n = tokens["attention_mask"].sum(1)
         for i, k in enumerate(n.tolist()):
             hidden.append(out[i, :k])
