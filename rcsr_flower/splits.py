@@ -38,7 +38,7 @@ class EvalPrefix:
 
     backbone: Backbone
     key: tuple  # (vision block, text block, batch size)
-    images: list[torch.Tensor] | None  # per image batch, on the CPU
+    images: list[torch.Tensor] | None  # per image batch, on the CPU (None: not cached)
     texts: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] | None
     # per caption batch: (positions among the flat captions, tokens, hidden)
 
@@ -134,12 +134,13 @@ def split_prefix(
     budget_bytes: float,
 ) -> EvalPrefix | None:
     """The split's evaluation prefix for these adapters, computed on first use and kept
-    on the split; None when nothing is adapted or it would not fit ``budget_bytes``.
+    on the split; None when nothing is adapted or the budget is 0. One that would not fit
+    ``budget_bytes`` is kept empty (no tower cached), so the refusal is decided once.
 
     The first evaluation pays nothing extra (it runs the frozen blocks once, as it would
-    anyway); every later one runs only the adapted blocks: with ``adapter-layers = L`` of
-    ViT-B/32's 12 that is L blocks instead of 12; with ``all`` one block of each tower is
-    saved (of 4 in the embedded tiny CLIP).
+    anyway); every later one runs only the blocks after the first adapted one: with
+    ``adapter-layers = L`` of ViT-B/32's 12 that is L−1 blocks instead of 12; with ``all``
+    one block of each tower is saved (of 4 in the embedded tiny CLIP).
     """
     blocks = (first_block("vision", adapters), first_block("text", adapters))
     if budget_bytes <= 0 or blocks == (None, None) or not len(split):
@@ -168,7 +169,8 @@ def split_prefix(
                 need / 2**20,
                 budget_bytes / 2**20,
             )
-            return None
+            split.eval_prefix = EvalPrefix(backbone, key, None, None)
+            return split.eval_prefix
         images = texts = None
         if vision_block is not None:
             images = [

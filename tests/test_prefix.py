@@ -203,11 +203,20 @@ def test_the_evaluation_prefix_respects_its_budget_and_its_adapters(backbone, sp
     adapters = noisy_adapters(backbone, "2", seed=5)
     plain = embed_split(backbone, split, adapters, batch_size=8)
     small = SplitTensors(split.pixels, split.captions)
-    # 0 (backbone pretraining, prefix-cache = false) and a budget too small: nothing kept
-    for budget in (0.0, 1e3):
-        out = embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=budget)
-        assert small.eval_prefix is None
+    # 0 (backbone pretraining, prefix-cache = false): nothing kept
+    out = embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=0.0)
+    assert small.eval_prefix is None
+    assert all(torch.equal(a, b) for a, b in zip(plain, out, strict=True))
+    # a budget too small: refused once (kept empty, not recomputed), evaluated in full
+    refused = []
+    for _ in range(2):
+        out = embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=1e3)
+        refused.append(small.eval_prefix)
+        assert small.eval_prefix.images is None and small.eval_prefix.texts is None
+        assert small.eval_prefix.nbytes == 0
         assert all(torch.equal(a, b) for a, b in zip(plain, out, strict=True))
+    assert refused[0] is refused[1]
+    small.eval_prefix = None
     embed_split(backbone, small, adapters, batch_size=8, prefix_bytes=1e9)
     kept = small.eval_prefix
     # adapters starting elsewhere, or another batch size: computed again for them
