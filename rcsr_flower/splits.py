@@ -152,7 +152,7 @@ def split_prefix(
             return cached
         vision_block, text_block = blocks
         flat = [c for caps in split.captions for c in caps]
-        plan = backbone.text_batches(flat, batch_size, by_length=True)
+        plan = list(backbone.text_batches(flat, batch_size, by_length=True))
         need = 0
         if vision_block is not None:
             vision = backbone.model.config.vision_config
@@ -211,13 +211,14 @@ def embed_split(
         z_i = backbone.embed_images(split.pixels, *adapters, batch_size=batch_size)
     if prefix is not None and prefix.texts is not None:
         block = prefix.key[1]
+        owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
         z_t = gather(
-            [
+            (
                 (idx, backbone.text_features(tokens, *adapters, prefix=(block, h)).cpu())
                 for idx, tokens, h in prefix.texts
-            ]
+            ),
+            len(owner),
         )
-        owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
     else:
         z_t, owner = backbone.embed_caption_lists(
             split.captions, *adapters, batch_size=batch_size, by_length=True

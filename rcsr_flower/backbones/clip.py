@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,24 +228,24 @@ class Backbone:
 
     def text_batches(
         self, captions: Sequence[str], batch_size: int = 256, by_length: bool = False
-    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """How :meth:`embed_texts` batches captions: ``(positions in captions, tokens)``
-        per batch. One plan for the plain path and the evaluation's cached frozen prefix
-        (:mod:`rcsr_flower.splits`), so both run the very same batches."""
+        per batch. One plan for the plain path, the training prefix and the evaluation's
+        cached frozen prefix (``backbones.prefix``, :mod:`rcsr_flower.splits`), so they run
+        the very same batches. In input order a batch is tokenized only when it is due,
+        so a partition's hundreds of thousands of captions are never tokenized at once."""
         captions = list(captions)
         n = len(captions)
         if not by_length or n <= batch_size:
-            return [
-                (idx, self.tokenize(captions[int(idx[0]) : int(idx[-1]) + 1]))
-                for idx in torch.arange(n).split(batch_size)
-            ]
+            for start in range(0, n, batch_size):  # no batch at all for no captions
+                idx = torch.arange(start, min(start + batch_size, n))
+                yield idx, self.tokenize(captions[start : start + batch_size])
+            return
         tokens = self.tokenize(captions)  # padded to the longest; each batch is trimmed
         lengths = tokens["attention_mask"].sum(1)
         order = torch.argsort(lengths, descending=True, stable=True)
-        return [
-            (idx, {k: v[idx, : int(lengths[idx].max())] for k, v in tokens.items()})
-            for idx in order.split(batch_size)
-        ]
+        for idx in order.split(batch_size):
+            yield idx, {k: v[idx, : int(lengths[idx].max())] for k, v in tokens.items()}
 
     @torch.no_grad()
     def embed_texts(
@@ -262,11 +262,13 @@ class Backbone:
         split (4.1 -> 2.7 s). Equal up to float rounding, not bit-identical, to input order,
         so it is for evaluation only: training statistics keep the input order.
         """
+        captions = list(captions)
         return gather(
-            [
+            (
                 (idx, self.text_features(tokens, *adapters).cpu())
                 for idx, tokens in self.text_batches(captions, batch_size, by_length)
-            ]
+            ),
+            len(captions),
         )
 
     def embed_caption_lists(
@@ -283,15 +285,15 @@ class Backbone:
         return z, owner
 
 
-def gather(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Rows computed batch by batch as ``(positions, rows)``, back in input order."""
-    if not parts:
-        return torch.empty(0)
-    rows = parts[0][1]
-    out = rows.new_empty(sum(len(idx) for idx, _ in parts), *rows.shape[1:])
+def gather(parts: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """``n`` rows computed batch by batch as ``(positions, rows)``, back in input order;
+    each batch is written as it comes, so only one batch's rows exist beside the result."""
+    out = None
     for idx, z in parts:
+        if out is None:
+            out = z.new_empty(n, *z.shape[1:])
         out[idx] = z
-    return out
+    return out if out is not None else torch.empty(0)
 
 
 _CACHE: dict[tuple[str, str, str], Backbone] = {}

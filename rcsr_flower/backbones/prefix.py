@@ -189,8 +189,7 @@ def text_prefix(
     flat = [c for caps in captions for c in caps]
     row = torch.tensor([0, *torch.tensor([len(c) for c in captions]).cumsum(0).tolist()])
     hidden, ids, lengths = [], [], []
-    for s in range(0, len(flat), batch_size):
-        tokens = backbone.tokenize(flat[s : s + batch_size])
+    for _, tokens in backbone.text_batches(flat, batch_size):
         out = block_output(backbone, "text", block, tokens).cpu()
         n = tokens["attention_mask"].sum(1)
         for i, k in enumerate(n.tolist()):
