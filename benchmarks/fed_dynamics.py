@@ -62,7 +62,19 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--missing-rate", type=float, default=0.5)
     parser.add_argument("--partitioning", default="dirichlet")
+    parser.add_argument(
+        "--partition-by", default="kmeans", help="'kmeans' or a content attribute, e.g. color"
+    )
+    parser.add_argument("--partition-sizes", choices=["dirichlet", "equal"], default="dirichlet")
+    parser.add_argument("--train-max-items", type=int, default=0)
+    parser.add_argument(
+        "--local-steps", type=int, default=0, help="> 0: steps a round, overriding epochs"
+    )
     parser.add_argument("--no-anchoring", action="store_true")
+    parser.add_argument("--anchoring-loss", choices=["ce", "soft"], default="ce")
+    parser.add_argument(
+        "--paired-only", action="store_true", help="average only the paired clients' updates"
+    )
     parser.add_argument("--lambda-anchor", type=float, default=1.0)
     parser.add_argument("--lambda-align", type=float, default=0.1)
     parser.add_argument("--lambda-stab", type=float, default=0.01)
@@ -91,6 +103,11 @@ def main() -> None:
         alpha=args.alpha,
         missing_rate=args.missing_rate,
         partitioning=args.partitioning,
+        partition_by=args.partition_by,
+        partition_sizes=args.partition_sizes,
+        train_max_items=args.train_max_items,
+        local_steps=args.local_steps,
+        anchoring_loss=args.anchoring_loss,
         prototype_slots=args.prototype_slots,
         personal_adapters=args.personal_adapters != "off",
         seed=args.seed,
@@ -163,7 +180,7 @@ def main() -> None:
         print(f"round 0: personalised {track[-1][1]}", file=log_to, flush=True)
     print(f"round 0: rsum {curve[0][1]:.1f}", file=log_to, flush=True)
     rng = random.Random(args.seed)
-    per_round = max(2, int(args.clients * args.fraction))
+    per_round = min(args.clients, max(2, int(args.clients * args.fraction)))
     start = time.perf_counter()
     for server_round in range(1, args.rounds + 1):
         lr = args.lr if args.constant_lr else cfg.lr_at(server_round)
@@ -177,6 +194,8 @@ def main() -> None:
             lambda_align=args.lambda_align if anchoring else 0.0,
             prox_mu=args.lambda_stab,
             anchoring=anchoring,
+            anchoring_loss=args.anchoring_loss,
+            steps=args.local_steps,
         )
         deltas, sizes, losses = [], [], []
         for c in chosen:
@@ -197,7 +216,11 @@ def main() -> None:
         mods = [nodes[c].data.modality[0] for c in chosen]
         for k in theta:
             lacks = "t" if k.startswith("adapters.vision") else "i"  # clients without this tower
-            members = [j for j, m in enumerate(mods) if args.plain_aggregation or m != lacks]
+            members = [
+                j
+                for j, m in enumerate(mods)
+                if (args.plain_aggregation or m != lacks) and not (args.paired_only and m != "p")
+            ]
             total = sum(sizes[j] for j in members)
             if total:
                 theta[k] = theta[k] + args.server_lr * sum(

@@ -272,6 +272,8 @@ def settings_from(node: ClientNode, config: ConfigRecord) -> TrainSettings:
         lambda_align=float(config.get("lambda-align", cfg.lambda_align)),
         prox_mu=float(config.get("prox-mu", cfg.client_prox_mu)),
         anchoring=bool(config.get("anchoring", cfg.uses_anchoring)),
+        anchoring_loss=str(config.get("anchoring-loss", cfg.anchoring_loss)),
+        steps=cfg.local_steps,
     )
 
 

@@ -70,6 +70,10 @@ class RunConfig:
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (SPEC §1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
+    # what the Dirichlet splits over: "kmeans" (clusters of caption embeddings, real
+    # datasets) or the name of a content attribute the dataset records per item
+    partition_by: str = "kmeans"
+    partition_sizes: str = field(default="dirichlet", metadata=_choice("dirichlet", "equal"))
     partition_clusters: int = field(default=50, metadata=_range(1))
     alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     missing_rate: float = field(default=0.5, metadata=_range(0.0, 1.0))
@@ -85,6 +89,7 @@ class RunConfig:
     node_wait_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
     max_update_norm: float = field(default=0.0, metadata=_range(0.0))  # 0 = no bound
     local_epochs: int = field(default=1, metadata=_range(1))
+    local_steps: int = field(default=0, metadata=_range(0))  # > 0: overrides local-epochs
     batch_size: int = field(default=64, metadata=_range(2))
     lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.01, metadata=_range(0.0))
@@ -106,6 +111,7 @@ class RunConfig:
     lambda_anchor: float = field(default=1.0, metadata=_range(0.0))
     lambda_align: float = field(default=0.1, metadata=_range(0.0))
     lambda_stab: float = field(default=0.01, metadata=_range(0.0))
+    anchoring_loss: str = field(default="ce", metadata=_choice("ce", "soft"))
     # server (SPEC §5)
     strategy: str = field(
         default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper", "local")
@@ -116,6 +122,7 @@ class RunConfig:
     personal_adapters: bool = False
     prox: bool = True
     tower_aggregation: bool = True  # SPEC §5 step 5 (ours, revised); every strategy
+    aggregate_unimodal: bool = True  # false: only paired clients' updates are averaged
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     router_hidden: int = field(default=128, metadata=_range(1))
     router_heads: int = field(default=4, metadata=_range(1))
@@ -198,7 +205,7 @@ class RunConfig:
                 f"run-config 'adapter-layers' = {self.adapter_layers!r}: "
                 "allowed values are 'all' or a positive number of last blocks, e.g. '4'"
             )
-        for key in ("model-name", "dataset", "output-dir"):
+        for key in ("model-name", "dataset", "output-dir", "partition-by"):
             if not getattr(self, key.replace("-", "_")).strip():
                 raise ConfigError(f"run-config '{key}' is empty: allowed is any non-empty string")
         if self.router_hidden % self.router_heads:

@@ -36,7 +36,13 @@ import numpy as np
 from rcsr_flower.assets import cache_root, embedded_assets, ensure_assets, file_lock, load_model
 from rcsr_flower.config import EMBEDDED, ConfigError, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
-from rcsr_flower.data.partition import MODALITIES, Partition, make_partition
+from rcsr_flower.data.partition import (
+    KMEANS,
+    MODALITIES,
+    Partition,
+    content_labels,
+    make_partition,
+)
 
 if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's check of a
     # cached partition needs neither (1.4 s of its 2.6 s, before anything else starts)
@@ -216,6 +222,10 @@ def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int)
         ident["columns"] = columns
     if cfg.train_max_items:  # likewise
         ident["train_max_items"] = cfg.train_max_items
+    if cfg.partition_by != KMEANS:  # likewise
+        ident["partition_by"] = cfg.partition_by
+    if cfg.partition_sizes != "dirichlet":  # likewise
+        ident["partition_sizes"] = cfg.partition_sizes
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -235,8 +245,15 @@ def load_partition(
         if path.is_file():
             return Partition.from_json(path)
         train = train if train is not None else open_split(cfg, "train")
-        embeddings = None
-        if cfg.partitioning == "dirichlet":
+        embeddings = labels = None
+        if cfg.partitioning == "dirichlet" and cfg.partition_by != KMEANS:
+            try:
+                labels = content_labels(
+                    [train.attributes(i) for i in range(len(train))], cfg.partition_by
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        elif cfg.partitioning == "dirichlet":
             log.info("embedding %d training items for the semantic partition", len(train))
             embeddings = caption_embeddings(backbone, train)
         partition = make_partition(
@@ -249,6 +266,8 @@ def load_partition(
             missing_rate=cfg.missing_rate,
             local_test_fraction=cfg.local_test_fraction,
             seed=cfg.seed,
+            labels=labels,
+            equal_sizes=cfg.partition_sizes == "equal",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         partition.to_json(path)

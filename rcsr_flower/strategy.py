@@ -96,6 +96,7 @@ class RoutingOptions:
     router: bool = True  # False: sample-count weights in place of the router's
     minimax: bool = True  # False: uniform in place of the minimax weights
     tower_aggregation: bool = True  # step 5 tower by tower (False: Flower's plain FedAvg)
+    aggregate_unimodal: bool = True  # False: replies of partial (unimodal) clients are left out
     router_hidden: int = 128  # width of the router's token MLP and attention blocks
     router_heads: int = 4
     router_blocks: int = 2  # self-attention blocks over the round's clients
@@ -433,6 +434,17 @@ class RCSRStrategy(FedAvg):
             )
             self._record(server_round, {**record, "skipped": True})
             return None, None
+        if not self.options.aggregate_unimodal:
+            # the average over the paired clients only: what a practitioner does with
+            # clients that cannot compute the contrastive loss (recorded, not dropped)
+            record["left_out"] = [r.client_id for r in reports if r.partial]
+            reports = [r for r in reports if not r.partial]
+            if not reports:
+                log.info(
+                    "round %d: no paired client replied; global parameters unchanged", server_round
+                )
+                self._record(server_round, {**record, "skipped": True})
+                return None, None
 
         towers = self.current if self.options.tower_aggregation else None
         if self.task is None:  # FedAvg / FedProx / FedPer: Flower's sample-count weights

@@ -7,12 +7,13 @@ so server, clients and benchmarks measure retrieval the same way.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,6 +294,8 @@ class TrainSettings:
     lambda_align: float = 0.1
     prox_mu: float = 0.0  # λ_stab (RCSR) or FedProx's μ; 0 = no proximal term
     anchoring: bool = True
+    anchoring_loss: str = "ce"  # "ce" | "soft" (losses.anchor_soft)
+    steps: int = 0  # > 0: exactly this many local steps, overriding ``epochs``
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -355,34 +358,78 @@ def client_loss(
     bank: PrototypeBank | None,
     settings: TrainSettings,
     generator: torch.Generator,
+    teacher: Sequence[AdapterSet | None] | None = None,
 ) -> torch.Tensor | None:
     """SPEC §4 loss of one batch by modality, without ``L_prox`` (added by the caller).
 
     A missing modality's tower is never run. Returns None when the client has no loss
-    term (a unimodal client without anchoring).
+    term (a unimodal client without anchoring). ``teacher`` (the round's starting adapters)
+    is needed by ``anchoring-loss = "soft"``, which anchors relative to it.
     """
     anchor = settings.anchoring and bank is not None
+    soft = anchor and settings.anchoring_loss == "soft"
+    if soft and teacher is None:
+        raise ValueError("anchoring-loss 'soft' needs the round's starting adapters (teacher)")
     if data.modality == "paired":
         picks = pick_captions(data.train.captions, idx, generator)
         z_i = train_image_features(backbone, data, idx, adapters)
         z_t = train_text_features(backbone, data, picks, adapters)
         loss = losses.info_nce_sym(z_i, z_t, settings.temperature)
         if anchor and settings.lambda_align > 0:
+            taught = None
+            if soft:
+                with torch.no_grad():
+                    taught = (
+                        train_image_features(backbone, data, idx, teacher),
+                        train_text_features(backbone, data, picks, teacher),
+                    )
             loss = loss + settings.lambda_align * losses.proto_alignment(
-                z_i, z_t, bank.image, bank.text, settings.proto_temperature
+                z_i, z_t, bank.image, bank.text, settings.proto_temperature, teacher=taught
             )
         return loss
     if not anchor:
         return None
     if data.modality == "image-only":
-        z = train_image_features(backbone, data, idx, adapters)
+
+        def features(a: Sequence[AdapterSet | None]) -> torch.Tensor:
+            return train_image_features(backbone, data, idx, a)
+
         own, other = bank.image, bank.text
     else:
         picks = pick_captions(data.train.captions, idx, generator)
-        z = train_text_features(backbone, data, picks, adapters)
+
+        def features(a: Sequence[AdapterSet | None]) -> torch.Tensor:
+            return train_text_features(backbone, data, picks, a)
+
         own, other = bank.text, bank.image
-    slots = losses.assign_slots(z.detach(), own)
-    return settings.lambda_anchor * losses.anchor_ce(z, other, slots, settings.proto_temperature)
+    z = features(adapters)
+    if soft:
+        with torch.no_grad():
+            z0 = features(teacher)
+        slots = losses.assign_slots(z0, own)
+        loss = losses.anchor_soft(z, z0, other, slots, settings.proto_temperature)
+    else:
+        slots = losses.assign_slots(z.detach(), own)
+        loss = losses.anchor_ce(z, other, slots, settings.proto_temperature)
+    return settings.lambda_anchor * loss
+
+
+def step_batches(
+    n: int, batch_size: int, epochs: int, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The round's mini-batches: ``epochs`` passes, or with ``steps > 0`` exactly ``steps``
+    batches, reshuffling at each pass (so small and large clients do equal work)."""
+    if steps <= 0:
+        for _ in range(epochs):
+            yield from batches(n, batch_size, generator)
+        return
+    done = 0
+    while done < steps:
+        for idx in batches(n, batch_size, generator):
+            yield idx
+            done += 1
+            if done == steps:
+                return
 
 
 def local_train(
@@ -394,10 +441,12 @@ def local_train(
     settings: TrainSettings,
     seed: int,
 ) -> dict:
-    """Train shared (+ personal) adapters for ``settings.epochs`` on the client's data.
+    """Train shared (+ personal) adapters for ``settings.epochs`` (or ``settings.steps``)
+    on the client's data.
 
     ``L_prox = ½‖θ_k − θ‖²`` ties the shared adapters to the round's global ones; personal
-    adapters are never proximal-regularised (they are the client's own).
+    adapters are never proximal-regularised (they are the client's own). Soft anchoring
+    measures against a frozen copy of the adapters as the round found them.
     """
     gen = torch.Generator().manual_seed(seed)
     n = len(data.train)
@@ -412,20 +461,23 @@ def local_train(
     shared_params = [p for t in towers for p in shared.tower_parameters(t)]
     anchors = [p.detach().clone() for p in shared_params]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    teacher = None
+    if settings.anchoring and settings.anchoring_loss == "soft" and bank is not None:
+        teacher = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
     for m in modules:
         m.train()
     total = []
-    for _ in range(settings.epochs):
-        for idx in batches(n, settings.batch_size, gen):
-            loss = client_loss(backbone, data, idx, modules, bank, settings, gen)
-            if loss is None:  # nothing to learn from: Δ = 0, as naive FedAvg does
-                return result
-            if settings.prox_mu > 0:
-                loss = loss + settings.prox_mu * losses.prox(shared_params, anchors)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total.append(float(loss.detach()))
+    plan = step_batches(n, settings.batch_size, settings.epochs, settings.steps, gen)
+    for idx in plan:
+        loss = client_loss(backbone, data, idx, modules, bank, settings, gen, teacher)
+        if loss is None:  # nothing to learn from: Δ = 0, as naive FedAvg does
+            return result
+        if settings.prox_mu > 0:
+            loss = loss + settings.prox_mu * losses.prox(shared_params, anchors)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total.append(float(loss.detach()))
     return {"loss": sum(total) / max(len(total), 1), "steps": len(total), "num_examples": n}
 
 

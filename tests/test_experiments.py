@@ -528,6 +528,22 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     assert "| local | — | — |" in glob and "| central | 156.5 ± 0.7 (2) |" in glob
     assert "| local | 320.5 ± 0.7 (2) | 320.0 (1) |" in pers  # B/local seed 1 is missing
     assert "| central | — | — |" in pers
+    # the same numbers as data: summary.json
+    summary = json.loads((tmp_path / "docs" / "summary.json").read_text())
+    assert summary["suite"] == "t" and summary["reference"] == "rcsr"
+    a = summary["settings"]["A"]
+    assert a["rcsr"]["global"] == {"mean": 116.5, "std": pytest.approx(0.707, abs=1e-3), "n": 2}
+    assert "vs_reference" not in a["rcsr"]
+    assert a["fedavg"]["vs_reference"]["global"] == {
+        "diff": 10.0,
+        "ci": [10.0, 10.0],
+        "p": 0.0,
+        "n": 2,
+    }
+    assert a["rcsr"]["personalised"]["all"]["mean"] == 320.5
+    assert set(a["rcsr"]["personalised"]) == {"all", "paired", "image-only", "text-only"}
+    assert "personalised" not in a["central"] and a["local"]["global"]["n"] == 0
+    assert summary["settings"]["B"]["local"]["personalised"]["all"]["n"] == 1
     # a fresh clone: the same archive gives the same results.md, byte for byte
     again = write_report(suite, archive, tmp_path / "again", "cmd").read_text()
     assert again == md
@@ -574,6 +590,8 @@ def test_unimodal_share_of_the_aggregation_weights_by_hand():
 
 def test_report_readme_without_the_suites_markers_is_a_clear_error(tmp_path, capsys):
     suite = write_suite(tmp_path)
+    for cell in Suite.load(suite).cells():
+        fake_run(cell.directory(tmp_path / "r" / "t" / "cells"), cell.overrides)
     readme = tmp_path / "README.md"
     readme.write_text("# nothing to replace\n")
     args = ["report", "--suite", str(suite), "--results-dir", str(tmp_path / "r")]
@@ -581,6 +599,24 @@ def test_report_readme_without_the_suites_markers_is_a_clear_error(tmp_path, cap
     assert "<!-- results:t:start -->" in capsys.readouterr().err
     assert readme.read_text() == "# nothing to replace\n"
     assert (tmp_path / "r" / "t" / "results.md").is_file()  # the report itself is written
+
+
+def test_a_report_of_no_cell_is_an_error_naming_the_folder_it_read(tmp_path, capsys):
+    suite = write_suite(tmp_path)
+    results = tmp_path / "r"
+    args = ["report", "--suite", str(suite), "--results-dir", str(results)]
+    assert main([*args, "--output-root", str(tmp_path / "elsewhere")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "elsewhere" / "t") in err and "--output-root" in err
+    assert not (results / "t" / "results.md").exists()  # nothing overwritten or written
+    # given the run's --output-root it finds the cells and names that folder
+    source = tmp_path / "runs"
+    for cell in Suite.load(suite).cells():
+        fake_run(cell.directory(source / "t"), cell.overrides)
+    assert main([*args, "--output-root", str(source)]) == 0
+    md = (results / "t" / "results.md").read_text()
+    assert f"copied there from `{source}/t/`" in md and f"--output-root {source}" in md
+    assert (results / "t" / "summary.json").is_file()
 
 
 def test_the_committed_report_and_readme_overview_are_what_report_writes(tmp_path):

@@ -298,3 +298,65 @@ def test_partition_embeddings_use_all_cores_and_match_one_thread(
             found[cores] = federation.caption_embeddings(backbone, items)
     assert seen == [available_cores(), 2, 1]
     np.testing.assert_array_equal(found[2], found[1])
+
+
+# ---- content groups and equal sizes (SPEC §1, revised) ------------------------------------------
+
+
+def test_equal_size_dirichlet_keeps_the_skew_and_equalises_the_sizes(blobs):
+    from rcsr_flower.data.partition import split_by_label_equal
+
+    _, labels = blobs
+    plain = split_by_label(labels, 10, 0.1, seed=0)
+    equal = split_by_label_equal(labels, 10, 0.1, seed=0)
+    assert sorted(i for s in equal for i in s) == list(range(NUM_ITEMS))  # each item once
+    assert {len(s) for s in equal} == {NUM_ITEMS // 10}
+    assert max(map(len, plain)) > 1.5 * min(map(len, plain))  # the plain draw is uneven
+    iid = split_iid(NUM_ITEMS, 10, seed=0)
+    assert _mean_top_share(equal, labels) > 2 * _mean_top_share(iid, labels)
+    assert equal == split_by_label_equal(labels, 10, 0.1, seed=0)  # deterministic
+    assert equal != split_by_label_equal(labels, 10, 0.1, seed=1)
+    # uneven totals: the first n % N clients take one more
+    assert [len(s) for s in split_by_label_equal(labels[:23], 5, 0.5, seed=0)] == [5, 5, 5, 4, 4]
+
+
+def test_content_labels_partition_over_a_recorded_attribute():
+    from rcsr_flower.data.partition import content_labels
+
+    attrs = [{"color": c, "shape": "star"} for c in ("red", "blue", "red", "green")] * 25
+    labels = content_labels(attrs, "color")
+    assert labels.tolist()[:4] == [2, 0, 2, 1]  # sorted names: blue, green, red
+    p = make_partition(None, 100, 4, labels=labels, alpha=0.1, missing_rate=0.0, seed=0)
+    assert p.settings["labels"] == "given" and list(p.cluster_labels) == labels.tolist()
+    eq = make_partition(None, 100, 4, labels=labels, missing_rate=0.0, equal_sizes=True)
+    assert {c.size for c in eq.clients} == {25} and eq.settings["equal_sizes"] is True
+    with pytest.raises(ValueError, match=r"partition-by = 'texture'.*records \['color', 'shape'\]"):
+        content_labels(attrs, "texture")
+    with pytest.raises(ValueError, match="records none"):
+        content_labels([None], "color")
+
+
+def test_partition_by_a_content_attribute_through_the_run_config(embedded_assets):
+    """The embedded corpus records each item's attributes: ``partition-by = "color"`` splits
+    by object colour without embedding a caption; an unknown attribute is a ConfigError."""
+    from rcsr_flower import federation
+    from rcsr_flower.config import ConfigError, RunConfig
+
+    cfg = RunConfig(
+        partition_by="color",
+        partition_sizes="equal",
+        train_max_items=400,
+        missing_rate=0.0,
+        seed=12345,
+    )
+    train = federation.open_split(cfg, "train")
+    part = federation.load_partition(cfg, None, 8, train)  # no backbone needed
+    colors = [train.attributes(i)["color"] for i in range(len(train))]
+    assert {c.size for c in part.clients} == {50}
+    top = [
+        max(np.unique([colors[i] for i in c.train], return_counts=True)[1]) / len(c.train)
+        for c in part.clients
+    ]
+    assert np.mean(top) > 0.5  # alpha 0.1 over 8 colours: one or two colours per client
+    with pytest.raises(ConfigError, match="partition-by = 'flavour'"):
+        federation.load_partition(cfg.replace(partition_by="flavour"), None, 8, train)

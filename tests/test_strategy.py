@@ -596,6 +596,22 @@ def test_a_tower_no_participant_holds_stays_as_it_is():
     assert arrays[text].numpy().tobytes() == ArrayRecord(theta(0))[text].numpy().tobytes()
 
 
+def test_paired_only_aggregation_leaves_unimodal_clients_out_of_the_average():
+    """``aggregate-unimodal = false`` (the ``fedavg-paired`` baseline): FedAvg over the
+    paired clients only, bit for bit; a round with no paired reply keeps θ."""
+    paired = [modality_reply(1, theta(1), 10, 0), modality_reply(3, theta(3), 7, 0)]
+    image_only = modality_reply(2, image_only_theta(2), 30, 1)
+    s = RCSRStrategy(None, RoutingOptions(mode="fedavg", aggregate_unimodal=False), num_clients=4)
+    s.current = ArrayRecord(theta(0))
+    mine, metrics = s.aggregate_train(1, [paired[0], image_only, paired[1]])
+    absent, _ = FedAvg().aggregate_train(1, paired)
+    for key in absent:
+        assert mine[key].numpy().tobytes() == absent[key].numpy().tobytes(), key
+    assert metrics["num-clients"] == 2 and s.history[1]["left_out"] == [1]
+    assert s.aggregate_train(2, [image_only]) == (None, None)
+    assert s.history[2]["skipped"] is True
+
+
 def test_aggregation_weights_come_from_an_eval_mode_router_and_repeat():
     s = rcsr(num_clients=4, router_dropout=0.5)
     replies = [

@@ -32,22 +32,26 @@ __all__ = [
     "Modality",
     "Partition",
     "assign_modalities",
+    "content_labels",
     "make_partition",
     "semantic_clusters",
     "shard_partition",
     "split_by_label",
+    "split_by_label_equal",
     "split_iid",
 ]
 
 Modality = Literal["paired", "image-only", "text-only"]
 MODALITIES: tuple[str, ...] = get_args(Modality)
 PARTITIONINGS = ("dirichlet", "iid")
+KMEANS = "kmeans"  # partition-by: pseudo-labels from k-means over caption embeddings
 FILE_FORMAT = "rcsr-flower-partition"
 FILE_VERSION = 1
 
 # Independent random streams per step, so e.g. changing missing-rate does not move items.
 _STREAM_MODALITY = 1
 _STREAM_LOCAL_TEST = 2
+_STREAM_EQUAL = 3
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,67 @@ def split_by_label(
     return parts
 
 
+def split_by_label_equal(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int
+) -> list[list[int]]:
+    """Dirichlet label skew with *equal* client sizes (SPEC §1's equal-size option).
+
+    Each client draws its mix ``q_k ~ Dir(alpha)`` over the labels, as in
+    :func:`split_by_label`, but every client gets ``n // N`` items (the first ``n % N``
+    one more): clients take turns drawing one item at a time, a label by their ``q_k``
+    among the labels that still have items. When a client's labels are used up, it draws
+    from what is left in proportion to the remaining counts. Sizes are then equal, so equal
+    local work (``local-steps``) no longer lets large clients dominate, while the semantic
+    mix stays skewed.
+    """
+    _check_int("num_partitions", num_partitions, 1)
+    _check_alpha(alpha)
+    _check_seed(seed)
+    y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} {y.dtype}")
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    if y.size == 0:
+        return parts
+    rng = np.random.default_rng([_STREAM_EQUAL, seed])
+    values = np.unique(y)
+    pools = [list(rng.permutation(np.flatnonzero(y == v))) for v in values]
+    mix = rng.dirichlet(np.full(len(values), float(alpha)), size=num_partitions)
+    base, extra = divmod(len(y), num_partitions)
+    sizes = [base + (k < extra) for k in range(num_partitions)]
+    left = np.array([len(p) for p in pools], dtype=np.float64)
+    for turn in range(max(sizes)):
+        for k in range(num_partitions):
+            if turn >= sizes[k]:
+                continue
+            p = mix[k] * (left > 0)
+            if p.sum() <= 0:
+                p = left.copy()
+            g = int(rng.choice(len(values), p=p / p.sum()))
+            parts[k].append(int(pools[g].pop()))
+            left[g] -= 1
+    return [sorted(p) for p in parts]
+
+
+def content_labels(attributes: Sequence[dict | None], key: str) -> np.ndarray:
+    """Integer labels of a content attribute (``partition-by``) that the dataset records
+    per item, e.g. the embedded corpus's object ``color``: label-skew over content groups,
+    as label-Dirichlet splits do in classification benchmarks."""
+    values = []
+    for i, attrs in enumerate(attributes):
+        if not attrs or key not in attrs:
+            known = sorted(attrs) if attrs else []
+            raise ValueError(
+                f"partition-by = {key!r}: item {i} of the training split records no such "
+                f"attribute (it records {known or 'none'}); use partition-by = '{KMEANS}' "
+                "(clusters of caption embeddings) or one of the recorded attributes"
+            )
+        values.append(str(attrs[key]))
+    names = sorted(set(values))
+    index = {v: j for j, v in enumerate(names)}
+    return np.array([index[v] for v in values], dtype=np.int64)
+
+
 def split_iid(n: int, num_partitions: int, seed: int) -> list[list[int]]:
     """IID split with Flower Datasets' ``IidPartitioner`` over a seeded permutation.
 
@@ -316,11 +381,15 @@ def make_partition(
     missing_rate: float = 0.5,
     local_test_fraction: float = 0.1,
     seed: int = 0,
+    labels: np.ndarray | None = None,
+    equal_sizes: bool = False,
 ) -> Partition:
     """The full SPEC §1 partition: clusters -> Dirichlet (or IID) -> modalities -> local test.
 
     ``embeddings`` (one row per item, e.g. mean caption embedding) are required for
-    ``"dirichlet"`` and ignored (but shape-checked) for ``"iid"``. Empty clients are allowed;
+    ``"dirichlet"`` unless ``labels`` (content groups, :func:`content_labels`) are given,
+    and ignored (but shape-checked) for ``"iid"``. ``equal_sizes`` draws the Dirichlet mix
+    with equal client sizes (:func:`split_by_label_equal`). Empty clients are allowed;
     :meth:`Partition.problems` reports them.
     """
     if partitioning not in PARTITIONINGS:
@@ -342,16 +411,24 @@ def make_partition(
                 f"embeddings have {rows} rows but num_items is {num_items}; pass one embedding "
                 "row per dataset item"
             )
-    elif partitioning == "dirichlet":
+    elif partitioning == "dirichlet" and labels is None:
         raise ValueError(
-            "partitioning 'dirichlet' needs the caption embeddings of every item "
-            "(embeddings=None is only valid with partitioning 'iid')"
+            "partitioning 'dirichlet' needs the caption embeddings of every item or content "
+            "labels (embeddings=None is only valid with partitioning 'iid')"
         )
+    given = labels is not None
+    if given:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (num_items,):
+            raise ValueError(f"labels have shape {labels.shape}, expected ({num_items},)")
+    if partitioning != "dirichlet":
+        labels = None
 
-    labels: np.ndarray | None = None
     if partitioning == "dirichlet" and num_items > 0:
-        labels = semantic_clusters(embeddings, num_clusters, seed)
-        splits = split_by_label(labels, num_partitions, alpha, seed)
+        if not given:
+            labels = semantic_clusters(embeddings, num_clusters, seed)
+        split = split_by_label_equal if equal_sizes else split_by_label
+        splits = split(labels, num_partitions, alpha, seed)
     elif partitioning == "dirichlet":
         labels = np.zeros(0, dtype=np.int64)
         splits = [[] for _ in range(num_partitions)]
@@ -375,6 +452,10 @@ def make_partition(
         "local_test_fraction": float(local_test_fraction),
         "seed": int(seed),
     }
+    if given:
+        settings["labels"] = "given"
+    if equal_sizes:
+        settings["equal_sizes"] = True
     return Partition(
         clients=tuple(clients),
         cluster_labels=None if labels is None else tuple(int(v) for v in labels),

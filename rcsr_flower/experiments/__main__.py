@@ -94,6 +94,8 @@ def _run(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
 def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
     from rcsr_flower.experiments.report import (
         archive_cells,
+        collect,
+        completed_ids,
         readme_block,
         update_readme,
         write_report,
@@ -101,13 +103,24 @@ def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
 
     out_dir = Path(args.results_dir) / suite.name
     archive = out_dir / "cells"
+    source = Path(args.output_root) / suite.name
     if not args.no_archive:
-        source = Path(args.output_root) / suite.name
         copied = archive_cells(suite, source, archive) if source.is_dir() else []
         print(f"archived {len(copied)} completed cells from {source} into {archive}")
+    if not completed_ids(collect(suite, archive)):
+        read = archive if args.no_archive else f"{source} (nor in {archive})"
+        print(
+            f"error: no completed cell of suite {suite.name} in {read}; run it first "
+            f"(python -m rcsr_flower.experiments run --suite {suite.name}) or pass the "
+            "--output-root that run used. Nothing was written.",
+            file=sys.stderr,
+        )
+        return 1
     command = f"python -m rcsr_flower.experiments report --suite {suite.name}"
-    md = write_report(suite, archive, out_dir, command)
-    print(f"wrote {md} and its figures")
+    if Path(args.output_root) != Path("outputs/experiments"):
+        command += f" --output-root {args.output_root}"
+    md = write_report(suite, archive, out_dir, command, source=Path(args.output_root))
+    print(f"wrote {md}, {out_dir / 'summary.json'} and the figures")
     if args.readme:
         readme = Path(args.readme)
         block = readme_block(suite, archive, f"{command} --readme {readme.name}")

@@ -42,6 +42,11 @@ class ClientReport:
     def holds_tower(self, tower: str) -> bool:
         return self.holds is None or tower in self.holds
 
+    @property
+    def partial(self) -> bool:
+        """The client trained only some of the parameter groups (a unimodal client)."""
+        return self.holds is not None and len(self.holds) < 2
+
 
 class RoutedTask(Protocol):
     """A federated task the routing strategy can aggregate."""
