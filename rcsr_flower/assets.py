@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,12 +99,22 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class ShippedBackboneError(RuntimeError):
+    """The tiny CLIP shipped in ``embedded/tiny-clip/`` is missing, corrupted or stale."""
+
+
 def ensure_assets(
-    cache_dir: str | os.PathLike | None = None, *, force: bool = False, in_process: bool = False
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    in_process: bool = False,
+    pretrain: bool = False,
 ) -> EmbeddedAssets:
     """Return the embedded assets, building whatever is missing (under a lock).
 
-    The build runs in a child interpreter unless ``in_process`` (the CLI itself).
+    The build runs in a child interpreter unless ``in_process`` (the CLI itself). The
+    backbone is the shipped one, checked by SHA-256; one that fails the check is a
+    :class:`ShippedBackboneError`, unless ``pretrain`` asks to pretrain one here instead.
     """
     assets = embedded_assets(cache_dir)
     if assets.complete and not force:
@@ -111,14 +122,20 @@ def ensure_assets(
     if not in_process:
         # Build in a fresh interpreter: the caller may be a ServerApp or a Ray actor whose
         # threads, signal handlers and connections must not be forked by the build's pool.
-        _build_in_subprocess(assets.root.parent, force=force)
+        try:
+            _build_in_subprocess(assets.root.parent, force=force, pretrain=pretrain)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(
+                f"building the embedded assets in {assets.root} failed (exit {exc.returncode}; "
+                "its error is printed above)"
+            ) from None
         if not assets.complete:
             raise RuntimeError(f"building the embedded assets in {assets.root} failed")
         return assets
     with file_lock(assets.root.parent / f"embedded-{ASSETS_VERSION}.lock"):
         if assets.complete and not force:  # another process built them while we waited
             return assets
-        _build(assets, force=force)
+        _build(assets, force=force, pretrain=pretrain)
     return assets
 
 
@@ -134,9 +151,7 @@ def load_model(name_or_path: str, device=None, cache_dir: str | os.PathLike | No
     return load_backbone(name_or_path, device)
 
 
-def _build_in_subprocess(cache_dir: Path, *, force: bool) -> None:
-    import subprocess
-
+def _build_in_subprocess(cache_dir: Path, *, force: bool, pretrain: bool = False) -> None:
     package_parent = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
@@ -147,10 +162,12 @@ def _build_in_subprocess(cache_dir: Path, *, force: bool) -> None:
     cmd = [sys.executable, "-m", "rcsr_flower.assets", "build", "--cache-dir", str(cache_dir)]
     if force:
         cmd.append("--force")
+    if pretrain:
+        cmd.append("--pretrain")
     subprocess.run(cmd, env=env, check=True)
 
 
-def _build(assets: EmbeddedAssets, *, force: bool) -> None:
+def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> None:
     from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
     from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
     from rcsr_flower.pretrain import pretrain_tiny_clip
@@ -160,12 +177,21 @@ def _build(assets: EmbeddedAssets, *, force: bool) -> None:
         for sub in ("corpus", "pretrain-corpus", "tiny-clip"):
             shutil.rmtree(assets.root / sub, ignore_errors=True)
     recipe = TinyClipRecipe()
+    needs_backbone = not (assets.backbone_dir / _DONE).is_file()
+    problem = shipped_backbone_problem(SHIPPED_BACKBONE, recipe) if needs_backbone else None
+    if problem is not None and not pretrain:  # before anything is built
+        raise ShippedBackboneError(
+            f"the shipped tiny CLIP cannot be used: {problem} (expected SHA-256 of "
+            f"{SHIPPED_BACKBONE / 'model.safetensors'}: {SHIPPED_SHA256}). Restore it "
+            "from the repository (git checkout -- embedded/tiny-clip), or pretrain one "
+            "into the cache with `python -m rcsr_flower.assets build --pretrain` (about "
+            "an hour on 2 CPU cores)"
+        )
     log.info("building embedded target corpus in %s", assets.root / "corpus")
     generate_corpus(assets.root / "corpus", CorpusSpec())
-    if not (assets.backbone_dir / _DONE).is_file():
+    if needs_backbone:
         tmp = assets.root / "tiny-clip.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        problem = shipped_backbone_problem(SHIPPED_BACKBONE, recipe)
         if problem is None:
             log.info("copying the shipped tiny CLIP from %s", SHIPPED_BACKBONE)
             shutil.copytree(SHIPPED_BACKBONE, tmp)
@@ -173,7 +199,7 @@ def _build(assets: EmbeddedAssets, *, force: bool) -> None:
             log.warning("not using the shipped tiny CLIP (%s): pretraining it here", problem)
             log.info("building pretrain corpus in %s", assets.root / "pretrain-corpus")
             generate_corpus(assets.root / "pretrain-corpus", recipe.corpus)
-            log.info("pretraining the embedded tiny CLIP (one-time, about 20 minutes)")
+            log.info("pretraining the embedded tiny CLIP (one-time, about an hour on 2 cores)")
             pretrain_tiny_clip(tmp, assets.pretrain_corpus_json, recipe, assets.corpus_json)
         shutil.rmtree(assets.backbone_dir, ignore_errors=True)
         os.replace(tmp, assets.backbone_dir)
@@ -279,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", default=None, help="default: $RCSR_CACHE_DIR or ~/.cache/rcsr-flower"
     )
     parser.add_argument("--force", action="store_true", help="rebuild from scratch")
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="build: pretrain the tiny CLIP here when the shipped one fails its check",
+    )
     parser.add_argument("--json", action="store_true", help="info: one JSON object on stdout")
     parser.add_argument(
         "--out",
@@ -300,7 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "build":
-        assets = ensure_assets(args.cache_dir, force=args.force, in_process=True)
+        try:
+            assets = ensure_assets(
+                args.cache_dir, force=args.force, in_process=True, pretrain=args.pretrain
+            )
+        except ShippedBackboneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         assets = embedded_assets(args.cache_dir)
         if not assets.complete:

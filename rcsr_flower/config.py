@@ -65,21 +65,21 @@ class RunConfig:
     split_column: str = ""
     cache_dir: str = ""
     eval_max_images: int = field(default=1000, metadata=_range(0))
-    train_max_items: int = field(default=0, metadata=_range(0))
+    train_max_items: int = field(default=750, metadata=_range(0))
     loader_workers: int = field(default=0, metadata=_range(0))
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (SPEC §1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
     # what the Dirichlet splits over: "kmeans" (clusters of caption embeddings, real
     # datasets) or the name of a content attribute the dataset records per item
-    partition_by: str = "kmeans"
-    partition_sizes: str = field(default="dirichlet", metadata=_choice("dirichlet", "equal"))
+    partition_by: str = "color"
+    partition_sizes: str = field(default="equal", metadata=_choice("dirichlet", "equal"))
     partition_clusters: int = field(default=50, metadata=_range(1))
     alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     missing_rate: float = field(default=0.5, metadata=_range(0.0, 1.0))
     local_test_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     # federation (SPEC §1)
-    num_server_rounds: int = field(default=8, metadata=_range(1))
+    num_server_rounds: int = field(default=20, metadata=_range(1))
     fraction_train: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
     min_train_nodes: int = field(default=2, metadata=_range(1))
@@ -89,7 +89,7 @@ class RunConfig:
     node_wait_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
     max_update_norm: float = field(default=0.0, metadata=_range(0.0))  # 0 = no bound
     local_epochs: int = field(default=1, metadata=_range(1))
-    local_steps: int = field(default=0, metadata=_range(0))  # > 0: overrides local-epochs
+    local_steps: int = field(default=10, metadata=_range(0))  # > 0: overrides local-epochs
     batch_size: int = field(default=64, metadata=_range(2))
     lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.01, metadata=_range(0.0))

@@ -141,3 +141,27 @@ def test_soft_anchoring_without_a_teacher_is_a_clear_error(backbone, splits, ban
             TrainSettings(lr=1e-3, anchoring_loss="soft"),
             torch.Generator(),
         )
+
+
+@pytest.mark.slow
+def test_fed_dynamics_runs_soft_anchoring_with_local_steps_on_a_content_partition(
+    embedded_assets,
+):
+    """The in-process probe behind docs/algorithm.md's regime search takes the new knobs
+    and ends with its one JSON line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "benchmarks" / "fed_dynamics.py"), "--json"]
+    cmd += ["--clients", "4", "--rounds", "1", "--train-max-items", "120"]
+    cmd += ["--local-steps", "2", "--anchoring-loss", "soft", "--partition-by", "color"]
+    cmd += ["--partition-sizes", "equal", "--personal-adapters", "all", "--seed", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["settings"]["anchoring_loss"] == "soft"
+    assert result["settings"]["local_steps"] == 2
+    assert [r for r, _ in result["rsum"]] == [0, 1] and result["rsum"][0][1] > 0
+    assert len(result["personalised"]) == 2

@@ -225,6 +225,30 @@ def test_shipped_backbone_has_its_checksum_and_todays_recipe():
     assert size < 10 * 2**20, size
 
 
+def test_a_corrupted_shipped_backbone_is_an_error_not_a_silent_pretraining(
+    tmp_path, monkeypatch, capsys
+):
+    """A partial or corrupted checkout must not start an hour of pretraining inside a run:
+    the build stops at once, naming the file, the checksum it expects and the two fixes."""
+    import shutil
+
+    from rcsr_flower import assets
+
+    shipped = tmp_path / "tiny-clip"
+    shutil.copytree(assets.SHIPPED_BACKBONE, shipped)
+    weights = shipped / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a truncated file
+    monkeypatch.setattr(assets, "SHIPPED_BACKBONE", shipped)
+    cache = tmp_path / "cache"
+    assert assets.main(["build", "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and assets.SHIPPED_SHA256 in err
+    assert "git checkout -- embedded/tiny-clip" in err and "build --pretrain" in err
+    assert not any(cache.rglob("dataset.json"))  # nothing was built before the check
+    with pytest.raises(assets.ShippedBackboneError, match="SHA-256"):
+        assets.ensure_assets(cache, in_process=True)
+
+
 def test_the_cache_holds_the_shipped_backbone(embedded_assets):
     from rcsr_flower.assets import SHIPPED_SHA256, sha256_file
 

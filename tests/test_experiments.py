@@ -192,6 +192,7 @@ def test_the_shipped_suites_are_valid():
     assert {m.name for m in embedded.methods} == {
         "fedavg",
         "fedavg-tower",
+        "fedavg-paired",
         "fedprox",
         "fedper",
         "local",
@@ -202,6 +203,8 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-anchoring",
         "rcsr-no-tower",
         "rcsr-personal",
+        "rcsr-soft",
+        "rcsr-soft-personal",
     }
 
 

@@ -276,11 +276,13 @@ def split_by_label_equal(
 
     Each client draws its mix ``q_k ~ Dir(alpha)`` over the labels, as in
     :func:`split_by_label`, but every client gets ``n // N`` items (the first ``n % N``
-    one more): clients take turns drawing one item at a time, a label by their ``q_k``
-    among the labels that still have items. When a client's labels are used up, it draws
-    from what is left in proportion to the remaining counts. Sizes are then equal, so equal
-    local work (``local-steps``) no longer lets large clients dominate, while the semantic
-    mix stays skewed.
+    one more). In a seeded random order, each client in turn fills its whole quota, one
+    item at a time, a label drawn by its ``q_k`` among the labels that still have items.
+    Filling a client at once keeps its mix: clients that took turns item by item raced for
+    the popular labels and ended with every client holding two to four of eight labels;
+    filled in turn, a client's draw concentrates on its own labels, and the last ones take
+    the labels the others left, which are few by then. Sizes are equal, so equal local work
+    (``local-steps``) no longer lets large clients dominate, while the mix stays skewed.
     """
     _check_int("num_partitions", num_partitions, 1)
     _check_alpha(alpha)
@@ -296,14 +298,11 @@ def split_by_label_equal(
     pools = [list(rng.permutation(np.flatnonzero(y == v))) for v in values]
     mix = rng.dirichlet(np.full(len(values), float(alpha)), size=num_partitions)
     base, extra = divmod(len(y), num_partitions)
-    sizes = [base + (k < extra) for k in range(num_partitions)]
     left = np.array([len(p) for p in pools], dtype=np.float64)
-    for turn in range(max(sizes)):
-        for k in range(num_partitions):
-            if turn >= sizes[k]:
-                continue
+    for k in rng.permutation(num_partitions):
+        for _ in range(base + (k < extra)):
             p = mix[k] * (left > 0)
-            if p.sum() <= 0:
+            if p.sum() <= 0:  # the client's labels are used up (or underflowed to 0)
                 p = left.copy()
             g = int(rng.choice(len(values), p=p / p.sum()))
             parts[k].append(int(pools[g].pop()))
