@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test assets lint clean-flwr experiments report
+.PHONY: run test assets lint clean-flwr experiments report check-default-run
 
 # torch first, pinned: anything that pulls an unpinned torch first gets GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -38,6 +38,14 @@ report: $(STAMP)
 # tests/conftest.py hands out the slow files first. ARGS='-n 0' runs it in one process.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
+
+# A fresh default run must reproduce README's table (docs/results/default-run): every
+# metrics.jsonl field but seconds, within 0.2 rsum a round.
+check-default-run: $(STAMP)
+	rm -rf outputs/check-default-run
+	$(PY) -m rcsr_flower.launch --app-dir . --flwr-home .flwr --num-supernodes 10 \
+		-c 'run-name="check-default-run"' $(ARGS)
+	$(PY) -m rcsr_flower.experiments compare outputs/check-default-run docs/results/default-run
 
 assets: $(STAMP)
 	$(PY) -m rcsr_flower.assets build

@@ -122,3 +122,43 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     if len(lines) > 2:
         lines.append(f"(global test split, protocol: {rows[-1].get('global', {}).get('protocol')})")
     return "\n".join(lines)
+
+
+def metrics_differences(
+    ours: list[dict[str, Any]], reference: list[dict[str, Any]], tolerance: float = 0.2
+) -> list[str]:
+    """Where two runs' ``metrics.jsonl`` rows differ, one line each: the same rounds,
+    every field but the wall-clock ``seconds`` equal, numbers within ``tolerance`` (a
+    retrieval hit more or fewer moves a recall by 0.1, so 0.2 rsum tells a changed
+    computation from float noise across machines)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key == "seconds":
+                    continue
+                if key not in a or key not in b:
+                    out.append(f"{where}.{key}: only in {'the reference' if key in b else 'ours'}")
+                else:
+                    walk(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif (
+            isinstance(a, int | float)
+            and isinstance(b, int | float)
+            and not (isinstance(a, bool) or isinstance(b, bool))
+        ):
+            if abs(a - b) > tolerance:
+                out.append(f"{where}: {a!r} vs {b!r} in the reference")
+        elif a != b:
+            out.append(f"{where}: {a!r} vs {b!r} in the reference")
+
+    rounds_a = {r["round"]: r for r in ours}
+    rounds_b = {r["round"]: r for r in reference}
+    if set(rounds_a) != set(rounds_b):
+        out.append(f"rounds {sorted(rounds_a)} vs {sorted(rounds_b)} in the reference")
+    for rnd in sorted(set(rounds_a) & set(rounds_b)):
+        walk(rounds_a[rnd], rounds_b[rnd], f"round {rnd}")
+    return out

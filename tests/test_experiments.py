@@ -772,3 +772,29 @@ def test_a_cell_that_fails_in_the_launcher_is_reported_with_its_log(
     assert "A/nodata/seed-0 · 0 left" in out and "FAILED" in out and "preparing the data" in out
     log = tmp_path / "out" / "mixed" / "A" / "nodata" / "seed-0" / "run.log"
     assert f"(log: {log})" in out and "nonexistent" in log.read_text()
+
+
+def test_compare_tells_a_changed_round_from_float_noise(tmp_path, capsys):
+    rows = [
+        {"round": 0, "global": {"rsum": 301.12, "i2t_r1": 34.0}, "seconds": {"total": 5.0}},
+        {"round": 1, "global": {"rsum": 340.0, "i2t_r1": 39.8}, "skipped": False},
+    ]
+
+    def write(name: str, rows: list[dict]) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    ref = write("ref", rows)
+    noisy = json.loads(json.dumps(rows))
+    noisy[0]["seconds"]["total"] = 99.0  # wall time never counts
+    noisy[1]["global"]["rsum"] = 340.1
+    assert main(["compare", str(write("noisy", noisy)), str(ref)]) == 0
+    changed = json.loads(json.dumps(noisy))
+    changed[1]["global"]["rsum"] = 339.7  # three retrieval hits fewer
+    changed[1]["skipped"] = True
+    assert main(["compare", str(write("changed", changed)), str(ref)]) == 1
+    out = capsys.readouterr().out
+    assert "round 1.global.rsum: 339.7 vs 340.0" in out and "round 1.skipped: True" in out
+    assert main(["compare", str(write("short", rows[:1])), str(ref)]) == 1
+    assert main(["compare", str(tmp_path / "none"), str(ref)]) == 2

@@ -6,6 +6,11 @@ run     every cell of experiments/NAME.toml as a real ``flwr run`` simulation, i
         every selected cell has completed (2: the suite itself is wrong, nothing ran)
 report  copy the completed cells' small outputs to docs/results/NAME/cells/ and write
         docs/results/NAME/results.md and its figures from that archive
+
+``python -m rcsr_flower.experiments compare RUN REFERENCE`` checks that a run's
+metrics.jsonl equals a reference's (every field but ``seconds``, numbers within
+``--tolerance``): ``make check-default-run`` compares a fresh default run with the one
+whose table README shows.
 """
 
 from __future__ import annotations
@@ -59,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the overview tables between the <!-- results:SUITE:start/end --> "
         "markers of this file (README.md)",
     )
+    compare = sub.add_parser("compare", help="a run's metrics.jsonl against a reference's")
+    compare.add_argument("run", type=Path, help="a run's output directory")
+    compare.add_argument("reference", type=Path, help="the reference run's output directory")
+    compare.add_argument("--tolerance", type=float, default=0.2)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args.run, args.reference, args.tolerance)
     app_dir = Path(args.app_dir).resolve()
     try:
         suite = Suite.find(args.suite, app_dir)
@@ -69,6 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _compare(run: Path, reference: Path, tolerance: float) -> int:
+    import json
+
+    from rcsr_flower.outputs import metrics_differences
+
+    rows = []
+    for path in (run / "metrics.jsonl", reference / "metrics.jsonl"):
+        if not path.is_file():
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+        rows.append([json.loads(line) for line in path.read_text().splitlines() if line])
+    diffs = metrics_differences(*rows, tolerance=tolerance)
+    for line in diffs[:20]:
+        print(line)
+    if diffs:
+        print(f"{len(diffs)} differences between {run} and {reference}", file=sys.stderr)
+        return 1
+    print(f"{run}: every round equals {reference} (all but seconds, within {tolerance})")
+    return 0
 
 
 def _run(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
