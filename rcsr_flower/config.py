@@ -49,6 +49,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 EMBEDDED = "embedded"
 """``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""
+EMBEDDED_CONTENT = "color"
+"""The embedded corpus's content groups for ``partition-by = "auto"``: the object colour,
+the attribute its captions and the frozen tiny CLIP depend on most (docs/algorithm.md)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,9 @@ class RunConfig:
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (SPEC §1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
-    # what the Dirichlet splits over: "kmeans" (clusters of caption embeddings, real
-    # datasets) or the name of a content attribute the dataset records per item
-    partition_by: str = "color"
+    # what the Dirichlet splits over: "kmeans" (clusters of caption embeddings), the name
+    # of a content attribute the dataset records per item, or "auto" (partition_attribute)
+    partition_by: str = "auto"
     partition_sizes: str = field(default="equal", metadata=_choice("dirichlet", "equal"))
     partition_clusters: int = field(default=50, metadata=_range(1))
     alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
@@ -242,6 +245,15 @@ class RunConfig:
     def embedded(self) -> bool:
         """Whether the run uses the project's embedded offline benchmark."""
         return self.dataset == "embedded"
+
+    @property
+    def partition_attribute(self) -> str:
+        """What ``partition-by`` means for this dataset: ``"auto"`` is the embedded
+        corpus's content groups (``EMBEDDED_CONTENT``) and k-means of caption embeddings
+        for any other dataset, which records no such groups."""
+        if self.partition_by != "auto":
+            return self.partition_by
+        return EMBEDDED_CONTENT if self.embedded else "kmeans"
 
     @property
     def routed(self) -> bool:

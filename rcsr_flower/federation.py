@@ -222,8 +222,8 @@ def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int)
         ident["columns"] = columns
     if cfg.train_max_items:  # likewise
         ident["train_max_items"] = cfg.train_max_items
-    if cfg.partition_by != KMEANS:  # likewise
-        ident["partition_by"] = cfg.partition_by
+    if cfg.partition_attribute != KMEANS:  # likewise
+        ident["partition_by"] = cfg.partition_attribute
     if cfg.partition_sizes != "dirichlet":  # likewise
         ident["partition_sizes"] = cfg.partition_sizes
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -246,10 +246,10 @@ def load_partition(
             return Partition.from_json(path)
         train = train if train is not None else open_split(cfg, "train")
         embeddings = labels = None
-        if cfg.partitioning == "dirichlet" and cfg.partition_by != KMEANS:
+        if cfg.partitioning == "dirichlet" and cfg.partition_attribute != KMEANS:
             try:
                 labels = content_labels(
-                    [train.attributes(i) for i in range(len(train))], cfg.partition_by
+                    [train.attributes(i) for i in range(len(train))], cfg.partition_attribute
                 )
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
