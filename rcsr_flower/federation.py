@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's che
 
 log = logging.getLogger(__name__)
 
-PARTITION_VERSION = 1
+PARTITION_VERSION = 2  # 2: partition-sizes = "equal" fills each client in turn
 
 
 def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
