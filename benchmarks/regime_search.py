@@ -167,7 +167,19 @@ def table() -> str:
             else "—"
         )
         lines.append(f"| {name} | {what} | {len(v)} | {v.mean():.1f}{std} | {per} | {diff} |")
-    lines += ["", "Machine: " + "; ".join(sorted(machines)) + ".", END]
+    lines += ["", "Machine: " + "; ".join(sorted(machines)) + "."]
+    if (OUT / "clusters.json").is_file():
+        c = json.loads((OUT / "clusters.json").read_text())
+        nmi = ", ".join(f"{k} {v:.2f}" for k, v in c["nmi"].items())
+        lines += [
+            "",
+            f"What the `kmeans` partition groups by (`benchmarks/regime_search.py clusters`: "
+            f"{c['clusters']} k-means clusters of the frozen backbone's caption embeddings of "
+            f"all {c['items']:,} training items, seed {c['seed']}, commit "
+            f"{c['provenance']['commit']}): normalised mutual information with each "
+            f"attribute: {nmi}.",
+        ]
+    lines.append(END)
     return "\n".join(lines)
 
 
