@@ -1,8 +1,8 @@
 """How far adapters can take the embedded backbone, and how they get there.
 
 Trains shared adapters on the pooled training split of the target corpus (the
-"centralised" upper bound of SPEC §5) with the clients' own code and settings: the paired
-loss of ``task.client_loss`` (symmetric InfoNCE at SPEC's τ = 0.07), one AdamW at the
+"centralised" upper bound of §5) with the clients' own code and settings: the paired
+loss of ``task.client_loss`` (symmetric InfoNCE at the specification's τ = 0.07), one AdamW at the
 embedded ``lr`` and ``batch-size`` of the run config, one caption per image per epoch.
 It evaluates the global test split (standard protocol) at step 0 (zero-shot), every
 ``--eval-every`` steps and at every epoch end, and ends with one JSON line:

@@ -3,10 +3,10 @@
 A full ``flwr run`` of the embedded default takes minutes; asking "does the drop come
 from non-IID data, from missing modalities, from prototype anchoring or from too few
 local steps?" needs many runs. This loop runs the *same* client code
-(``client.setup``, ``task.local_train`` with the SPEC §4 loss, the bootstrap bank of
+(``client.setup``, ``task.local_train`` with the §4 loss, the bootstrap bank of
 ``server.bootstrap_bank``) for all clients in one process, aggregates
 ``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` tower by tower over the clients holding each tower, as
-SPEC §5 step 5 (revised) and the default ``tower-aggregation`` (``--plain-aggregation``:
+§5 step 5 (revised) and the default ``tower-aggregation`` (``--plain-aggregation``:
 over all clients) (sample-count weights: no router, no minimax, no bank update: it
 isolates the client side) and evaluates the global adapters on the global test
 split after every round. It is a diagnostic, not the product: numbers from it are labelled
@@ -18,8 +18,8 @@ as such in docs.
     .venv/bin/python benchmarks/fed_dynamics.py --partitioning iid --personal-adapters all
 
 With ``--personal-adapters all|paired`` every client (or only the paired ones) also trains
-personal adapters kept across rounds (SPEC §2), and each round ends with the
-personalised breakdown of SPEC §6 per modality group, plus, for each unimodal client, how
+personal adapters kept across rounds (§2), and each round ends with the
+personalised breakdown of §6 per modality group, plus, for each unimodal client, how
 far its own modality's test embeddings have collapsed: the mean pairwise cosine of its
 test images (image-only) or captions (text-only) with shared + personal adapters, and the
 norm of its personal adapters.
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--lambda-stab", type=float, default=0.01)
     parser.add_argument("--prototype-slots", type=int, default=32)
     parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--constant-lr", action="store_true", help="no SPEC §1 schedule")
+    parser.add_argument("--constant-lr", action="store_true", help="no §1 schedule")
     parser.add_argument(
         "--plain-aggregation", action="store_true", help="average every tower over all clients"
     )

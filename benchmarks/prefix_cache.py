@@ -1,4 +1,4 @@
-"""What the frozen-prefix cache saves on a local epoch (SPEC §2, `prefix-cache`).
+"""What the frozen-prefix cache saves on a local epoch (§2, `prefix-cache`).
 
 A random-weight ViT-B/32-shaped CLIP (`CLIPConfig()` defaults: 12 + 12 blocks) with
 adapters on the last `--adapter-layers` blocks of each tower trains one local epoch of

@@ -1,6 +1,6 @@
 """Where the router objective puts the weight when every client is equally good.
 
-SPEC §5 step 7 (ours, revised): a unimodal client reports the global prototype as a
+§5 step 7 (ours, revised): a unimodal client reports the global prototype as a
 placeholder for its missing side. This simulates one round of 2 paired, 2 image-only and
 1 text-only clients in d = 512 whose held prototypes are the global ones plus noise of one
 size (placeholders: exactly the global ones), and minimises the objective over softmax

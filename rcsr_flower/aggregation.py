@@ -1,4 +1,4 @@
-"""The pure steps of a server round (SPEC §5 steps 1 and 5): which messages went
+"""The pure steps of a server round (§5 steps 1 and 5): which messages went
 unanswered, which replies are well-formed enough to use, the clients' updates, and the
 (tower-wise) weighted average. No strategy state: ``RCSRStrategy`` calls them, and tests
 and other strategies can use them on their own.
@@ -186,7 +186,7 @@ def aggregate(
     """Step 5: ``θ <- Σ_k w_k θ_k / Σ_k w_k`` with Flower's own ``aggregate_arrayrecords``;
     ``weights=None`` means FedAvg's ``num-examples``.
 
-    With ``current`` (the round's global θ) it is tower-wise (SPEC §5 step 5, ours,
+    With ``current`` (the round's global θ) it is tower-wise (§5 step 5, ours,
     revised): each tower ``t`` averages only over the clients holding it,
     ``θ_t <- θ_t + Σ_{k∈H_t} w_k Δ_k,t / Σ_{k∈H_t} w_k``, and a tower no participant holds
     stays as it is. A unimodal client's Δ is exactly zero on its missing tower; the plain

@@ -1,4 +1,4 @@
-"""Client-side work behind the ClientApp handlers (SPEC §3, §4, §6).
+"""Client-side work behind the ClientApp handlers (§3, §4, §6).
 
 ``client_app.py`` hands each message's records and the node's ``Context`` to these
 functions and wraps what they return into a reply. Everything heavy (backbone, the
@@ -243,7 +243,7 @@ def setup(run_config, node_config) -> ClientNode:
 
 
 def handle_query(node: ClientNode, config: ConfigRecord) -> dict:
-    """Bootstrap (SPEC §3): describe the node; paired nodes add their group centroids."""
+    """Bootstrap (§3): describe the node; paired nodes add their group centroids."""
     out: dict = {"describe": node.describe()}
     if config.get("kind") == "bootstrap":
         groups = bootstrap_groups(
@@ -284,7 +284,7 @@ def handle_train(
     prototypes: ArrayRecord | None,
     state: RecordDict,
 ) -> dict:
-    """One client round (SPEC §4): train, then the update's statistics.
+    """One client round (§4): train, then the update's statistics.
 
     Returns ``{"arrays": θ_k, "metrics": {...}, "stats": {...} | None}``; personal
     adapters and ``Δ`` go to ``state`` only.
@@ -365,7 +365,7 @@ def handle_train(
 def handle_evaluate(
     node: ClientNode, arrays: ArrayRecord, state: RecordDict, config: ConfigRecord | None = None
 ) -> dict:
-    """Personalised retrieval (SPEC §6) on the local test split: shared + personal."""
+    """Personalised retrieval (§6) on the local test split: shared + personal."""
     store = node.state_store(config) if config is not None else None
     if store is not None:
         store.sync(state, upto=int(config["server-round"]))

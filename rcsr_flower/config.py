@@ -1,4 +1,4 @@
-"""The one run-config schema: every hyperparameter of SPEC.md, typed and validated.
+"""The one run-config schema: every hyperparameter of docs/algorithm.md, typed and validated.
 
 Flower hands the app a flat ``run_config`` with kebab-case keys (``[tool.flwr.app.config]``
 in pyproject.toml, overridden with ``flwr run . -c "key=value"``). ``RunConfig.from_flower``
@@ -58,7 +58,7 @@ the attribute its captions and the frozen tiny CLIP depend on most (docs/algorit
 class RunConfig:
     """Run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
 
-    # data and backbone (SPEC §1, §2)
+    # data and backbone (§1, §2)
     model_name: str = EMBEDDED
     dataset: str = EMBEDDED
     data_dir: str = ""
@@ -71,7 +71,7 @@ class RunConfig:
     train_max_items: int = field(default=750, metadata=_range(0))
     loader_workers: int = field(default=0, metadata=_range(0))
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
-    # partition (SPEC §1)
+    # partition (§1)
     partitioning: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid"))
     # what the Dirichlet splits over: "kmeans" (clusters of caption embeddings), the name
     # of a content attribute the dataset records per item, or "auto" (partition_attribute)
@@ -81,7 +81,7 @@ class RunConfig:
     alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     missing_rate: float = field(default=0.5, metadata=_range(0.0, 1.0))
     local_test_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
-    # federation (SPEC §1)
+    # federation (§1)
     num_server_rounds: int = field(default=20, metadata=_range(1))
     fraction_train: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
@@ -98,24 +98,24 @@ class RunConfig:
     weight_decay: float = field(default=0.01, metadata=_range(0.0))
     warmup_rounds: int = field(default=10, metadata=_range(0))
     min_lr_ratio: float = field(default=0.01, metadata=_range(0.0, 1.0))
-    # model (SPEC §2)
+    # model (§2)
     adapter_layers: str = "all"
     adapter_bottleneck: int = field(default=64, metadata=_range(1))
     adapter_init_std: float = field(default=0.02, metadata=_range(0.0))
     prefix_cache: bool = True  # frozen prefixes: training (adapter-layers = L), evaluation
     zero_shot_cache: bool = True  # round 0 and the bootstrap: the frozen backbone's results
-    # prototypes (SPEC §3)
+    # prototypes (§3)
     prototype_slots: int = field(default=32, metadata=_range(1))
     prototype_momentum: float = field(default=0.95, metadata=_range(0.0, 1.0))
     prototype_samples: int = field(default=512, metadata=_range(1))
-    # client loss (SPEC §4)
+    # client loss (§4)
     temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
     proto_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
     lambda_anchor: float = field(default=1.0, metadata=_range(0.0))
     lambda_align: float = field(default=0.1, metadata=_range(0.0))
     lambda_stab: float = field(default=0.01, metadata=_range(0.0))
     anchoring_loss: str = field(default="ce", metadata=_choice("ce", "soft"))
-    # server (SPEC §5)
+    # server (§5)
     strategy: str = field(
         default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper", "local")
     )
@@ -124,7 +124,7 @@ class RunConfig:
     anchoring: bool = True
     personal_adapters: bool = False
     prox: bool = True
-    tower_aggregation: bool = True  # SPEC §5 step 5 (ours, revised); every strategy
+    tower_aggregation: bool = True  # §5 step 5 (ours, revised); every strategy
     aggregate_unimodal: bool = True  # false: only paired clients' updates are averaged
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     router_hidden: int = field(default=128, metadata=_range(1))
@@ -138,7 +138,7 @@ class RunConfig:
     beta_axis: float = 0.3
     minimax_eta: float = field(default=0.1, metadata=_range(0.0))
     minimax_tau: float = field(default=0.1, metadata=_range(0.0))
-    # evaluation and outputs (SPEC §6)
+    # evaluation and outputs (§6)
     eval_every: int = field(default=1, metadata=_range(0))
     eval_protocol: str = field(default="standard", metadata=_choice("standard", "paired"))
     eval_batch_size: int = field(default=256, metadata=_range(1))
@@ -287,7 +287,7 @@ class RunConfig:
         return self.lambda_stab if self.routed and self.prox else 0.0
 
     def lr_at(self, server_round: int) -> float:
-        """SPEC §1 schedule: linear warm-up, then cosine to ``min_lr_ratio`` of the base lr.
+        """§1 schedule: linear warm-up, then cosine to ``min_lr_ratio`` of the base lr.
 
         Warm-up lasts ``warmup_rounds`` capped at a tenth of the rounds.
         """

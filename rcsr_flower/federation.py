@@ -1,4 +1,4 @@
-"""Who holds what: the run's datasets and its semantic non-IID partition (SPEC §1).
+"""Who holds what: the run's datasets and its semantic non-IID partition (§1).
 
 The server and every client call the same functions with the same run config, so they
 agree on the partition without shipping it: the first caller computes it (frozen-backbone
@@ -142,7 +142,7 @@ def node_data(cfg: RunConfig, node_config: Mapping) -> NodeData:
 
 
 def global_test_set(cfg: RunConfig) -> ImageCaptionDataset:
-    """The server's held-out split (SPEC §6), capped at ``eval-max-images``."""
+    """The server's held-out split (§6), capped at ``eval-max-images``."""
     test = open_split(cfg, "test")
     if cfg.eval_max_images and len(test) > cfg.eval_max_images:
         test = test.subset(range(cfg.eval_max_images))

@@ -1,4 +1,4 @@
-"""Client losses of SPEC §4, pure functions of tensors.
+"""Client losses of §4, pure functions of tensors.
 
 - paired:     ``InfoNCE_sym(z_I, z_T; τ) + λ_align·L_proto + λ_stab·L_prox``
 - image-only: ``λ_anchor·CE(softmax(z_I·P_Tᵀ/τ_p), s_I) + λ_stab·L_prox``

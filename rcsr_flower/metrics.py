@@ -1,4 +1,4 @@
-"""Image-text retrieval recall (R@K, rsum, median rank), SPEC §6.
+"""Image-text retrieval recall (R@K, rsum, median rank), §6.
 
 One function, :func:`retrieval_recall`, is the only place ranks are computed: the server's
 global evaluation, the clients' local evaluation and the benchmarks all call it, so every

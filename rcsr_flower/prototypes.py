@@ -1,4 +1,4 @@
-"""The prototype bank of SPEC §3: ``C`` paired semantic slots plus global prototypes.
+"""The prototype bank of §3: ``C`` paired semantic slots plus global prototypes.
 
 ``P_I, P_T ∈ R^{C×d}`` anchor unimodal clients to the shared cross-modal space (an
 image is pulled toward the *text* prototype of its slot); ``g_I, g_T`` are the global
@@ -97,7 +97,7 @@ class PrototypeBank:
         client_text: Sequence[torch.Tensor | None],
         momentum: float = 0.95,
     ) -> None:
-        """SPEC §3 server update with the fused weights ``w``.
+        """§3 server update with the fused weights ``w``.
 
         Per modality and slot with mass: ``P[c] <- normalize(m·P[c] + (1-m)·mean_c)``,
         ``mean_c`` the w-and-count-weighted mean of the clients' slot means; and

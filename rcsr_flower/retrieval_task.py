@@ -1,9 +1,9 @@
-"""Image–text retrieval as a routed task: what RCSR's strategy needs from it (SPEC §3–§5).
+"""Image–text retrieval as a routed task: what RCSR's strategy needs from it (§3–§5).
 
 A client's ``"stats"`` record carries its prototypes ``p_I, p_T``, its update geometry,
 its modality mask and its per-slot embedding sums and counts. From these the task builds
 the router token ``[p_I, p_T, cos(p_I,p_T), geometry(4), mask(2), loss, r_k]``, the
-router objective of SPEC §5 step 7, and the prototype-bank update of §3.
+router objective of §5 step 7, and the prototype-bank update of §3.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class RetrievalTask:
             raise ReplyError(
                 f"'geometry' is {[round(g, 4) for g in geometry.tolist()]}: expected "
                 "[log(1+‖Δ‖) ≥ 0, tower share in [0, 1], cos in [-1, 1], log(1+‖Δ‖/√n) ≥ 0] "
-                "(SPEC §4; a client from before the revision sends the unbounded ratio)"
+                "(§4; a client from before the revision sends the unbounded ratio)"
             )
         return RetrievalSummary(
             p_image=get("p_image", (d,)),
@@ -193,7 +193,7 @@ def router_loss(
     has_image: torch.Tensor | None = None,
     has_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §5 step 7 (ours, revised): only what a client holds enters the objective.
+    """§5 step 7 (ours, revised): only what a client holds enters the objective.
 
     ``softplus(β1(1−cos(ĝ_I,g_I)) + β2(1−cos(ĝ_T,g_T)) − β4·H(w) + β5·A)`` with
     ``ĝ_I = normalize(Σ_{k holds images} w_k p_I,k)`` and ``ĝ_T`` likewise over the text
@@ -238,7 +238,7 @@ SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 
 class PersonalizedRetrieval:
-    """SPEC §6 personalised evaluation as the strategy's :class:`FederatedEvaluation`:
+    """§6 personalised evaluation as the strategy's :class:`FederatedEvaluation`:
     each client's recalls on its local test split, summarised overall and per modality
     group (``metrics.jsonl`` field ``personalized``)."""
 
@@ -260,7 +260,7 @@ class PersonalizedRetrieval:
 
 
 def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict:
-    """SPEC §6: mean, std and worst 10% of clients (by rsum; at least one client),
+    """§6: mean, std and worst 10% of clients (by rsum; at least one client),
     overall and per modality group."""
 
     def stats(rows: list[dict[str, float]]) -> dict:

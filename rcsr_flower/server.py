@@ -3,7 +3,7 @@
 ``server_app.py`` only hands Flower's ``grid`` and ``context`` to :func:`run_server`.
 A run: resolve config (and the checkpoint to resume, if any) -> run dir -> a QUERY
 round in which every node reports its partition and paired nodes their group centroids
-(SPEC §3 bootstrap), while the server's backbone and global test split load in a thread
+(§3 bootstrap), while the server's backbone and global test split load in a thread
 -> partition and prototype bank ->
 ``strategy.start`` with centralised zero-shot evaluation at round 0 and a checkpoint
 after every round -> final adapters, bank, router and ``result.json`` -> the nodes drop
@@ -319,7 +319,7 @@ def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
 
 
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
-    """SPEC §3: count-weighted k-means over the paired clients' group centroids."""
+    """§3: count-weighted k-means over the paired clients' group centroids."""
     groups = [n["groups"] for n in nodes if "groups" in n]
     return PrototypeBank.bootstrap(
         [g["image_means"] for g in groups],

@@ -1,5 +1,5 @@
 """A split of image–caption pairs made ready for the towers, and the one retrieval
-evaluation (SPEC §6) that clients, the server, asset building and benchmarks share.
+evaluation (§6) that clients, the server, asset building and benchmarks share.
 
 Below the task and above the backbones: it knows a ``Backbone`` and a dataset view, not
 run configs, clients or Flower, so backbone pretraining can evaluate with it too.
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalPrefix:
-    """A split's frozen prefix (SPEC §2) in the evaluation's own batches.
+    """A split's frozen prefix (§2) in the evaluation's own batches.
 
     Each tower's hidden states after the block where the adapters start, batch by batch
     exactly as :func:`embed_split` batches the split, so that replaying them runs the same
@@ -235,7 +235,7 @@ def evaluate_retrieval(
     memo: ZeroShotMemo | None = None,
     prefix_bytes: float = 0.0,
 ) -> dict:
-    """Retrieval recall (SPEC §6) of the backbone + adapters on a paired split.
+    """Retrieval recall (§6) of the backbone + adapters on a paired split.
 
     ``memo``: while the adapters add nothing (round 0), the frozen backbone's metrics on
     this very split come from there when computed before (:mod:`rcsr_flower.zero_shot`).

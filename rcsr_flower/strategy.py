@@ -14,7 +14,7 @@ What the client must do: train the parameters it receives in ``"arrays"`` with t
 options' ``client_config``) and the task's state records, then reply ``"arrays"`` (its
 trained parameters θ_k; the server forms Δ_k = θ_k − θ), ``"metrics"``
 (``num-examples``, ``train-loss``, ``partition-id``) and the records the task's
-``parse_reply`` reads. ``aggregate_train`` reads as SPEC §5 steps 1–8, each a pure
+``parse_reply`` reads. ``aggregate_train`` reads as §5 steps 1–8, each a pure
 function (validation and aggregation in ``rcsr_flower.aggregation``).
 
 ``mode="fedavg"`` aggregates exactly like Flower's ``FedAvg`` (same function, weights
@@ -90,7 +90,7 @@ class RoundClock:
 # ============================================================================ strategy
 @dataclass
 class RoutingOptions:
-    """Server-side switches and hyperparameters of SPEC §5 (docs/extending.md has a table)."""
+    """Server-side switches and hyperparameters of §5 (docs/extending.md has a table)."""
 
     mode: str = "rcsr"  # "rcsr" routes; "fedavg" | "fedprox" | "fedper": num-examples weights
     router: bool = True  # False: sample-count weights in place of the router's
@@ -209,7 +209,7 @@ class RCSRStrategy(FedAvg):
             fresh = first_round == 1
         if fresh:
             clock = RoundClock()
-            # SPEC §6: zero-shot on every client's local test split too, so personalised
+            # §6: zero-shot on every client's local test split too, so personalised
             # curves start from the frozen backbone like the global one
             fed, central = self._evaluate(
                 0, arrays, evaluate_config, grid, timeout, evaluate_fn, clock
@@ -496,7 +496,7 @@ class RCSRStrategy(FedAvg):
     def _router_weights(
         self, reports: list[ClientReport], tokens: torch.Tensor | None
     ) -> torch.Tensor:
-        """SPEC §5 step 2: the router's weights from an eval-mode forward (deterministic:
+        """§5 step 2: the router's weights from an eval-mode forward (deterministic:
         the same tokens give the same weights); sample-count weights without a router."""
         if self.router is None or tokens is None:
             return sample_weights(reports)
@@ -513,7 +513,7 @@ class RCSRStrategy(FedAvg):
     def _router_step(
         self, server_round: int, tokens: torch.Tensor | None, reports: list[ClientReport]
     ) -> float | None:
-        """SPEC §5 step 7: one Adam step on the objective of a train-mode forward (dropout
+        """§5 step 7: one Adam step on the objective of a train-mode forward (dropout
         regularises the router; it never reaches the aggregation weights)."""
         if self.router is None or self.router_opt is None or tokens is None:
             return None

@@ -39,7 +39,7 @@ class ClientData:
     modality: str  # "paired" | "image-only" | "text-only"
     train: SplitTensors
     test: SplitTensors
-    # the training split's frozen prefix per tower (SPEC §2; ``prefix-cache``)
+    # the training split's frozen prefix per tower (§2; ``prefix-cache``)
     prefix: dict[str, TowerPrefix] = field(default_factory=dict)
 
     @property
@@ -360,7 +360,7 @@ def client_loss(
     generator: torch.Generator,
     teacher: Sequence[AdapterSet | None] | None = None,
 ) -> torch.Tensor | None:
-    """SPEC §4 loss of one batch by modality, without ``L_prox`` (added by the caller).
+    """§4 loss of one batch by modality, without ``L_prox`` (added by the caller).
 
     A missing modality's tower is never run. Returns None when the client has no loss
     term (a unimodal client without anchoring). ``teacher`` (the round's starting adapters)
@@ -530,7 +530,7 @@ def update_geometry(
     num_examples: int,
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    """SPEC §4 (ours, revised): ``[log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖+ε), cos(Δ, Δ_prev),
+    """§4 (ours, revised): ``[log(1+‖Δ‖), ‖Δ_v‖/(‖Δ_v‖+‖Δ_t‖+ε), cos(Δ, Δ_prev),
     log(1+‖Δ‖/√n)]``, every feature O(1).
 
     The authors' ratio ``‖Δ_v‖/(‖Δ_t‖+ε)`` is ~1e8 for an image-only client (its text tower
@@ -562,7 +562,7 @@ def client_statistics(
     limit: int,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """The reply's ``"stats"`` of SPEC §4: prototypes, geometry, mask, slot sums/counts.
+    """The reply's ``"stats"`` of §4: prototypes, geometry, mask, slot sums/counts.
 
     Computed with the trained shared adapters (the global space). A missing modality's
     prototype is the current global one, flagged by the mask. Slots come from the side
@@ -596,7 +596,7 @@ def bootstrap_groups(
     seed: int,
     memo: ZeroShotMemo | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """SPEC §3 bootstrap reply of a paired client: k-means of ``normalize(z_I + z_T)``
+    """§3 bootstrap reply of a paired client: k-means of ``normalize(z_I + z_T)``
     into ``min(C, n/4)`` groups, each group's image mean, text mean and count.
 
     It runs the frozen backbone alone: with a ``memo``, the groups of these very items

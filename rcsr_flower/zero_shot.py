@@ -1,9 +1,9 @@
 """What the frozen backbone computes, remembered on disk (``zero-shot-cache``).
 
-Adapters start with ``W_up = 0`` and ``b_up = 0`` (SPEC §2), so until they have trained
+Adapters start with ``W_up = 0`` and ``b_up = 0`` (§2), so until they have trained
 they add exactly nothing: the adapted model *is* the frozen backbone. Round 0's retrieval
 metrics (on the global test split and on every client's local split) and the paired
-clients' bootstrap groups (SPEC §3) are then functions of the backbone's weights, the data
+clients' bootstrap groups (§3) are then functions of the backbone's weights, the data
 and the code alone, and the same for every method of a setting and seed: the experiment
 suite used to compute them again in each of its cells, ``make run`` in each run, about a
 tenth of a default run's work. So is every central evaluation of local-only, whose

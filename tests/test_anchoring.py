@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (the module fixtures of test_client are imported and used as arguments)
-"""Anchoring that cannot collapse (``anchoring-loss``, SPEC §4) and fixed local work
+"""Anchoring that cannot collapse (``anchoring-loss``, §4) and fixed local work
 (``local-steps``), on hand-computed tensors and on the real embedded backbone."""
 
 import pytest

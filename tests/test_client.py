@@ -1,4 +1,4 @@
-"""Client round (SPEC §3, §4) on the real embedded backbone and corpus."""
+"""Client round (§3, §4) on the real embedded backbone and corpus."""
 
 import pytest
 import torch
@@ -254,7 +254,7 @@ def test_an_injected_raise_fails_the_handler(backbone, splits):
 def test_router_tokens_of_real_updates_are_bounded_and_tell_image_only_clients_apart(
     backbone, splits, bank
 ):
-    """SPEC §4 (ours, revised): real Δ of a paired, two image-only and a text-only client
+    """§4 (ours, revised): real Δ of a paired, two image-only and a text-only client
     through the real client and server code; every token feature stays O(1), and two
     image-only clients that report different prototypes get different router weights."""
     from flwr.app import MetricRecord
@@ -321,7 +321,7 @@ def test_router_tokens_of_real_updates_are_bounded_and_tell_image_only_clients_a
 
 
 def test_personalised_evaluation_uses_the_personal_adapters(backbone, splits):
-    """SPEC §6: a client scores θ + its own personal adapters; non-zero personal adapters
+    """§6: a client scores θ + its own personal adapters; non-zero personal adapters
     must change its score, and an empty state scores the shared adapters alone."""
     node = node_for(backbone, splits, "paired", personal_adapters=True)
     theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}

@@ -28,4 +28,4 @@ def test_the_specification_is_inside_the_repository():
                     "## §5 Server round", "## §6 Evaluation"):  # fmt: skip
         assert section in spec
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
-        assert "shared/SPEC.md" not in doc.read_text(), doc.name
+        assert "shared/docs/algorithm.md" not in doc.read_text(), doc.name

@@ -300,7 +300,7 @@ def test_partition_embeddings_use_all_cores_and_match_one_thread(
     np.testing.assert_array_equal(found[2], found[1])
 
 
-# ---- content groups and equal sizes (SPEC §1, revised) ------------------------------------------
+# ---- content groups and equal sizes (§1, revised) ------------------------------------------
 
 
 def test_equal_size_dirichlet_keeps_the_skew_and_equalises_the_sizes(blobs):

@@ -1,4 +1,4 @@
-"""The frozen-prefix feature cache (SPEC §2): training from cached hidden states gives
+"""The frozen-prefix feature cache (§2): training from cached hidden states gives
 what the full towers give, on the real embedded backbone and corpus."""
 
 import copy

@@ -1,4 +1,4 @@
-"""SPEC §3–§5 formulas against hand-computed values."""
+"""§3–§5 formulas against hand-computed values."""
 
 import math
 
@@ -217,7 +217,7 @@ def test_proto_alignment_uses_text_side_slots():
 
 # ------------------------------------------------------------------ holders-only objective
 def test_router_loss_holders_only_hand_computed():
-    """SPEC §5 step 7 (ours, revised): a placeholder never enters ĝ or A."""
+    """§5 step 7 (ours, revised): a placeholder never enters ĝ or A."""
     g_i, g_t = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])
     # 0 paired; 1 image-only (text side: the placeholder g_T); 2 text-only (image: g_I)
     p_i = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), g_i])

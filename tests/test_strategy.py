@@ -1,4 +1,4 @@
-"""The strategy on real Flower ``Message`` replies (no simulation): SPEC §5 steps 1–8."""
+"""The strategy on real Flower ``Message`` replies (no simulation): §5 steps 1–8."""
 
 import io
 import json
@@ -530,7 +530,7 @@ def test_a_resumed_start_runs_the_remaining_rounds_with_their_true_numbers():
     assert evaluated == [1] and ended == [1]
 
 
-# ------------------------------------------------------------------ SPEC §5 (ours, revised)
+# ------------------------------------------------------------------ §5 (ours, revised)
 def modality_reply(node: int, params, n: int, modality: int, loss: float = 1.0, st=None):
     metrics = {"num-examples": n, "train-loss": loss, "partition-id": node - 1}
     return reply(node, params, n, loss, st, metrics={**metrics, "modality": modality})

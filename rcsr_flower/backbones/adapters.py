@@ -1,4 +1,4 @@
-"""Bottleneck adapters on a frozen Hugging Face ``CLIPModel`` (SPEC §2).
+"""Bottleneck adapters on a frozen Hugging Face ``CLIPModel`` (§2).
 
 One adapter after each chosen transformer block of each tower:
 ``h <- h + W_up GELU(W_down h + b_down) + b_up`` with ``W_up = 0`` and zero biases, so

@@ -1,4 +1,4 @@
-"""The frozen prefix of a CLIP tower, computed once and replayed (SPEC §2).
+"""The frozen prefix of a CLIP tower, computed once and replayed (§2).
 
 Adapters sit *after* their block (``h ← block_i(h); h ← h + a_i(h)``), so with adapters on
 blocks ``f..n-1`` everything up to the output of block ``f`` — embeddings, pre-norm and

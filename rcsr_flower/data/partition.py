@@ -1,4 +1,4 @@
-"""Semantic non-IID partition of a training set over federated clients (SPEC §1).
+"""Semantic non-IID partition of a training set over federated clients (§1).
 
 Real image-text corpora have no class labels, so "label skew" is made semantic: the caller
 embeds every training caption with the frozen backbone, :func:`semantic_clusters` k-means
@@ -233,7 +233,7 @@ def split_by_label(
 
     Driven so it never raises for valid input: ``min_partition_size=0`` (no resampling loop,
     whose 10 failed tries would raise for small data / small alpha), ``self_balancing=False``
-    (plain Dirichlet proportions, as in SPEC), ``shuffle=False`` (we sort indices anyway). The
+    (plain Dirichlet proportions, as specified), ``shuffle=False`` (we sort indices anyway). The
     partitioner refuses more partitions than rows, so with ``num_partitions > len(labels)``
     only the first ``len(labels)`` partitions are drawn and the rest stay empty.
     """
@@ -272,7 +272,7 @@ def split_by_label(
 def split_by_label_equal(
     labels: np.ndarray, num_partitions: int, alpha: float, seed: int
 ) -> list[list[int]]:
-    """Dirichlet label skew with *equal* client sizes (SPEC §1's equal-size option).
+    """Dirichlet label skew with *equal* client sizes (§1's equal-size option).
 
     Each client draws its mix ``q_k ~ Dir(alpha)`` over the labels, as in
     :func:`split_by_label`, but every client gets ``n // N`` items (the first ``n % N``
@@ -383,7 +383,7 @@ def make_partition(
     labels: np.ndarray | None = None,
     equal_sizes: bool = False,
 ) -> Partition:
-    """The full SPEC §1 partition: clusters -> Dirichlet (or IID) -> modalities -> local test.
+    """The full §1 partition: clusters -> Dirichlet (or IID) -> modalities -> local test.
 
     ``embeddings`` (one row per item, e.g. mean caption embedding) are required for
     ``"dirichlet"`` unless ``labels`` (content groups, :func:`content_labels`) are given,

@@ -1,4 +1,4 @@
-"""The task-agnostic routing core of RCSR (SPEC §5): it sees per-client feature tokens,
+"""The task-agnostic routing core of RCSR (§5): it sees per-client feature tokens,
 losses and updates, never images or captions."""
 
 from rcsr_flower.routing.check import TaskCheckError, check_task

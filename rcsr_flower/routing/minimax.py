@@ -1,4 +1,4 @@
-"""Minimax fairness weights (SPEC §5 step 3): up-weight clients the model serves worst."""
+"""Minimax fairness weights (§5 step 3): up-weight clients the model serves worst."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The semantic router (SPEC §5 step 2): client tokens -> aggregation weights.
+"""The semantic router (§5 step 2): client tokens -> aggregation weights.
 
 ``token -> MLP(→H, LayerNorm, GELU, →H) -> B self-attention blocks (no positional
 encoding) -> linear -> softmax over the round's clients``. Without positions the
@@ -61,7 +61,7 @@ def entropy(w: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_weights(w_router: torch.Tensor, w_minimax: torch.Tensor) -> torch.Tensor:
-    """SPEC §5 step 4: ``w = w_r ⊙ w_m / Σ``."""
+    """§5 step 4: ``w = w_r ⊙ w_m / Σ``."""
     w = w_router * w_minimax
     total = w.sum()
     if not torch.isfinite(total) or total <= 0:

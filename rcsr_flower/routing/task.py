@@ -1,6 +1,6 @@
 """The small typed interface between a federated task and the routing strategy.
 
-:class:`~rcsr_flower.strategy.RCSRStrategy` runs SPEC §5 (validate, route, minimax,
+:class:`~rcsr_flower.strategy.RCSRStrategy` runs §5 (validate, route, minimax,
 fuse, aggregate, update shared state, router step, record) for *any* task that can:
 
 - parse and validate a client's extra reply records into a :class:`ClientReport`;
