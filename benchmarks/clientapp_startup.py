@@ -13,7 +13,7 @@ that does what ``client_app.py`` does:
   first repetition starts the worker, the others find it warm.
 
 A node's log shows the same phases for real messages, plus Flower's own dispatch.
-The last line is the JSON issue 12 names; ``startup_s`` is the warm-worker median, the
+The last line is its JSON; ``startup_s`` is the warm-worker median, the
 deployment default of ``rcsr_flower.deploy``.
 
     .venv/bin/python benchmarks/clientapp_startup.py --num-partitions 2 --repeats 3
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("import", "worker", "total")
         )
     )
-    # the figure issue 12 asks for, last
+    # the headline figure, last
     print(
         json.dumps(
             {

@@ -11,7 +11,7 @@ The repository ships the result (``embedded/tiny-clip/``); rebuild it with
 ``python -m rcsr_flower.assets pretrain`` (seeded, one thread; bit-identical on the same
 machine and thread count — float reductions differ across thread counts and CPUs).
 
-What makes it behave like real CLIP under adaptation (issue 11): its BPE is learned from
+What makes it behave like real CLIP under adaptation: its BPE is learned from
 the pretrain captions and the target corpus's train captions, so every target word is one
 token and the longest target caption (28 tokens) fits the 40-token context; a quarter of
 the pretraining texts join two captions of an image, so every position up to the context

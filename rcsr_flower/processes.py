@@ -208,7 +208,7 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
         return [pid for pid, s, tagged in processes if tagged or s in sessions]
 
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for process in leaders:  # not yet reaped: the pid is still this session's
+        for process in leaders:  # not yet reaped: the pid still leads its own process session
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, sig)
         for pid in targets():

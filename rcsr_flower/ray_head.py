@@ -1,7 +1,7 @@
 """A Ray cluster that outlives the runs of one launcher.
 
 Flower's simulation starts a Ray cluster for every run (``ray.init()``: the GCS, a
-raylet, the dashboard and runtime-env agents, the log monitor: 4–5 s on this 2-core VM)
+raylet, the dashboard and runtime-env agents, the log monitor: a few seconds on 2 cores)
 and stops it when the run ends (part of the 3 s between the ServerApp's return and the
 run's end). A launcher (:class:`rcsr_flower.launch.SimulationLauncher`) starts this
 process beside its SuperLink, so the cluster comes up while the SuperLink, ``flwr run``

@@ -361,7 +361,7 @@ def _run(grid: Grid, cfg: RunConfig, run: RoutedRun) -> list[dict]:
 
     # the backbone and the global test split load while the nodes start and answer the
     # query round: mostly importing the CLIP model code, seconds of one core that would
-    # otherwise stand between "federation up" and the first message (issue 12)
+    # otherwise stand between "federation up" and the first message
     with ThreadPoolExecutor(1, thread_name_prefix="server-evaluation") as pool:
         evaluation = pool.submit(_load_evaluation, cfg)
         try:

@@ -308,7 +308,7 @@ class RCSRStrategy(FedAvg):
 
         ``evaluate_fn`` runs in a thread while the server waits for the clients' replies:
         in a deployment the server's cores are otherwise idle then, and in a simulation
-        its evaluation fills the gaps the clients leave (on this 2-core VM a fifth of the
+        its evaluation fills the gaps the clients leave (on a 2-core machine a fifth of the
         central evaluation's core-time was idle). The nodes are sampled first, so the
         thread cannot draw between the sampling seed and the sample; nothing the
         thread computes depends on the replies. ``(federated, central)`` results; both
