@@ -71,7 +71,7 @@ def main() -> None:
         "--local-steps", type=int, default=0, help="> 0: steps a round, overriding epochs"
     )
     parser.add_argument("--no-anchoring", action="store_true")
-    parser.add_argument("--anchoring-loss", choices=["ce", "soft"], default="ce")
+    parser.add_argument("--anchoring-loss", choices=["soft", "ce"], default="soft")
     parser.add_argument(
         "--paired-only", action="store_true", help="average only the paired clients' updates"
     )

@@ -114,7 +114,7 @@ class RunConfig:
     lambda_anchor: float = field(default=1.0, metadata=_range(0.0))
     lambda_align: float = field(default=0.1, metadata=_range(0.0))
     lambda_stab: float = field(default=0.01, metadata=_range(0.0))
-    anchoring_loss: str = field(default="ce", metadata=_choice("ce", "soft"))
+    anchoring_loss: str = field(default="soft", metadata=_choice("soft", "ce"))
     # server (§5)
     strategy: str = field(
         default="rcsr", metadata=_choice("rcsr", "fedavg", "fedprox", "fedper", "local")

@@ -294,7 +294,7 @@ class TrainSettings:
     lambda_align: float = 0.1
     prox_mu: float = 0.0  # λ_stab (RCSR) or FedProx's μ; 0 = no proximal term
     anchoring: bool = True
-    anchoring_loss: str = "ce"  # "ce" | "soft" (losses.anchor_soft)
+    anchoring_loss: str = "soft"  # "soft" (losses.anchor_soft) | "ce" (the paper's CE)
     steps: int = 0  # > 0: exactly this many local steps, overriding ``epochs``
 
 

@@ -107,7 +107,7 @@ def test_anchoring_lowers_the_anchor_loss_of_an_image_only_client(backbone, spli
     out = handle_train(
         node,
         ArrayRecord(theta),
-        round_config(lr=1e-4),
+        round_config(lr=1e-4, **{"anchoring-loss": "ce"}),
         ArrayRecord(bank.to_tensors()),
         RecordDict(),
     )

@@ -203,8 +203,8 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-anchoring",
         "rcsr-no-tower",
         "rcsr-personal",
-        "rcsr-soft",
-        "rcsr-soft-personal",
+        "rcsr-ce",
+        "rcsr-ce-personal",
     }
 
 
