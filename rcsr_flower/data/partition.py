@@ -240,12 +240,7 @@ def split_by_label(
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    _check_int("num_partitions", num_partitions, 1)
-    _check_alpha(alpha)
-    _check_seed(seed)
-    y = np.asarray(labels)
-    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} {y.dtype}")
+    y = _label_split_input(labels, num_partitions, alpha, seed)
     parts: list[list[int]] = [[] for _ in range(num_partitions)]
     if y.size == 0:
         return parts
@@ -284,12 +279,7 @@ def split_by_label_equal(
     the labels the others left, which are few by then. Sizes are equal, so equal local work
     (``local-steps``) no longer lets large clients dominate, while the mix stays skewed.
     """
-    _check_int("num_partitions", num_partitions, 1)
-    _check_alpha(alpha)
-    _check_seed(seed)
-    y = np.asarray(labels)
-    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} {y.dtype}")
+    y = _label_split_input(labels, num_partitions, alpha, seed)
     parts: list[list[int]] = [[] for _ in range(num_partitions)]
     if y.size == 0:
         return parts
@@ -493,6 +483,17 @@ def shard_partition(
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _label_split_input(labels: Any, num_partitions: Any, alpha: Any, seed: Any) -> np.ndarray:
+    """The checked arguments of a label-skew split: ``labels`` as a 1-D integer array."""
+    _check_int("num_partitions", num_partitions, 1)
+    _check_alpha(alpha)
+    _check_seed(seed)
+    y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} {y.dtype}")
+    return y
 
 
 def _indices(part: Any) -> list[int]:

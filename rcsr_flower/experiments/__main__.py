@@ -83,17 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(run: Path, reference: Path, tolerance: float) -> int:
-    import json
-
     from rcsr_flower.outputs import metrics_differences
+    from rcsr_flower.plot import RunRecord
 
-    rows = []
-    for path in (run / "metrics.jsonl", reference / "metrics.jsonl"):
-        if not path.is_file():
-            print(f"error: {path} does not exist", file=sys.stderr)
-            return 2
-        rows.append([json.loads(line) for line in path.read_text().splitlines() if line])
-    diffs = metrics_differences(*rows, tolerance=tolerance)
+    try:
+        ours, theirs = RunRecord.load(run), RunRecord.load(reference)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    diffs = metrics_differences(ours.rows, theirs.rows, tolerance=tolerance)
     for line in diffs[:20]:
         print(line)
     if diffs:
