@@ -50,6 +50,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 EMBEDDED = "embedded"
 """``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""
 EMBEDDED_CONTENT = "color"
+EMBEDDED_LOCAL_TEST = 50  # local-test-items = "auto" on the embedded benchmark
 """The embedded corpus's content groups for ``partition-by = "auto"``: the object colour,
 the attribute its captions and the frozen tiny CLIP depend on most (docs/algorithm.md)."""
 
@@ -81,6 +82,9 @@ class RunConfig:
     alpha: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     missing_rate: float = field(default=0.5, metadata=_range(0.0, 1.0))
     local_test_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    # a number: each client's local test split topped up to this many items with unused
+    # ones (0 = the held-out part alone); "auto": local_test_size
+    local_test_items: str = "auto"
     # federation (§1)
     num_server_rounds: int = field(default=20, metadata=_range(1))
     fraction_train: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
@@ -208,6 +212,11 @@ class RunConfig:
                 f"run-config 'adapter-layers' = {self.adapter_layers!r}: "
                 "allowed values are 'all' or a positive number of last blocks, e.g. '4'"
             )
+        if self.local_test_items != "auto" and not self.local_test_items.isdigit():
+            raise ConfigError(
+                f"run-config 'local-test-items' = {self.local_test_items!r}: allowed values "
+                "are 'auto' or a number of items >= 0, e.g. 50"
+            )
         for key in ("model-name", "dataset", "output-dir", "partition-by"):
             if not getattr(self, key.replace("-", "_")).strip():
                 raise ConfigError(f"run-config '{key}' is empty: allowed is any non-empty string")
@@ -245,6 +254,16 @@ class RunConfig:
     def embedded(self) -> bool:
         """Whether the run uses the project's embedded offline benchmark."""
         return self.dataset == "embedded"
+
+    @property
+    def local_test_size(self) -> int:
+        """What ``local-test-items`` means for this dataset: ``"auto"`` tops the embedded
+        benchmark's local test splits up to ``EMBEDDED_LOCAL_TEST`` items and leaves any
+        other dataset's held-out split alone (a real dataset's k-means partition cannot
+        place unused items in its clients' mixes)."""
+        if self.local_test_items != "auto":
+            return int(self.local_test_items)
+        return EMBEDDED_LOCAL_TEST if self.embedded else 0
 
     @property
     def partition_attribute(self) -> str:
@@ -322,7 +341,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int) and not isinstance(value, bool) and f.name == "adapter_layers":
+        numeric = ("adapter_layers", "local_test_items")  # str fields that take a number too
+        if isinstance(value, int) and not isinstance(value, bool) and f.name in numeric:
             return str(value)
     raise ConfigError(
         f"run-config '{key}' = {value!r} has type {type(value).__name__}; expected {kind.__name__}"

@@ -42,6 +42,7 @@ from rcsr_flower.data.partition import (
     Partition,
     content_labels,
     make_partition,
+    top_up_local_tests,
 )
 
 if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's check of a
@@ -60,9 +61,10 @@ def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
     return cfg.dataset, (cfg.data_dir or None), cfg.dataset_format
 
 
-def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
+def open_split(cfg: RunConfig, split: str, *, capped: bool = True) -> ImageCaptionDataset:
     """One split of the run's dataset; the training split capped at ``train-max-items``
-    (its first N items, before partitioning: every node cuts the same items)."""
+    (its first N items, before partitioning: every node cuts the same items) unless
+    ``capped`` is false (the items past the cap feed ``local-test-items``)."""
     source, image_root, fmt = dataset_source(cfg)
     dataset = open_dataset(
         source,
@@ -73,7 +75,7 @@ def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
         caption_column=cfg.caption_column,
         split_column=cfg.split_column or None,
     )
-    if split == "train" and cfg.train_max_items and len(dataset) > cfg.train_max_items:
+    if capped and split == "train" and cfg.train_max_items and len(dataset) > cfg.train_max_items:
         dataset = dataset.subset(range(cfg.train_max_items))
     return dataset
 
@@ -226,6 +228,8 @@ def partition_key(cfg: RunConfig, backbone: Backbone | str, num_partitions: int)
         ident["partition_by"] = cfg.partition_attribute
     if cfg.partition_sizes != "dirichlet":  # likewise
         ident["partition_sizes"] = cfg.partition_sizes
+    if cfg.local_test_size:  # likewise
+        ident["local_test_items"] = cfg.local_test_size
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -238,6 +242,16 @@ def load_partition(
     """The run's partition: cached by key, computed once under a lock."""
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
+    if (
+        cfg.local_test_size
+        and cfg.partitioning == "dirichlet"
+        and cfg.partition_attribute == KMEANS
+    ):
+        raise ConfigError(
+            f"local-test-items = {cfg.local_test_size} draws each client's extra test items "
+            "in its mix of content groups, which k-means clusters do not give for unused "
+            "items: partition by a recorded attribute (partition-by) or set local-test-items = 0"
+        )
     path = partition_file(cfg, num_partitions, backbone)
     if path.is_file():
         return Partition.from_json(path)
@@ -269,10 +283,36 @@ def load_partition(
             labels=labels,
             equal_sizes=cfg.partition_sizes == "equal",
         )
+        if cfg.local_test_size:
+            partition = _top_up(cfg, partition, train, labels is not None)
         path.parent.mkdir(parents=True, exist_ok=True)
         partition.to_json(path)
         os.chmod(path, 0o644)
     return partition
+
+
+def _top_up(
+    cfg: RunConfig, partition: Partition, train: ImageCaptionDataset, labelled: bool
+) -> Partition:
+    """``local-test-items``: the clients' local test splits topped up from the training
+    items past ``train-max-items``, in each client's own mix of content groups."""
+    full = open_split(cfg, "train", capped=False)
+    pool = range(len(train), len(full))
+    if not pool:
+        raise ConfigError(
+            f"local-test-items = {cfg.local_test_size} draws from the training items past "
+            f"train-max-items, and the training split has no more than its {len(train)}: "
+            "set a smaller train-max-items or local-test-items = 0"
+        )
+    key = cfg.partition_attribute
+    try:
+        pool_labels = None
+        if labelled:
+            names = sorted({str(train.attributes(i)[key]) for i in range(len(train))})
+            pool_labels = content_labels([full.attributes(i) for i in pool], key, names)
+        return top_up_local_tests(partition, cfg.local_test_size, pool, pool_labels, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def prepare_partition(cfg: RunConfig, num_partitions: int) -> Path:

@@ -146,7 +146,16 @@ def load_client_data(
                 texts=client.modality != "image-only",
                 workers=workers,
             ),
-            test=preprocess_split(backbone, train_set.subset(client.test), workers=workers),
+            # a test split topped up past train-max-items (local-test-items) reads past the cap
+            test=preprocess_split(
+                backbone,
+                (
+                    open_split(cfg, "train", capped=False)
+                    if client.test and max(client.test) >= len(train_set)
+                    else train_set
+                ).subset(client.test),
+                workers=workers,
+            ),
         )
         write_client_cache(path, data)
     if cfg.prefix_cache and not data.prefix:

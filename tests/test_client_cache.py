@@ -86,7 +86,7 @@ def test_train_max_items_caps_the_split_every_client_draws_from(
     from rcsr_flower.federation import load_partition, open_split
 
     root = str(embedded_assets.root.parent)
-    full = RunConfig(partitioning="iid", cache_dir=root)
+    full = RunConfig(partitioning="iid", cache_dir=root, local_test_items="0")
     capped = full.replace(train_max_items=400)
     assert len(open_split(capped, "train")) == 400 < len(open_split(full, "train"))
     assert len(open_split(capped, "test")) == len(open_split(full, "test"))
@@ -97,6 +97,17 @@ def test_train_max_items_caps_the_split_every_client_draws_from(
     monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
     data = load_client_data(capped, backbone, 1, 4)
     assert len(data.train) + len(data.test) == 100
+    # local-test-items: the local test split reads items past the cap, the same tensors
+    # as the uncapped split's; training data unchanged
+    topped = capped.replace(local_test_items="30")
+    client = load_partition(topped, backbone, 4).clients[1]
+    more = load_client_data(topped, backbone, 1, 4)
+    assert len(more.test) == 30 and max(client.test) >= 400
+    assert same(ClientData(1, more.modality, more.train, data.test), data)
+    uncapped = open_split(full, "train", capped=False)
+    expected = task.preprocess_split(backbone, uncapped.subset(client.test))
+    assert torch.equal(more.test.pixels, expected.pixels)
+    assert more.test.captions == expected.captions
 
 
 def test_new_weights_under_the_same_model_name_get_a_new_partition_key(

@@ -346,6 +346,7 @@ def test_partition_by_a_content_attribute_through_the_run_config(embedded_assets
         partition_by="color",
         partition_sizes="equal",
         train_max_items=400,
+        local_test_items="0",
         missing_rate=0.0,
         seed=12345,
     )
@@ -360,3 +361,76 @@ def test_partition_by_a_content_attribute_through_the_run_config(embedded_assets
     assert np.mean(top) > 0.5  # alpha 0.1 over 8 colours: one or two colours per client
     with pytest.raises(ConfigError, match="partition-by = 'flavour'"):
         federation.load_partition(cfg.replace(partition_by="flavour"), None, 8, train)
+
+
+def test_top_up_local_tests_draws_unused_items_in_each_clients_mix():
+    """``local-test-items``: every client's local test split reaches the size, from items
+    no client holds, in the client's own proportions of content groups; training splits
+    are untouched and no pool item is drawn twice."""
+    from collections import Counter
+
+    from rcsr_flower.data.partition import top_up_local_tests
+
+    labels = np.repeat(np.arange(4), 50)  # 200 items, 4 groups
+    part = make_partition(
+        None, 200, 5, labels=labels, alpha=0.1, missing_rate=0.4, seed=3, equal_sizes=True
+    )
+    pool = list(range(200, 1000))
+    pool_labels = [v % 5 if v % 5 < 4 else -1 for v in pool]  # -1: a group no client has
+    up = top_up_local_tests(part, 30, pool, pool_labels, seed=3)
+    assert up.settings["local_test_items"] == 30 and up.settings["pool_items"] == 1000
+    drawn: list[int] = []
+    for before, after in zip(part.clients, up.clients, strict=True):
+        assert after.train == before.train and after.modality == before.modality
+        assert set(before.test) <= set(after.test) and len(after.test) == 30
+        extra = sorted(set(after.test) - set(before.test))
+        drawn += extra
+        mix = Counter(int(labels[i]) for i in before.train)
+        got = Counter(pool_labels[v - 200] for v in extra)
+        assert set(got) <= set(mix)  # only the client's own groups
+        for group, k in mix.items():  # largest remainder: within one item of the share
+            assert abs(got[group] - len(extra) * k / len(before.train)) < 1
+    assert len(drawn) == len(set(drawn))
+    assert up == top_up_local_tests(part, 30, pool, pool_labels, seed=3)  # deterministic
+    # IID: uniform draws; a client already at the size keeps its split
+    iid = make_partition(None, 200, 4, partitioning="iid", missing_rate=0.0, seed=0)
+    assert [len(c.test) for c in top_up_local_tests(iid, 25, pool).clients] == [25] * 4
+    assert top_up_local_tests(iid, 3, pool).clients == iid.clients
+    with pytest.raises(ValueError, match="lower local-test-items or train-max-items"):
+        top_up_local_tests(part, 30, pool[:40], pool_labels[:40], seed=3)
+    with pytest.raises(ValueError, match="past the partition's 200"):
+        top_up_local_tests(part, 30, [5, 6])
+
+
+def test_local_test_items_through_the_run_config(embedded_assets, tmp_path):
+    """The run config's ``local-test-items`` tops up the local test splits from the
+    embedded corpus's training items past ``train-max-items``, in each client's colours;
+    the partition file round-trips and the client data reads those items past the cap."""
+    from rcsr_flower import federation
+    from rcsr_flower.config import ConfigError, RunConfig
+    from rcsr_flower.data.partition import Partition
+
+    base = RunConfig(partition_by="color", partition_sizes="equal", train_max_items=400, seed=54321)
+    cfg = base.replace(local_test_items="40")
+    train = federation.open_split(cfg, "train")
+    full = federation.open_split(cfg, "train", capped=False)
+    plain = federation.load_partition(base, None, 8, train)
+    part = federation.load_partition(cfg, None, 8, train)
+    assert federation.partition_key(cfg, "x", 8) != federation.partition_key(base, "x", 8)
+    for before, after in zip(plain.clients, part.clients, strict=True):
+        assert after.train == before.train and len(after.test) == 40
+        own = {train.attributes(i)["color"] for i in before.train}
+        assert {full.attributes(i)["color"] for i in after.test} <= own
+        assert max(after.test) >= len(train)  # drawn past the cap
+    part.to_json(tmp_path / "p.json")
+    assert Partition.from_json(tmp_path / "p.json") == part
+    with pytest.raises(ConfigError, match="k-means clusters"):
+        federation.load_partition(cfg.replace(partition_by="kmeans"), None, 8, train)
+    with pytest.raises(ConfigError, match="train-max-items"):
+        federation.load_partition(cfg.replace(train_max_items=0), None, 8)
+    # "auto": 50 on the embedded benchmark, nothing on other data (k-means there)
+    assert RunConfig().local_test_size == 50 and base.local_test_size == 0
+    assert RunConfig(dataset="/data/flickr30k.json").local_test_size == 0
+    assert RunConfig.from_flower({"local-test-items": 7}).local_test_size == 7
+    with pytest.raises(ConfigError, match="'auto' or a number of items"):
+        RunConfig(local_test_items="many").validate()

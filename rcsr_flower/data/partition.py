@@ -39,6 +39,7 @@ __all__ = [
     "split_by_label",
     "split_by_label_equal",
     "split_iid",
+    "top_up_local_tests",
 ]
 
 Modality = Literal["paired", "image-only", "text-only"]
@@ -52,6 +53,7 @@ FILE_VERSION = 1
 _STREAM_MODALITY = 1
 _STREAM_LOCAL_TEST = 2
 _STREAM_EQUAL = 3
+_STREAM_TEST_POOL = 4
 
 
 @dataclass(frozen=True)
@@ -163,9 +165,10 @@ class Partition:
             if self.cluster_labels is None or c.size == 0:
                 n_clusters, top = "-", "-"
             else:
-                counts = Counter(self.cluster_labels[i] for i in (*c.train, *c.test))
+                labels = self.cluster_labels
+                counts = Counter(labels[i] for i in (*c.train, *c.test) if i < len(labels))
                 n_clusters = str(len(counts))
-                top = f"{100.0 * max(counts.values()) / c.size:.1f}%"
+                top = f"{100.0 * max(counts.values()) / counts.total():.1f}%"
             rows.append(
                 f"{c.client_id:>6}  {c.modality:<10}  {len(c.train):>7}  {len(c.test):>6}  "
                 f"{n_clusters:>9}  {top:>11}"
@@ -300,10 +303,15 @@ def split_by_label_equal(
     return [sorted(p) for p in parts]
 
 
-def content_labels(attributes: Sequence[dict | None], key: str) -> np.ndarray:
+def content_labels(
+    attributes: Sequence[dict | None], key: str, names: Sequence[str] | None = None
+) -> np.ndarray:
     """Integer labels of a content attribute (``partition-by``) that the dataset records
     per item, e.g. the embedded corpus's object ``color``: label-skew over content groups,
-    as label-Dirichlet splits do in classification benchmarks."""
+    as label-Dirichlet splits do in classification benchmarks.
+
+    The labels index ``names`` (default: the sorted values present); a value outside the
+    given ``names`` gets -1, so items outside a partition can be labelled in its groups."""
     values = []
     for i, attrs in enumerate(attributes):
         if not attrs or key not in attrs:
@@ -314,9 +322,8 @@ def content_labels(attributes: Sequence[dict | None], key: str) -> np.ndarray:
                 "(clusters of caption embeddings) or one of the recorded attributes"
             )
         values.append(str(attrs[key]))
-    names = sorted(set(values))
-    index = {v: j for j, v in enumerate(names)}
-    return np.array([index[v] for v in values], dtype=np.int64)
+    index = {v: j for j, v in enumerate(sorted(set(values)) if names is None else names)}
+    return np.array([index.get(v, -1) for v in values], dtype=np.int64)
 
 
 def split_iid(n: int, num_partitions: int, seed: int) -> list[list[int]]:
@@ -450,6 +457,84 @@ def make_partition(
         cluster_labels=None if labels is None else tuple(int(v) for v in labels),
         settings=settings,
     )
+
+
+def top_up_local_tests(
+    partition: Partition,
+    items: int,
+    pool: Sequence[int],
+    pool_labels: Sequence[int] | None = None,
+    seed: int = 0,
+) -> Partition:
+    """Each client's local test split topped up to ``items`` from ``pool``: dataset items
+    that no client holds (those past ``train-max-items``).
+
+    Why: a held-out tenth of a data-limited client is a handful of items, too few to tell
+    one method's client-level retrieval from another's. The extra items follow the
+    client's own data: with ``pool_labels`` (the pool's content groups, as the partition's
+    ``cluster_labels``; -1 = none of them) each client draws in the proportions of its
+    training items' groups, without them uniformly (an IID partition). No pool item goes
+    to two clients; training splits are untouched, so training is the same as without.
+    """
+    _check_int("local-test-items", items, 0)
+    _check_seed(seed)
+    pool = [int(v) for v in pool]
+    if any(v < partition.num_items for v in pool) or len(set(pool)) != len(pool):
+        raise ValueError(
+            f"the test pool must hold distinct items past the partition's {partition.num_items}"
+        )
+    labelled = pool_labels is not None
+    if labelled:
+        if partition.cluster_labels is None:
+            raise ValueError("pool_labels need a partition with content labels (cluster_labels)")
+        pool_labels = [int(v) for v in pool_labels]
+        if len(pool_labels) != len(pool):
+            raise ValueError(f"{len(pool_labels)} pool labels for {len(pool)} pool items")
+    order = np.random.default_rng([_STREAM_TEST_POOL, seed]).permutation(len(pool))
+    buckets: dict[int, list[int]] = {}
+    for j in order.tolist():
+        group = pool_labels[j] if labelled else 0
+        if group >= 0:
+            buckets.setdefault(group, []).append(pool[j])
+    taken = dict.fromkeys(buckets, 0)
+    clients = []
+    for c in partition.clients:
+        need = items - len(c.test)
+        if need <= 0 or not c.train:
+            clients.append(c)
+            continue
+        if labelled:
+            mix = Counter(partition.cluster_labels[i] for i in c.train)
+        else:
+            mix = Counter({0: len(c.train)})
+        extra: list[int] = []
+        for group, quota in _quotas(mix, need).items():
+            bucket = buckets.get(group, [])
+            start = taken.get(group, 0)
+            if start + quota > len(bucket):
+                raise ValueError(
+                    f"local-test-items = {items}: client {c.client_id} needs {quota} unused "
+                    f"items of content group {group} and only {len(bucket) - start} are "
+                    "left; lower local-test-items or train-max-items"
+                )
+            extra += bucket[start : start + quota]
+            taken[group] = start + quota
+        clients.append(
+            ClientPartition(c.client_id, c.modality, c.train, tuple(sorted((*c.test, *extra))))
+        )
+    settings = {**partition.settings, "local_test_items": int(items)}
+    settings["pool_items"] = max([partition.num_items, *(v + 1 for v in pool)])
+    return Partition(tuple(clients), partition.cluster_labels, settings)
+
+
+def _quotas(mix: Counter, n: int) -> dict[int, int]:
+    """``n`` split in ``mix``'s proportions, largest remainder first (ties: smaller group)."""
+    total = sum(mix.values())
+    exact = {g: n * k / total for g, k in sorted(mix.items())}
+    quotas = {g: math.floor(v) for g, v in exact.items()}
+    for g in sorted(exact, key=lambda g: (quotas[g] - exact[g], g))[: n - sum(quotas.values())]:
+        quotas[g] += 1
+    return {g: q for g, q in quotas.items() if q}
 
 
 def shard_partition(
@@ -596,11 +681,16 @@ def _partition_from_dict(data: Any, where: str) -> Partition:
     if not isinstance(raw_clients, list) or not raw_clients:
         raise bad("'clients' is missing or not a non-empty list")
 
-    def index_list(value: Any, what: str) -> tuple[int, ...]:
+    # a local test split may hold items past num_items (top_up_local_tests)
+    pool_items = settings.get("pool_items", num_items)
+    if isinstance(pool_items, bool) or not isinstance(pool_items, int) or pool_items < num_items:
+        raise bad(f"settings.pool_items must be an integer >= num_items, got {pool_items!r}")
+
+    def index_list(value: Any, what: str, bound: int) -> tuple[int, ...]:
         if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_items for v in value
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < bound for v in value
         ):
-            raise bad(f"{what} must be a list of integers in [0, {num_items})")
+            raise bad(f"{what} must be a list of integers in [0, {bound})")
         return tuple(value)
 
     clients = []
@@ -615,8 +705,8 @@ def _partition_from_dict(data: Any, where: str) -> Partition:
             raise bad(f"clients[{k}] has client_id {c['client_id']!r}, expected {k}")
         if c["modality"] not in MODALITIES:
             raise bad(f"clients[{k}] modality {c['modality']!r} is not one of {MODALITIES}")
-        train = index_list(c["train"], f"clients[{k}].train")
-        test = index_list(c["test"], f"clients[{k}].test")
+        train = index_list(c["train"], f"clients[{k}].train", num_items)
+        test = index_list(c["test"], f"clients[{k}].test", pool_items)
         for key, items in (("num_train", train), ("num_test", test)):
             if key in c and c[key] != len(items):
                 raise bad(f"clients[{k}].{key} is {c[key]!r} but the list has {len(items)}")
