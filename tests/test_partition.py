@@ -410,7 +410,13 @@ def test_local_test_items_through_the_run_config(embedded_assets, tmp_path):
     from rcsr_flower.config import ConfigError, RunConfig
     from rcsr_flower.data.partition import Partition
 
-    base = RunConfig(partition_by="color", partition_sizes="equal", train_max_items=400, seed=54321)
+    base = RunConfig(
+        partition_by="color",
+        partition_sizes="equal",
+        train_max_items=400,
+        local_test_items="0",
+        seed=54321,
+    )
     cfg = base.replace(local_test_items="40")
     train = federation.open_split(cfg, "train")
     full = federation.open_split(cfg, "train", capped=False)
