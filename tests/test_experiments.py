@@ -417,6 +417,11 @@ def test_a_cut_short_cell_continues_from_its_checkpoint_and_a_changed_one_runs_a
         == []
     )
     assert config_changes({"a": 1}, {"a": 1, "b": 2}, {"b"}) == ["b"]
+    # a key whose default changed what runs do: absent means its old value
+    assert config_changes({"a": 1}, {"a": 1, "local-test-items": "auto"}, set()) == [
+        "local-test-items"
+    ]
+    assert config_changes({"a": 1}, {"a": 1, "local-test-items": "0"}, set()) == []
 
 
 def test_cells_completed_in_the_committed_archive_are_not_run_again(tmp_path, fake, capsys):

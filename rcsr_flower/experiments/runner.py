@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from rcsr_flower import provenance
-from rcsr_flower.config import RESUME_MAY_CHANGE
+from rcsr_flower.config import BEFORE_KEY_EXISTED, RESUME_MAY_CHANGE
 from rcsr_flower.experiments.suite import Cell, Suite
 
 LOG = "run.log"
@@ -55,11 +55,17 @@ def config_changes(ran: dict, wanted: dict, set_by_cell: set[str]) -> list[str]:
     """Keys whose value in ``ran`` (a run's ``config.json``) differs from ``wanted``.
 
     Keys a resume may change (paths, timeouts) never count. A key missing from ``ran``
-    (the config grew since) counts only when the cell sets it: otherwise the run used the
-    behaviour its default now names."""
-    keys = (set(ran) & set(wanted)) | (set(wanted) & set_by_cell)
+    (the config grew since) counts when the cell sets it, or when it is one whose default
+    changed the behaviour (``BEFORE_KEY_EXISTED``: what the run did without it); otherwise
+    the run used the behaviour its default now names."""
+    absent = "<absent>"
+    keys = (set(ran) & set(wanted)) | (set(wanted) & (set_by_cell | set(BEFORE_KEY_EXISTED)))
     return sorted(
-        k for k in keys if k not in RESUME_MAY_CHANGE and ran.get(k, "<absent>") != wanted[k]
+        k
+        for k in keys
+        if k not in RESUME_MAY_CHANGE
+        and ran.get(k, absent if k in set_by_cell else BEFORE_KEY_EXISTED.get(k, absent))
+        != wanted[k]
     )
 
 
