@@ -221,3 +221,47 @@ def aggregate(
         else:  # nobody trained this tower this round: it stays as it is
             merged.update((k, current[k]) for k in tower_keys)
     return ArrayRecord({k: merged[k] for k in keys})
+
+
+def update_geometry(
+    reports: list[ClientReport], current: ArrayRecord, merged: ArrayRecord
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Where each client's update points, per tower it holds: its norm, its cosine with
+    the round's aggregate update (``merged − current``) and with the mean update of the
+    round's *other* paired clients (what clients with both modalities agree on; absent
+    when no other paired client took part). Recorded each round, not used by the
+    aggregation: the diagnosis of what unimodal clients' updates do to the shared model.
+    """
+    theta = current.to_torch_state_dict()
+    new = merged.to_torch_state_dict()
+    updates = updates_of(reports, current)
+    keys = list(theta)
+    towers = list(dict.fromkeys(tower_of(k) for k in keys))
+
+    def flat(delta: dict[str, torch.Tensor], tower: str | None) -> torch.Tensor:
+        parts = [delta[k].double().flatten() for k in keys if tower_of(k) == tower]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+        denom = float(a.norm() * b.norm())
+        return float(a @ b) / denom if denom > 0 else None
+
+    aggregate_update = {k: new[k] - theta[k] for k in keys}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for i, report in enumerate(reports):
+        entry: dict[str, dict[str, float]] = {}
+        for tower in towers:
+            if tower is not None and not report.holds_tower(tower):
+                continue
+            mine = flat(updates[i], tower)
+            stats = {"norm": float(mine.norm())}
+            if (c := cosine(mine, flat(aggregate_update, tower))) is not None:
+                stats["cos_aggregate"] = c
+            others = [j for j, r in enumerate(reports) if j != i and not r.partial]
+            if others:
+                mean = torch.stack([flat(updates[j], tower) for j in others]).mean(0)
+                if (c := cosine(mine, mean)) is not None:
+                    stats["cos_paired"] = c
+            entry[str(tower)] = stats
+        out[str(report.client_id)] = entry
+    return out

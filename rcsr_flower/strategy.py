@@ -47,6 +47,7 @@ from rcsr_flower.aggregation import (
     last_line,
     sample_weights,
     unanswered,
+    update_geometry,
     updates_of,
     validate_replies,
 )
@@ -469,9 +470,10 @@ class RCSRStrategy(FedAvg):
             router_loss = self._router_step(server_round, tokens, reports)
             weights = {"router": w_router, "minimax": w_minimax, "fused": w}
 
-        # 8. record
+        # 8. record (with where each update pointed: the diagnosis, not the method)
         record.update(
             skipped=False,
+            updates=update_geometry(reports, self.current, arrays),
             weights={
                 str(r.client_id): {k: float(v[i]) for k, v in weights.items()}
                 for i, r in enumerate(reports)

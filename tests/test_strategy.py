@@ -596,6 +596,38 @@ def test_a_tower_no_participant_holds_stays_as_it_is():
     assert arrays[text].numpy().tobytes() == ArrayRecord(theta(0))[text].numpy().tobytes()
 
 
+def test_each_round_records_where_every_update_pointed():
+    """The diagnosis of what unimodal clients do: per client and tower it holds, the
+    update's norm, its cosine with the aggregate update and with the other paired
+    clients' mean update; a missing tower is not reported. The record changes nothing."""
+    paired = [modality_reply(1, theta(1), 10, 0), modality_reply(3, theta(3), 7, 0)]
+    image_only = modality_reply(2, image_only_theta(2), 30, 1)
+    s = fedavg(True)
+    arrays, _ = s.aggregate_train(1, [paired[0], image_only, paired[1]])
+    geometry = s.history[1]["updates"]
+    # client ids follow the partition-id the replies carry; the image-only one is 1
+    assert set(geometry["1"]) == {"vision"} and set(geometry["0"]) == {"vision", "text"}
+    base = ArrayRecord(theta(0)).to_torch_state_dict()
+
+    def flat(state, tower):
+        return torch.cat(
+            [(state[k] - base[k]).double().flatten() for k in base if f".{tower}_" in k]
+        )
+
+    mine = flat(ArrayRecord(image_only_theta(2)).to_torch_state_dict(), "vision")
+    others = torch.stack(
+        [flat(ArrayRecord(theta(n)).to_torch_state_dict(), "vision") for n in (1, 3)]
+    ).mean(0)
+    agg = flat(arrays.to_torch_state_dict(), "vision")
+    got = geometry["1"]["vision"]
+    assert got["norm"] == pytest.approx(float(mine.norm()))
+    assert got["cos_paired"] == pytest.approx(float(mine @ others / mine.norm() / others.norm()))
+    assert got["cos_aggregate"] == pytest.approx(float(mine @ agg / mine.norm() / agg.norm()))
+    plain, _ = fedavg(True).aggregate_train(1, [paired[0], image_only, paired[1]])
+    for key in arrays:
+        assert arrays[key].numpy().tobytes() == plain[key].numpy().tobytes()
+
+
 def test_paired_only_aggregation_leaves_unimodal_clients_out_of_the_average():
     """``aggregate-unimodal = false`` (the ``fedavg-paired`` baseline): FedAvg over the
     paired clients only, bit for bit; a round with no paired reply keeps θ."""
