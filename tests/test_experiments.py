@@ -596,6 +596,31 @@ def test_unimodal_share_of_the_aggregation_weights_by_hand():
     assert unimodal_share(RunRecord(Path("x"), rows[:1], {}, {}, clients)) is None
 
 
+def test_update_alignment_reads_each_groups_own_towers_by_hand():
+    from rcsr_flower.experiments.report import update_alignment
+    from rcsr_flower.plot import RunRecord
+
+    clients = [{"client_id": 0, "modality": "paired"}, {"client_id": 1, "modality": "image-only"}]
+    clients.append({"client_id": 2, "modality": "text-only"})
+    pair = {"vision": {"norm": 1.0, "cos_paired": 0.5}, "text": {"norm": 3.0, "cos_paired": 0.3}}
+    rows = [
+        {"round": 0},
+        {"round": 1, "updates": {"0": pair, "1": {"vision": {"norm": 2.0, "cos_paired": 0.1}}}},
+        {"round": 2, "updates": {"1": {"vision": {"norm": 4.0, "cos_paired": -0.1}},
+                                 "2": {"text": {"norm": 5.0}}}},  # no other paired client
+    ]  # fmt: skip
+    got = update_alignment(RunRecord(Path("x"), rows, {}, {}, clients))
+    want = {
+        "paired": {"cos_paired": 0.4, "norm": 2.0},
+        "image-only": {"cos_paired": 0.0, "norm": 3.0},
+        "text-only": {"norm": 5.0},
+    }
+    assert set(got) == set(want)
+    for group, values in want.items():
+        assert got[group] == pytest.approx(values), group
+    assert update_alignment(RunRecord(Path("x"), rows[:1], {}, {}, clients)) is None
+
+
 def test_report_readme_without_the_suites_markers_is_a_clear_error(tmp_path, capsys):
     suite = write_suite(tmp_path)
     for cell in Suite.load(suite).cells():

@@ -155,11 +155,11 @@ def collect(suite: Suite, archive: Path) -> dict[str, list[MethodCells]]:
     return out
 
 
-def fmt(values: Sequence[float]) -> str:
+def fmt(values: Sequence[float], digits: int = 1) -> str:
     if not values:
         return "—"
     mean, std = mean_std(values)
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> str:
@@ -281,6 +281,7 @@ def write_report(
         if reference is not None:
             lines += _comparison_table(rows, reference.name)
         lines += _unimodal_weight_table(rows)
+        lines += _update_alignment_table(rows)
 
     figures = _figures(suite, data, out_dir, colours, footer)
     if figures:
@@ -548,6 +549,59 @@ def _unimodal_weight_table(rows: list[MethodCells]) -> list[str]:
         "| method | seeds | % of participants | % of router weight | % of minimax weight "
         "| % of fused weight |",
         "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
+# which tower each group's update alignment is read on: a unimodal client's own tower
+ALIGNMENT_TOWERS = {"paired": ("vision", "text"), "image-only": ("vision",), "text-only": ("text",)}
+
+
+def update_alignment(run: RunRecord) -> dict[str, dict[str, float]] | None:
+    """Per modality group, the mean over the rounds and its clients' towers of where their
+    updates pointed (the run's per-round ``updates`` record): ``cos_paired``, the cosine
+    with the other paired clients' mean update, and ``norm``. None when not recorded."""
+    modality = run.modality()
+    values: dict[str, dict[str, list[float]]] = {}
+    for row in run.rows:
+        for client, towers in (row.get("updates") or {}).items():
+            group = modality.get(int(client), "paired")
+            for tower in ALIGNMENT_TOWERS.get(group, ()):
+                stats = towers.get(tower, {})
+                for key in ("cos_paired", "norm"):
+                    if key in stats:
+                        values.setdefault(group, {}).setdefault(key, []).append(stats[key])
+    if not values:
+        return None
+    return {g: {k: sum(v) / len(v) for k, v in kv.items()} for g, kv in values.items()}
+
+
+def _update_alignment_table(rows: list[MethodCells]) -> list[str]:
+    """Whether the unimodal clients' updates point where the paired clients' go: the
+    question behind anchoring and routing, read from the updates themselves."""
+    lines = []
+    for m in rows:
+        runs = [a for run in m.runs.values() if (a := update_alignment(run)) is not None]
+        if not any(g in a for a in runs for g in ("image-only", "text-only")):
+            continue
+        cells = []
+        for group in GROUPS:
+            for key in ("cos_paired", "norm"):
+                got = [a[group][key] for a in runs if key in a.get(group, {})]
+                cells.append(fmt(got, 3) if got else "—")
+        lines.append(f"| {m.label} | {len(runs)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "Where the updates pointed, mean over rounds and clients, then mean ± std over "
+        "seeds: each client's update on the towers it holds (a unimodal client's own tower), "
+        "its cosine with the mean update of the round's *other* paired clients, and its "
+        "norm. Cosines near 0 are updates the paired clients do not share.",
+        "",
+        "| method | seeds | paired: cos | paired: norm | image-only: cos | image-only: norm "
+        "| text-only: cos | text-only: norm |",
+        "|---|---|---|---|---|---|---|---|",
         *lines,
         "",
     ]
