@@ -18,6 +18,7 @@ from rcsr_flower.experiments.__main__ import main
 from rcsr_flower.experiments.report import (
     archive_cells,
     readme_block,
+    stale_cells,
     unimodal_share,
     update_readme,
     write_report,
@@ -195,6 +196,7 @@ def test_the_shipped_suites_are_valid():
         "fedavg-paired",
         "fedprox",
         "fedper",
+        "fedper-tower",
         "local",
         "centralised",
         "rcsr",
@@ -652,15 +654,33 @@ def test_a_report_of_no_cell_is_an_error_naming_the_folder_it_read(tmp_path, cap
     assert (results / "t" / "summary.json").is_file()
 
 
+def test_archived_cells_run_with_another_config_are_stale(tmp_path):
+    """A cell archived before a default changed what runs do (or with other overrides)
+    is left out of the report and named, not mixed with the cells run now."""
+    from rcsr_flower.experiments.runner import expected_config
+
+    suite = Suite.find("embedded", ROOT)
+    cell = next(c for c in suite.cells() if c.id == "S4/rcsr/seed-0")
+    path = cell.directory(tmp_path)
+    path.mkdir(parents=True)
+    config = expected_config(ROOT, cell)
+    (path / "config.json").write_text(json.dumps(config))
+    assert stale_cells(suite, tmp_path, ROOT) == set()
+    del config["local-test-items"]  # archived before the key existed: its old behaviour
+    (path / "config.json").write_text(json.dumps(config))
+    assert stale_cells(suite, tmp_path, ROOT) == {"S4/rcsr/seed-0"}
+
+
 def test_the_committed_report_and_readme_overview_are_what_report_writes(tmp_path):
     """Tables come from files the code wrote: the committed results.md of the embedded
     suite and the README's overview are regenerated from the committed cells, unchanged."""
     suite = Suite.find("embedded", ROOT)
     archive = ROOT / "docs" / "results" / "embedded" / "cells"
     command = "python -m rcsr_flower.experiments report --suite embedded"
-    md = write_report(suite, archive, tmp_path, command).read_text()
+    stale = stale_cells(suite, archive, ROOT)
+    md = write_report(suite, archive, tmp_path, command, stale=stale).read_text()
     assert md == (ROOT / "docs" / "results" / "embedded" / "results.md").read_text()
-    block = readme_block(suite, archive, f"{command} --readme README.md")
+    block = readme_block(suite, archive, f"{command} --readme README.md", stale)
     readme = (ROOT / "README.md").read_text()
     assert block in readme, (
         "README's overview is stale: run `python -m rcsr_flower.experiments report "

@@ -127,6 +127,7 @@ def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
         collect,
         completed_ids,
         readme_block,
+        stale_cells,
         update_readme,
         write_report,
     )
@@ -137,7 +138,10 @@ def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
     if not args.no_archive:
         copied = archive_cells(suite, source, archive) if source.is_dir() else []
         print(f"archived {len(copied)} completed cells from {source} into {archive}")
-    if not completed_ids(collect(suite, archive)):
+    stale = stale_cells(suite, archive, app_dir)
+    if stale:
+        print(f"left out {len(stale)} stale cells (run config changed since they ran)")
+    if not completed_ids(collect(suite, archive, stale)):
         read = archive if args.no_archive else f"{source} (nor in {archive})"
         print(
             f"error: no completed cell of suite {suite.name} in {read}; run it first "
@@ -149,11 +153,11 @@ def _report(suite: Suite, app_dir: Path, args: argparse.Namespace) -> int:
     command = f"python -m rcsr_flower.experiments report --suite {suite.name}"
     if Path(args.output_root) != Path("outputs/experiments"):
         command += f" --output-root {args.output_root}"
-    md = write_report(suite, archive, out_dir, command, source=Path(args.output_root))
+    md = write_report(suite, archive, out_dir, command, Path(args.output_root), stale)
     print(f"wrote {md}, {out_dir / 'summary.json'} and the figures")
     if args.readme:
         readme = Path(args.readme)
-        block = readme_block(suite, archive, f"{command} --readme {readme.name}")
+        block = readme_block(suite, archive, f"{command} --readme {readme.name}", stale)
         try:
             changed = update_readme(readme, suite.name, block)
         except (OSError, ValueError) as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +135,27 @@ def pick(record: dict | None, key: str, metric: str, group: str | None = None) -
     return float(record[metric]) if metric in record else None
 
 
-def collect(suite: Suite, archive: Path) -> dict[str, list[MethodCells]]:
+def stale_cells(suite: Suite, archive: Path, app_dir: Path) -> set[str]:
+    """Ids of archived cells whose run config is not the one the cell runs with now (the
+    code's defaults or the suite changed since): their numbers answer another question,
+    so the report leaves them out and names them until they are run again."""
+    from rcsr_flower.experiments.runner import config_changes, expected_config
+
+    out = set()
+    for cell in suite.cells():
+        ran = _json(cell.directory(archive) / "config.json")
+        if ran is not None and config_changes(
+            ran, expected_config(app_dir, cell), set(cell.overrides)
+        ):
+            out.add(cell.id)
+    return out
+
+
+def collect(
+    suite: Suite, archive: Path, stale: Collection[str] = ()
+) -> dict[str, list[MethodCells]]:
     """Per setting: every method with at least one completed cell (pooled methods in
-    every setting)."""
+    every setting), leaving out the ``stale`` cell ids."""
     out: dict[str, list[MethodCells]] = {}
     for setting in suite.settings:
         rows = []
@@ -145,6 +163,8 @@ def collect(suite: Suite, archive: Path) -> dict[str, list[MethodCells]]:
             where = POOLED if method.pooled else setting.name
             runs = {}
             for seed in suite.seeds:
+                if f"{where}/{method.name}/seed-{seed}" in stale:
+                    continue
                 path = archive / where / method.name / f"seed-{seed}"
                 result = _json(path / "result.json")
                 if result and result.get("status") == "completed":
@@ -230,11 +250,17 @@ def summary(suite: Suite, data: dict[str, list[MethodCells]]) -> dict:
 
 
 def write_report(
-    suite: Suite, archive: Path, out_dir: Path, command: str, source: Path | None = None
+    suite: Suite,
+    archive: Path,
+    out_dir: Path,
+    command: str,
+    source: Path | None = None,
+    stale: Collection[str] = (),
 ) -> Path:
     """Tables and figures of the archived cells into ``out_dir`` (results.md,
-    summary.json); returns results.md. ``source`` names where the cells were copied from."""
-    data = collect(suite, archive)
+    summary.json); returns results.md. ``source`` names where the cells were copied from;
+    ``stale`` cells (:func:`stale_cells`) are left out and named."""
+    data = collect(suite, archive, stale)
     runs = distinct_runs(data)
     configs = [r.config for r in runs]
     provenances = [r.provenance for r in runs if r.provenance]
@@ -262,10 +288,18 @@ def write_report(
         f"(seeds {', '.join(map(str, suite.seeds))}).",
         "",
     ]
+    outdated = [c for c in missing if c.id in stale]
+    missing = [c for c in missing if c.id not in stale]
     if missing:
         lines += [
             "**Missing cells** (not run yet, or failed: see their `run.log` under "
             f"`outputs/experiments/{suite.name}/`): " + _missing_list(missing),
+            "",
+        ]
+    if outdated:
+        lines += [
+            "**Stale cells** (archived from a run with another configuration than the cell "
+            "has now, left out until run again): " + _missing_list(outdated),
             "",
         ]
     lines += _reading_notes(suite, data)
@@ -412,9 +446,9 @@ def overview(
     return lines
 
 
-def readme_block(suite: Suite, archive: Path, command: str) -> str:
+def readme_block(suite: Suite, archive: Path, command: str, stale: Collection[str] = ()) -> str:
     """The README's copy of the overview, between its ``results:<suite>`` markers."""
-    data = collect(suite, archive)
+    data = collect(suite, archive, stale)
     expected = {c.id for c in suite.cells()}
     runs = distinct_runs(data)
     provenances = [r.provenance for r in runs if r.provenance]
