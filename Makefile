@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # The embedded default federation (RCSR, 10 clients) as a Flower simulation;
 # exits non-zero when the run failed. Extra overrides: make run ARGS='-c "num-server-rounds=2"'
 run: $(STAMP)
-	$(PY) -m rcsr_flower.launch --app-dir . --flwr-home .flwr --num-supernodes 10 $(ARGS)
+	$(PY) -m rcsr_flower.runtime.launch --app-dir . --flwr-home .flwr --num-supernodes 10 $(ARGS)
 
 # An experiment suite (experiments/$(SUITE).toml), then its report in docs/results/$(SUITE)/.
 # Completed cells are skipped; the report is written even when some cells failed.
@@ -39,16 +39,16 @@ report: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
-# A fresh default run must reproduce README's table (docs/results/default-run): every
+# A fresh default run must reproduce the committed one (docs/results/default-run): every
 # metrics.jsonl field but seconds, within 0.2 rsum a round.
 check-default-run: $(STAMP)
 	rm -rf outputs/check-default-run
-	$(PY) -m rcsr_flower.launch --app-dir . --flwr-home .flwr --num-supernodes 10 \
+	$(PY) -m rcsr_flower.runtime.launch --app-dir . --flwr-home .flwr --num-supernodes 10 \
 		-c 'run-name="check-default-run"' $(ARGS)
 	$(PY) -m rcsr_flower.experiments compare outputs/check-default-run docs/results/default-run
 
 assets: $(STAMP)
-	$(PY) -m rcsr_flower.assets build
+	$(PY) -m rcsr_flower.embedded.assets build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

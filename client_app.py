@@ -1,8 +1,8 @@
-"""Flower ClientApp entry point: messages in, ``rcsr_flower.client`` replies out.
+"""Flower ClientApp entry point: messages in, ``rcsr_flower.client.handlers`` replies out.
 
 Each handler's work runs in this process, or, on a SuperNode started with
 ``worker-idle-s`` in its node config, in the node's warm worker
-(``rcsr_flower.node_worker``), which keeps torch, the backbone and the data loaded
+(``rcsr_flower.client.node_worker``), which keeps torch, the backbone and the data loaded
 between messages. Nothing here imports torch: a handler pays for it only when it runs
 the work itself.
 """
@@ -10,7 +10,7 @@ the work itself.
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from rcsr_flower.node_worker import reply
+from rcsr_flower.client.node_worker import reply
 from rcsr_flower.packing import packing_mod
 
 # a deployed server sends the adapters as one array (rcsr_flower.packing); unpacked here

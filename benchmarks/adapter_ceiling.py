@@ -2,8 +2,8 @@
 
 Trains shared adapters on the pooled training split of the target corpus (the
 "centralised" upper bound of §5) with the clients' own code and settings: the paired
-loss of ``task.client_loss`` (symmetric InfoNCE at the specification's τ = 0.07), one AdamW at the
-embedded ``lr`` and ``batch-size`` of the run config, one caption per image per epoch.
+loss of ``training.client_loss`` (symmetric InfoNCE at the specification's τ = 0.07), one
+AdamW at the embedded ``lr`` and ``batch-size`` of the run config, one caption per image per epoch.
 It evaluates the global test split (standard protocol) at step 0 (zero-shot), every
 ``--eval-every`` steps and at every epoch end, and ends with one JSON line:
 
@@ -25,13 +25,14 @@ import time
 
 import torch
 
-from rcsr_flower.assets import ensure_assets
 from rcsr_flower.backbones.clip import load_backbone
+from rcsr_flower.client.data import ClientData
+from rcsr_flower.client.training import TrainSettings, batches, client_loss
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.metrics import format_recall
-from rcsr_flower.splits import evaluate_retrieval, preprocess_split
-from rcsr_flower.task import ClientData, TrainSettings, batches, client_loss
+from rcsr_flower.embedded.assets import ensure_assets
+from rcsr_flower.retrieval.evaluation import evaluate_retrieval, preprocess_split
+from rcsr_flower.retrieval.metrics import format_recall
 
 
 def main() -> None:

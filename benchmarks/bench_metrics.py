@@ -1,4 +1,4 @@
-"""Benchmark rcsr_flower.metrics.retrieval_recall (run: ``python benchmarks/bench_metrics.py``).
+"""Benchmark ``retrieval.metrics.retrieval_recall`` (run: ``python benchmarks/bench_metrics.py``).
 
 Times the batched evaluator on 1,000 x 5,000 and 5,000 x 25,000 problems (d=512, 5 captions
 per image, captions = noisy copies of their image, all L2-normalised), both protocols, and
@@ -20,10 +20,10 @@ from typing import TypeVar
 import torch
 
 try:
-    from rcsr_flower.metrics import format_recall, retrieval_recall
+    from rcsr_flower.retrieval.metrics import format_recall, retrieval_recall
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rcsr_flower.metrics import format_recall, retrieval_recall
+    from rcsr_flower.retrieval.metrics import format_recall, retrieval_recall
 
 D = 512
 CAPTIONS_PER_IMAGE = 5

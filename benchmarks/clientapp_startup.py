@@ -8,13 +8,13 @@ that does what ``client_app.py`` does:
   backbone and this node's data; the first repetition starts with no cached client data
   (decode + preprocess every image of the partition), the others read the node's disk
   cache (``<cache-dir>/client-data/``);
-- **node worker** (``worker-idle-s`` set, ``rcsr_flower.node_worker``): import the app
+- **node worker** (``worker-idle-s`` set, ``rcsr_flower.client.node_worker``): import the app
   (no torch), hand a describe query (backbone and data in hand) to the node's worker; the
   first repetition starts the worker, the others find it warm.
 
 A node's log shows the same phases for real messages, plus Flower's own dispatch.
 The last line is its JSON; ``startup_s`` is the warm-worker median, the
-deployment default of ``rcsr_flower.deploy``.
+deployment default of ``rcsr_flower.runtime.deploy``.
 
     .venv/bin/python benchmarks/clientapp_startup.py --num-partitions 2 --repeats 3
 """
@@ -41,11 +41,11 @@ import json, sys, time
 t0 = time.perf_counter()
 import client_app  # flwr and the app; a handler imports the project (torch) when called
 import tomllib
-from rcsr_flower.assets import load_model
-from rcsr_flower.client import setup  # what the first handler imports
-from rcsr_flower.processes import process_age
+from rcsr_flower.embedded.assets import load_model
+from rcsr_flower.client.handlers import setup  # what the first handler imports
+from rcsr_flower.runtime.processes import process_age
 from rcsr_flower.config import RunConfig
-from rcsr_flower.task import load_client_data
+from rcsr_flower.client.data import load_client_data
 t1 = time.perf_counter()
 
 raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
@@ -73,7 +73,7 @@ t0 = time.perf_counter()
 import client_app  # flwr and the app, not torch
 import tomllib
 from flwr.app import ConfigRecord, Context, RecordDict
-from rcsr_flower.processes import process_age
+from rcsr_flower.runtime.processes import process_age
 t1 = time.perf_counter()
 raw = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
 raw.update(json.loads(sys.argv[1]))
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import tomllib
 
-    from rcsr_flower.assets import load_model
+    from rcsr_flower.client.data import client_cache_path
     from rcsr_flower.config import RunConfig
+    from rcsr_flower.embedded.assets import load_model
     from rcsr_flower.federation import load_partition, partition_key
-    from rcsr_flower.task import client_cache_path
 
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     raw.update(json.loads(args.run_config))

@@ -1,10 +1,10 @@
 """What each message costs a deployed node, with and without its warm worker.
 
-Runs the same deployment twice with ``rcsr_flower.deploy.LocalDeployment`` (a SuperLink
+Runs the same deployment twice with ``rcsr_flower.runtime.deploy.LocalDeployment`` (a SuperLink
 and ``--num-supernodes`` SuperNodes on loopback, TLS and node authentication on, one run
 of the given rounds): once with ``worker-idle-s=0`` (every ClientApp process imports
 torch and transformers and loads the backbone and data itself) and once with
-``worker-idle-s=600`` (``rcsr_flower.node_worker``). From the timestamped node logs, per
+``worker-idle-s=600`` (``rcsr_flower.client.node_worker``). From the timestamped node logs, per
 message: Flower's dispatch (``Receiving`` → ``Start `flwr-clientapp` process``) and the
 whole message (``Receiving`` → ``Sent successfully``), by message kind; a node's first
 data-loading message (the bootstrap query) is listed on its own, since it pays for
@@ -69,7 +69,7 @@ def messages(log: str) -> list[dict]:
 
 
 def run_mode(args, idle: float, root: Path) -> list[dict]:
-    from rcsr_flower.deploy import LocalDeployment
+    from rcsr_flower.runtime.deploy import LocalDeployment
 
     deployment = LocalDeployment(
         app_dir=ROOT,

@@ -3,8 +3,8 @@
 A full ``flwr run`` of the embedded default takes minutes; asking "does the drop come
 from non-IID data, from missing modalities, from prototype anchoring or from too few
 local steps?" needs many runs. This loop runs the *same* client code
-(``client.setup``, ``task.local_train`` with the §4 loss, the bootstrap bank of
-``server.bootstrap_bank``) for all clients in one process, aggregates
+(``handlers.setup``, ``training.local_train`` with the §4 loss, the bootstrap bank of
+``server.app.bootstrap_bank``) for all clients in one process, aggregates
 ``θ ← θ + η_s Σ_k (n_k/Σn) Δ_k`` tower by tower over the clients holding each tower, as
 §5 step 5 (revised) and the default ``tower-aggregation`` (``--plain-aggregation``:
 over all clients) (sample-count weights: no router, no minimax, no bank update: it
@@ -40,13 +40,13 @@ import time
 import torch
 from flwr.app import RecordDict
 
-from rcsr_flower.client import setup
+from rcsr_flower.client.handlers import setup
+from rcsr_flower.client.training import TrainSettings, bootstrap_groups, local_train
 from rcsr_flower.config import RunConfig
 from rcsr_flower.federation import global_test_set
-from rcsr_flower.metrics import retrieval_recall
-from rcsr_flower.server import bootstrap_bank
-from rcsr_flower.splits import embed_split, evaluate_retrieval, preprocess_split
-from rcsr_flower.task import TrainSettings, bootstrap_groups, local_train
+from rcsr_flower.retrieval.evaluation import embed_split, evaluate_retrieval, preprocess_split
+from rcsr_flower.retrieval.metrics import retrieval_recall
+from rcsr_flower.server.app import bootstrap_bank
 
 
 def main() -> None:

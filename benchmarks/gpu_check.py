@@ -1,6 +1,6 @@
 """Client training throughput and memory at ViT-B/32 shape, bf16 autocast vs fp32.
 
-Runs the project's real client step (``rcsr_flower.task.local_train``: a paired client's
+Runs the project's real client step (``rcsr_flower.client.training.local_train``: a paired client's
 InfoNCE + prototype alignment + L_prox, AdamW on bottleneck-64 adapters in every block)
 on a ``CLIPModel`` built from ``CLIPConfig()`` defaults (ViT-B/32) with random weights,
 so no download is needed: random weights cost the same FLOPs as OpenAI's. The frozen
@@ -28,15 +28,16 @@ import torch
 
 from rcsr_flower.backbones.adapters import count_parameters
 from rcsr_flower.backbones.clip import Backbone
-from rcsr_flower.backbones.random_clip import (
+from rcsr_flower.client.data import ClientData
+from rcsr_flower.client.training import TrainSettings, local_train
+from rcsr_flower.embedded.random_clip import (
     clip_tokenizer,
     random_captions,
     random_clip,
     tiny_clip_config,
 )
-from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.splits import SplitTensors
-from rcsr_flower.task import ClientData, TrainSettings, local_train
+from rcsr_flower.retrieval.evaluation import SplitTensors
+from rcsr_flower.retrieval.prototypes import PrototypeBank
 
 MODES = ("bf16", "fp32")
 

@@ -2,15 +2,15 @@
 
 A random-weight ViT-B/32-shaped CLIP (`CLIPConfig()` defaults: 12 + 12 blocks) with
 adapters on the last `--adapter-layers` blocks of each tower trains one local epoch of
-the real client code (`task.local_train`, paired InfoNCE) on `--items` synthetic images
+the real client code (`training.local_train`, paired InfoNCE) on `--items` synthetic images
 with 5 random captions each, three ways on the same data and the same initial adapters:
 
 - **uncached**: every step runs both towers from pixels and tokens;
 - **fill**: computing the frozen prefix of every image and caption once
-  (`task.client_prefix`: what a node does before its first epoch);
+  (`data.client_prefix`: what a node does before its first epoch);
 - **cached**: the same epoch from the cached hidden states.
 
-and then the retrieval evaluation of the same split (`splits.evaluate_retrieval`, as the
+and then the retrieval evaluation of the same split (`evaluation.evaluate_retrieval`, as the
 server and every client run it each round) without and with its evaluation prefix: the
 first evaluation with it fills it (`eval_fill_s`), the later ones replay it.
 
@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from gpu_check import build_backbone, sync
 
-from rcsr_flower.backbones.random_clip import random_captions
+from rcsr_flower.client.data import ClientData, client_prefix
+from rcsr_flower.client.training import TrainSettings, local_train
 from rcsr_flower.config import RunConfig
-from rcsr_flower.splits import SplitTensors, evaluate_retrieval
-from rcsr_flower.task import ClientData, TrainSettings, client_prefix, local_train
+from rcsr_flower.embedded.random_clip import random_captions
+from rcsr_flower.retrieval.evaluation import SplitTensors, evaluate_retrieval
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ def result_path(variant: str, seed: int) -> Path:
 
 def run(variants: list[str], seeds: list[int]) -> None:
     sys.path.insert(0, str(ROOT))
-    from rcsr_flower import provenance
+    from rcsr_flower.routing import provenance
 
     for name in variants:
         for seed in seeds:
@@ -101,11 +101,11 @@ def clusters(seed: int = 0, num_clusters: int = 50) -> dict:
     sys.path.insert(0, str(ROOT))
     from sklearn.metrics import normalized_mutual_info_score
 
-    from rcsr_flower import provenance
-    from rcsr_flower.assets import load_model
     from rcsr_flower.config import RunConfig
     from rcsr_flower.data.partition import semantic_clusters
+    from rcsr_flower.embedded.assets import load_model
     from rcsr_flower.federation import caption_embeddings, open_split
+    from rcsr_flower.routing import provenance
 
     cfg = RunConfig(train_max_items=0)
     train = open_split(cfg, "train")

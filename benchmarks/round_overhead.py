@@ -11,7 +11,7 @@ Runs the embedded default federation (or any `-c` overrides) with the same code:
 - **plain_all_cores**: the same loop with every core on each client's work, the fastest
   way to do it by hand here (float sums in another order: metrics differ in the last
   digits);
-- **flower**: `python -m rcsr_flower.launch`'s path, a private SuperLink in simulation
+- **flower**: `python -m rcsr_flower.runtime.launch`'s path, a private SuperLink in simulation
   mode with 10 SuperNodes (`make run`).
 
 Same clients, rounds, seeds and sampling (nodes in partition order). Assets and the
@@ -110,7 +110,7 @@ def run_plain(run_config: dict, num_nodes: int, client_threads: int) -> float:
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from rcsr_flower.server import run_server
+    from rcsr_flower.server.app import run_server
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message()
     grid = InProcessGrid(run_config, num_nodes, client_threads)
@@ -136,7 +136,12 @@ def main() -> None:
     from flwr.common.config import parse_config_args
 
     from rcsr_flower.backbones.clip import available_cores
-    from rcsr_flower.launch import SimulationLauncher, check_run_config, flower_env, prepare_run
+    from rcsr_flower.runtime.launch import (
+        SimulationLauncher,
+        check_run_config,
+        flower_env,
+        prepare_run,
+    )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -20,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from rcsr_flower.retrieval_task import RouterBetas, router_loss
+from rcsr_flower.server.retrieval_task import RouterBetas, router_loss
 
 HAS_IMAGE = torch.tensor([True, True, True, True, False])
 HAS_TEXT = torch.tensor([True, True, False, False, True])

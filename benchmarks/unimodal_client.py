@@ -86,12 +86,12 @@ def main() -> None:
     import torch
 
     from rcsr_flower.backbones.adapters import TOWERS, tower_of
-    from rcsr_flower.client import MODALITY_CODES
+    from rcsr_flower.client.training import tower_norm
     from rcsr_flower.config import RunConfig
-    from rcsr_flower.launch import prepare_run
-    from rcsr_flower.server import _load_evaluation
-    from rcsr_flower.splits import evaluate_retrieval
-    from rcsr_flower.task import tower_norm
+    from rcsr_flower.modality import Modality
+    from rcsr_flower.retrieval.evaluation import evaluate_retrieval
+    from rcsr_flower.runtime.launch import prepare_run
+    from rcsr_flower.server.app import _load_evaluation
 
     captured: dict[int, dict] = {}
     send = round_overhead.InProcessGrid.send_and_receive
@@ -128,7 +128,7 @@ def main() -> None:
         adapters.load_state_dict(state)
         return round(float(evaluate_retrieval(backbone, test, adapters)["rsum"]), 2)
 
-    modality_of = {v: k for k, v in MODALITY_CODES.items()}
+    modality_of = {m.code: str(m) for m in Modality}
     by_modality = {modality_of[int(c["metrics"]["modality"])]: p for p, c in captured.items()}
     if sorted(by_modality) != ["image-only", "paired"]:
         raise SystemExit(

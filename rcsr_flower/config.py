@@ -17,6 +17,7 @@ from typing import Any
 
 from rcsr_flower.faults import GRAMMAR as FAULT_GRAMMAR
 from rcsr_flower.faults import FaultPlan
+from rcsr_flower.routing.errors import ConfigError
 
 # Keys a resumed run may set differently from the checkpointed run: where things live,
 # how long to wait, and the test-only faults. Everything else must match.
@@ -42,10 +43,6 @@ BEFORE_KEY_EXISTED = {
 }
 
 
-class ConfigError(ValueError):
-    """A run-config value is unknown, of the wrong type, or out of range."""
-
-
 def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
@@ -53,6 +50,10 @@ def _choice(*allowed: str) -> dict[str, Any]:
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     return {"range": (lo, hi, lo_open)}
 
+
+# node_config key (a SuperNode's --node-config): seconds the node's warm worker waits
+# for its next message (client/node_worker.py; 0 = no worker)
+WORKER_IDLE_KEY = "worker-idle-s"
 
 EMBEDDED = "embedded"
 """``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""

@@ -33,17 +33,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rcsr_flower.assets import cache_root, embedded_assets, ensure_assets, file_lock, load_model
 from rcsr_flower.config import EMBEDDED, ConfigError, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
 from rcsr_flower.data.partition import (
     KMEANS,
-    MODALITIES,
     Partition,
     content_labels,
     make_partition,
     top_up_local_tests,
 )
+from rcsr_flower.embedded.assets import (
+    cache_root,
+    embedded_assets,
+    ensure_assets,
+    file_lock,
+    load_model,
+)
+from rcsr_flower.modality import MODALITIES, Modality
 
 if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's check of a
     # cached partition needs neither (1.4 s of its 2.6 s, before anything else starts)
@@ -336,7 +342,6 @@ def partition_file(cfg: RunConfig, num_partitions: int, backbone: Backbone | str
 
 
 # ---------------------------------------------------------------------------- server side
-_MODALITY_NAMES = dict(enumerate(MODALITIES))  # the codes client.MODALITY_CODES sends
 
 
 def reported_partition(nodes: list[dict]) -> dict:
@@ -347,7 +352,7 @@ def reported_partition(nodes: list[dict]) -> dict:
         "clients": [
             {
                 "client_id": int(n["partition-id"]),
-                "modality": _MODALITY_NAMES[int(n["modality"])],
+                "modality": str(Modality.from_code(int(n["modality"]))),
                 "num_train": int(n["num-train"]),
                 "num_test": int(n["num-test"]),
                 "shard": bool(n.get("shard", 0)),
@@ -372,7 +377,11 @@ def partition_mismatches(partition: Partition, nodes: list[dict]) -> list[str]:
             continue
         client = partition.clients[pid]
         mine = (len(client.train), len(client.test), client.modality)
-        theirs = (int(n["num-train"]), int(n["num-test"]), _MODALITY_NAMES[int(n["modality"])])
+        theirs = (
+            int(n["num-train"]),
+            int(n["num-test"]),
+            str(Modality.from_code(int(n["modality"]))),
+        )
         if mine != theirs:
             out.append(
                 f"node {n['node_id']} (partition {pid}) holds {theirs[0]} train / {theirs[1]} "

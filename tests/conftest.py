@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Before torch is imported: OpenMP threads that spin while waiting for work take the cores
-# from the other xdist worker's federation (rcsr_flower.launch does the same for Flower's).
+# from the other xdist worker's federation (rcsr_flower.runtime.launch does the same for Flower's).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def embedded_assets():
     """The real embedded corpus + tiny CLIP (built on first use, like `flwr run .`)."""
-    from rcsr_flower.assets import ensure_assets
+    from rcsr_flower.embedded.assets import ensure_assets
 
     return ensure_assets()
 
@@ -43,7 +43,7 @@ def vit_b32_dir(tmp_path_factory):
     """A ViT-B/32-shaped CLIP (``CLIPConfig()`` defaults, random weights) saved with
     ``save_pretrained`` together with its tokenizer and image processor: the layout
     ``hf download openai/clip-vit-base-patch32`` gives, without the download."""
-    from rcsr_flower.backbones.random_clip import save_random_clip
+    from rcsr_flower.embedded.random_clip import save_random_clip
 
     return save_random_clip(tmp_path_factory.mktemp("vit-b32"))
 

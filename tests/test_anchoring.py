@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, RecordDict
 from test_client import bank, node_for, round_config, splits  # noqa: F401
 
-from rcsr_flower import losses
-from rcsr_flower.client import handle_train
-from rcsr_flower.task import TrainSettings, local_train, step_batches
+from rcsr_flower.client import losses
+from rcsr_flower.client.handlers import handle_train
+from rcsr_flower.client.training import TrainSettings, local_train, step_batches
 
 
 def _unit(*rows):
@@ -128,7 +128,7 @@ def test_local_steps_fix_the_round_work_whatever_the_client_size(backbone, split
 
 
 def test_soft_anchoring_without_a_teacher_is_a_clear_error(backbone, splits, bank):
-    from rcsr_flower.task import client_loss
+    from rcsr_flower.client.training import client_loss
 
     node = node_for(backbone, splits, "image-only")
     with pytest.raises(ValueError, match="starting adapters"):

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from rcsr_flower.backbones.clip import BackboneNotFoundError, load_backbone
 from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.retrieval.evaluation import evaluate_retrieval, preprocess_split
 
 
 def test_embedded_backbone_is_a_standard_hf_model_directory(embedded_assets):
@@ -137,7 +137,7 @@ def test_unreachable_hub_id_fails_with_one_clear_line(monkeypatch):
 
 
 def test_dynamic_padding_matches_padding_to_77_on_vit_b32(vit_b32):
-    from rcsr_flower.backbones.random_clip import random_captions
+    from rcsr_flower.embedded.random_clip import random_captions
 
     captions = [*random_captions(4, seed=1), "a dog"]
     dynamic = vit_b32.tokenize(captions)
@@ -156,7 +156,7 @@ def test_hub_id_loads_offline_from_the_local_hugging_face_cache(tmp_path):
     """``model-name = "org/name"`` after ``hf download org/name`` (no --local-dir): the id
     resolves in the HF cache with the hub unreachable. A fresh interpreter, because the hub
     client reads its cache location at import."""
-    from rcsr_flower.backbones.random_clip import save_random_clip, tiny_clip_config
+    from rcsr_flower.embedded.random_clip import save_random_clip, tiny_clip_config
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--example-org--clip-tiny"
@@ -181,9 +181,9 @@ def test_pretraining_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     """The embedded backbone's recipe, shrunk: same code path, seconds instead of minutes."""
     from safetensors.torch import load_file
 
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
-    from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
-    from rcsr_flower.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.embedded.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
 
     spec = CorpusSpec(domain="pretrain", n_train=48, n_val=0, n_test=16, seed=1)
     corpus = generate_corpus(tmp_path / "corpus", spec, workers=1)
@@ -211,13 +211,13 @@ def test_pretraining_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
 def test_shipped_backbone_has_its_checksum_and_todays_recipe():
     """The repository's pretrained backbone is the one `assets pretrain` wrote from
     `TinyClipRecipe()`; a changed recipe without a rebuilt backbone fails here."""
-    from rcsr_flower.assets import (
+    from rcsr_flower.embedded.assets import (
         SHIPPED_BACKBONE,
         SHIPPED_SHA256,
         sha256_file,
         shipped_backbone_problem,
     )
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
+    from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
 
     assert sha256_file(SHIPPED_BACKBONE / "model.safetensors") == SHIPPED_SHA256
     assert shipped_backbone_problem(SHIPPED_BACKBONE, TinyClipRecipe()) is None
@@ -232,7 +232,7 @@ def test_a_corrupted_shipped_backbone_is_an_error_not_a_silent_pretraining(
     the build stops at once, naming the file, the checksum it expects and the two fixes."""
     import shutil
 
-    from rcsr_flower import assets
+    from rcsr_flower.embedded import assets
 
     shipped = tmp_path / "tiny-clip"
     shutil.copytree(assets.SHIPPED_BACKBONE, shipped)
@@ -250,7 +250,7 @@ def test_a_corrupted_shipped_backbone_is_an_error_not_a_silent_pretraining(
 
 
 def test_the_cache_holds_the_shipped_backbone(embedded_assets):
-    from rcsr_flower.assets import SHIPPED_SHA256, sha256_file
+    from rcsr_flower.embedded.assets import SHIPPED_SHA256, sha256_file
 
     assert sha256_file(embedded_assets.backbone_dir / "model.safetensors") == SHIPPED_SHA256
 
@@ -263,7 +263,7 @@ def test_shipped_backbone_stays_out_of_the_flower_app_bundle():
     from flwr.cli.utils import build_pathspec
     from flwr.common.constant import FAB_INCLUDE_PATTERNS
 
-    from rcsr_flower.assets import SHIPPED_BACKBONE
+    from rcsr_flower.embedded.assets import SHIPPED_BACKBONE
 
     root = Path(__file__).resolve().parents[1]
     shipped = [p.relative_to(root).as_posix() for p in SHIPPED_BACKBONE.rglob("*")]
@@ -284,7 +284,7 @@ def test_no_target_caption_outgrows_the_text_context(embedded_assets, backbone):
 def test_info_json_reports_the_benchmark(embedded_assets, capsys):
     import json
 
-    from rcsr_flower.assets import main
+    from rcsr_flower.embedded.assets import main
 
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -5,9 +5,9 @@ import torch
 from flwr.app import ArrayRecord
 from test_strategy import bank, mock_grid, task_identity, theta  # noqa: F401
 
-from rcsr_flower.retrieval_task import RetrievalTask
 from rcsr_flower.routing import TaskCheckError, check_task
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.server.retrieval_task import RetrievalTask
 
 
 class LossRoutedTask:

@@ -8,15 +8,14 @@ import torch
 from flwr.app import ArrayRecord
 from test_strategy import rcsr, reply, stats, task_identity, theta  # noqa: F401
 
-from rcsr_flower import checkpoint
-from rcsr_flower.checkpoint import (
+from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.routing import checkpoint
+from rcsr_flower.routing.checkpoint import (
     CheckpointError,
-    checkpoint_to_resume,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from rcsr_flower.config import ConfigError, RunConfig
 
 KEY = "0123456789abcdef" * 2
 
@@ -136,7 +135,7 @@ def one_line(exc_info) -> str:
 def test_resume_refuses_a_different_config_naming_the_keys(tmp_path):
     run, cfg = resume_case(tmp_path, 2, lr=0.5, seed=3, run_name="other")
     with pytest.raises(ConfigError) as exc:
-        checkpoint_to_resume(cfg.replace(resume_from=str(run)), tmp_path / "other")
+        resume(cfg.replace(resume_from=str(run)), tmp_path / "other")
     message = one_line(exc)
     assert "'lr' (checkpoint 0.001, now 0.5), 'seed' (checkpoint 0, now 3)" in message
     assert "run-name" not in message.split(";")[0]  # allowed to change: not a mismatch
@@ -146,25 +145,34 @@ def test_resume_accepts_changes_to_locations_timeouts_and_faults(tmp_path):
     run, cfg = resume_case(
         tmp_path, 2, round_timeout=5.0, fault_injection="raise:0@3", cache_dir="/elsewhere"
     )
-    ckpt = checkpoint_to_resume(cfg.replace(resume_from=str(run)), run)
+    ckpt = resume(cfg.replace(resume_from=str(run)), run)
     assert ckpt.round == 2 and ckpt.num_rounds == 4
 
 
 def test_resume_refuses_a_finished_run_and_a_directory_without_checkpoint(tmp_path):
     run, cfg = resume_case(tmp_path, 4)
     with pytest.raises(ConfigError) as exc:
-        checkpoint_to_resume(cfg.replace(resume_from=str(run)), run)
+        resume(cfg.replace(resume_from=str(run)), run)
     assert "already finished all 4 rounds" in one_line(exc)
-    assert checkpoint_to_resume(cfg, run) is None  # a new run may overwrite a finished one
+    assert resume(cfg, run) is None  # a new run may overwrite a finished one
     with pytest.raises(ConfigError) as exc:
-        checkpoint_to_resume(cfg.replace(resume_from=str(tmp_path / "nothing")), run)
+        resume(cfg.replace(resume_from=str(tmp_path / "nothing")), run)
     assert "no checkpoint in" in one_line(exc)
 
 
 def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path):
     run, cfg = resume_case(tmp_path, 2)
     with pytest.raises(ConfigError) as exc:
-        checkpoint_to_resume(cfg, run)
+        resume(cfg, run)
     message = one_line(exc)
     assert "holds an unfinished run (checkpoint after round 2 of 4)" in message
     assert f'continue it with resume-from="{run}"' in message
+
+
+def resume(cfg, out):
+    """The retrieval app's resume point: its validated config, and the keys it lets a
+    resumed run change."""
+    from rcsr_flower.config import RESUME_MAY_CHANGE
+    from rcsr_flower.routing.checkpoint import resume_point
+
+    return resume_point(cfg.to_flower(), out, RESUME_MAY_CHANGE)

@@ -5,7 +5,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from test_strategy import task_identity  # noqa: F401
 
-from rcsr_flower.client import (
+from rcsr_flower.client.data import ClientData
+from rcsr_flower.client.handlers import (
     PERSONAL_KEY,
     PREVIOUS_DELTA_KEY,
     ClientNode,
@@ -14,12 +15,12 @@ from rcsr_flower.client import (
     handle_train,
     light_query,
 )
+from rcsr_flower.client.training import bootstrap_groups
 from rcsr_flower.config import RunConfig
 from rcsr_flower.data.datasets import open_dataset
 from rcsr_flower.faults import InjectedFault
-from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.splits import SplitTensors, preprocess_split
-from rcsr_flower.task import ClientData, bootstrap_groups
+from rcsr_flower.retrieval.evaluation import SplitTensors, preprocess_split
+from rcsr_flower.retrieval.prototypes import PrototypeBank
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_unimodal_client_never_runs_the_missing_tower_and_only_adapts_its_own(
 
 
 def test_anchoring_lowers_the_anchor_loss_of_an_image_only_client(backbone, splits, bank):
-    from rcsr_flower import losses
+    from rcsr_flower.client import losses
 
     node = node_for(backbone, splits, "image-only")
     shared = node.adapters()
@@ -259,9 +260,9 @@ def test_router_tokens_of_real_updates_are_bounded_and_tell_image_only_clients_a
     image-only clients that report different prototypes get different router weights."""
     from flwr.app import MetricRecord
 
-    from rcsr_flower.aggregation import updates_of, validate_replies
-    from rcsr_flower.retrieval_task import RetrievalTask
     from rcsr_flower.routing import SemanticRouter
+    from rcsr_flower.routing.aggregation import updates_of, validate_replies
+    from rcsr_flower.server.retrieval_task import RetrievalTask
 
     train, test = splits
 

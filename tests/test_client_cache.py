@@ -11,17 +11,17 @@ from collections import OrderedDict
 
 import torch
 
-from rcsr_flower import task
-from rcsr_flower.config import RunConfig
-from rcsr_flower.federation import partition_key
-from rcsr_flower.splits import SplitTensors
-from rcsr_flower.task import (
+from rcsr_flower.client import data as client_data
+from rcsr_flower.client.data import (
     ClientData,
     client_cache_path,
     load_client_data,
     read_client_cache,
     write_client_cache,
 )
+from rcsr_flower.config import RunConfig
+from rcsr_flower.federation import partition_key
+from rcsr_flower.retrieval.evaluation import SplitTensors
 
 
 def same(a: ClientData, b: ClientData) -> bool:
@@ -56,7 +56,7 @@ def test_round_trip_keeps_a_missing_modality_missing(tmp_path):
 def test_a_torn_file_is_ignored_not_fatal(tmp_path, caplog):
     path = tmp_path / "c.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
-    with caplog.at_level(logging.WARNING, logger="rcsr_flower.task"):
+    with caplog.at_level(logging.WARNING, logger="rcsr_flower.client.data"):
         assert read_client_cache(path, 0) is None
     assert "ignoring unreadable client cache" in caplog.text
 
@@ -65,15 +65,16 @@ def test_client_data_is_preprocessed_once_per_node(embedded_assets, backbone, mo
     cfg = RunConfig(partitioning="iid", cache_dir=str(embedded_assets.root.parent))
     path = client_cache_path(cfg, backbone, partition_key(cfg, backbone, 20), 0)
     path.unlink(missing_ok=True)
-    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
+    monkeypatch.setattr(client_data, "_DATA_CACHE", OrderedDict())
     first = load_client_data(cfg, backbone, 0, 20)
     assert path.is_file()
 
     def no_preprocessing(*args, **kwargs):
         raise AssertionError("preprocessed again")
 
-    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())  # as in a fresh ClientApp process
-    monkeypatch.setattr(task, "preprocess_split", no_preprocessing)
+    # as in a fresh ClientApp process
+    monkeypatch.setattr(client_data, "_DATA_CACHE", OrderedDict())
+    monkeypatch.setattr(client_data, "preprocess_split", no_preprocessing)
     second = load_client_data(cfg, backbone, 0, 20)
     assert same(first, second) and first.train.pixels is not None
 
@@ -94,7 +95,7 @@ def test_train_max_items_caps_the_split_every_client_draws_from(
     partition = load_partition(capped, backbone, 4)
     items = [i for c in partition.clients for i in (*c.train, *c.test)]
     assert sorted(items) == list(range(400))
-    monkeypatch.setattr(task, "_DATA_CACHE", OrderedDict())
+    monkeypatch.setattr(client_data, "_DATA_CACHE", OrderedDict())
     data = load_client_data(capped, backbone, 1, 4)
     assert len(data.train) + len(data.test) == 100
     # local-test-items: the local test split reads items past the cap, the same tensors
@@ -105,7 +106,7 @@ def test_train_max_items_caps_the_split_every_client_draws_from(
     assert len(more.test) == 30 and max(client.test) >= 400
     assert same(ClientData(1, more.modality, more.train, data.test), data)
     uncapped = open_split(full, "train", capped=False)
-    expected = task.preprocess_split(backbone, uncapped.subset(client.test))
+    expected = client_data.preprocess_split(backbone, uncapped.subset(client.test))
     assert torch.equal(more.test.pixels, expected.pixels)
     assert more.test.captions == expected.captions
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcsr_flower.data import corpus
-from rcsr_flower.data.corpus import (
+from rcsr_flower.embedded import corpus
+from rcsr_flower.embedded.corpus import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     OBJECT_RGB,
@@ -24,7 +24,7 @@ from rcsr_flower.data.corpus import (
     generate_corpus,
     parse_caption,
 )
-from rcsr_flower.data.render import render_image
+from rcsr_flower.embedded.render import render_image
 
 SMALL = CorpusSpec(n_train=40, n_val=5, n_test=10)
 

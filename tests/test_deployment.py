@@ -1,6 +1,6 @@
 """Deployment: a real SuperLink and SuperNodes as separate processes on loopback.
 
-What docs/deployment.md promises, checked through ``rcsr_flower.deploy``: TLS and
+What docs/deployment.md promises, checked through ``rcsr_flower.runtime.deploy``: TLS and
 SuperNode authentication (an authorised node joins and a run completes; an unregistered
 one is refused), a fresh ClientApp process per message, and a SuperNode killed mid-round
 (the round finishes with the others, the lost node is named in the ServerApp's log).
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rcsr_flower.deploy import LocalDeployment, main, parse_pairs, write_node_key
-from rcsr_flower.launch import report
+from rcsr_flower.runtime.deploy import LocalDeployment, main, parse_pairs, write_node_key
+from rcsr_flower.runtime.launch import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_launcher_credentials_are_what_flower_needs(tmp_path):
         load_ssh_public_key,
     )
 
-    from rcsr_flower.deploy import write_tls_certificates
+    from rcsr_flower.runtime.deploy import write_tls_certificates
 
     files = write_tls_certificates(tmp_path, hosts=("127.0.0.1", "localhost", "link.example"))
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
@@ -126,7 +126,7 @@ def test_the_server_names_nodes_that_did_not_answer(task_identity, caplog):
     from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
     from flwr.serverapp import Grid
 
-    from rcsr_flower.server import PartitionOrderedGrid, unanswered
+    from rcsr_flower.server.app import PartitionOrderedGrid, unanswered
 
     sent = []
     for node in (11, 12, 13):
@@ -148,7 +148,7 @@ def test_the_server_names_nodes_that_did_not_answer(task_identity, caplog):
 
     grid = Mock(spec=Grid)
     grid.send_and_receive.return_value = replies
-    with caplog.at_level("WARNING", logger="rcsr_flower.server"):
+    with caplog.at_level("WARNING", logger="rcsr_flower.server.app"):
         got = PartitionOrderedGrid(grid, {11: 0, 12: 1, 13: 2}).send_and_receive(sent, timeout=30)
     assert got == replies
     assert [r.getMessage() for r in caplog.records] == [

@@ -1,6 +1,6 @@
 """The second app, ``examples/label-routing``, through the real ``flwr run`` path.
 
-``python -m rcsr_flower.launch --app-dir examples/label-routing`` (its ``main``) with 4
+``python -m rcsr_flower.runtime.launch --app-dir examples/label-routing`` (its ``main``) with 4
 SuperNodes: a private SuperLink, Flower's simulation, the example's own ServerApp and
 ClientApp importing the installed ``rcsr_flower``. What docs/extending.md promises a new
 task must hold here: metrics rows with routed weights, an evaluation summary,
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rcsr_flower.launch import free_port, main
+from rcsr_flower.runtime.launch import free_port, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "label-routing"

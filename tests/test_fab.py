@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-from rcsr_flower.fab import app_files, stage_app
+from rcsr_flower.runtime.fab import app_files, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_same_files_as_flowers_filter_with_negations_symlinks_and_ignored_trees(
 
 
 def test_the_printed_command_names_the_app_and_the_run_uses_the_staged_copy(tmp_path, capsys):
-    from rcsr_flower.launch import flwr_run_command
+    from rcsr_flower.runtime.launch import flwr_run_command
 
     staged = stage_app(ROOT, tmp_path / "app")
     cmd = flwr_run_command(staged, "conn", [], {"run-name": "x"}, staged_from=ROOT)

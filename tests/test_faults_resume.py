@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rcsr_flower.launch import SimulationLauncher
+from rcsr_flower.runtime.launch import SimulationLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 
 from rcsr_flower.backbones.clip import load_backbone
-from rcsr_flower.backbones.random_clip import save_random_clip, tiny_clip_config
+from rcsr_flower.embedded.random_clip import save_random_clip, tiny_clip_config
 
 out = Path(sys.argv[1])
 save_random_clip(out / "model", tiny_clip_config())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rcsr_flower.launch import SimulationLauncher, main
+from rcsr_flower.runtime.launch import SimulationLauncher, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_a_silent_client_is_left_behind_after_round_timeout(tmp_path, embedded_a
 
 
 def failing_run(tmp_path, embedded_assets, name: str, supernodes: int, *config: str) -> int:
-    """``python -m rcsr_flower.launch``, the run's name and place given with ``-c``."""
+    """``python -m rcsr_flower.runtime.launch``, the run's name and place given with ``-c``."""
     args = ["--app-dir", str(ROOT), "--flwr-home", str(tmp_path / "flwr")]
     args += ["--num-supernodes", str(supernodes), "--timeout", "1200"]
     args += ["-c", f'run-name="{name}" output-dir="{tmp_path / "outputs"}"']

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 DEPLOY = r"""
 import sys
 from pathlib import Path
-from rcsr_flower.deploy import LocalDeployment
+from rcsr_flower.runtime.deploy import LocalDeployment
 
 root = Path(sys.argv[1])
 d = LocalDeployment(app_dir=Path(sys.argv[2]), root=root / "deploy", num_supernodes=2,
@@ -41,7 +41,7 @@ d.wait_run("interrupted", root / "outputs")
 SIMULATION = r"""
 import sys
 from pathlib import Path
-from rcsr_flower.launch import SimulationLauncher
+from rcsr_flower.runtime.launch import SimulationLauncher
 
 root = Path(sys.argv[1])
 launcher = SimulationLauncher(app_dir=Path(sys.argv[2]), flwr_home=root / "flwr",

@@ -12,12 +12,12 @@ import pytest
 from test_node_data import write_flickr
 
 from rcsr_flower import federation
-from rcsr_flower.assets import load_model
 from rcsr_flower.backbones import clip
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.partition import Partition
+from rcsr_flower.embedded.assets import load_model
 from rcsr_flower.federation import load_partition, prepare_partition
-from rcsr_flower.launch import (
+from rcsr_flower.runtime.launch import (
     LaunchError,
     SimulationLauncher,
     check_run_config,
@@ -91,7 +91,7 @@ def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path):
         "partition-clusters": cfg.partition_clusters,
     }
     code = (
-        "import sys; from pathlib import Path; from rcsr_flower.launch import "
+        "import sys; from pathlib import Path; from rcsr_flower.runtime.launch import "
         "SimulationLauncher as L; "
         f"l = L(app_dir=Path({str(ROOT)!r}), flwr_home=Path({str(tmp_path / 'home')!r}), "
         f"num_supernodes=3, run_config={overrides!r}); "
@@ -109,8 +109,8 @@ def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
     ServerApp's ``result.json`` (``RoutedRun.complete`` puts it there), so the launcher
     never imports torch for it (1.2 s at the end of every run); a ServerApp that wrote
     none gets this process's."""
-    from rcsr_flower import provenance
-    from rcsr_flower.runner import RoutedRun
+    from rcsr_flower.routing import provenance
+    from rcsr_flower.routing.runner import RoutedRun
 
     cfg = {"num-server-rounds": 1, "run-name": "r", "output-dir": str(tmp_path)}
     with RoutedRun(cfg) as run:
@@ -158,7 +158,7 @@ def test_launcher_names_missing_data_before_starting_anything(cfg, tmp_path):
 def cli_args(*argv: str):
     import argparse
 
-    from rcsr_flower.launch import add_run_arguments
+    from rcsr_flower.runtime.launch import add_run_arguments
 
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
@@ -168,7 +168,7 @@ def cli_args(*argv: str):
 def test_run_name_and_output_dir_given_with_c_are_honoured(tmp_path, monkeypatch):
     import signal
 
-    from rcsr_flower.launch import start_cli
+    from rcsr_flower.runtime.launch import start_cli
 
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # start_cli's SIGTERM handler
     monkeypatch.chdir(tmp_path)
@@ -211,7 +211,7 @@ EXAMPLE = ROOT / "examples" / "label-routing"
 
 
 def test_another_app_gets_its_own_keys_checked_and_its_values_passed_on_as_written(tmp_path):
-    from rcsr_flower.launch import flwr_run_command, is_this_app
+    from rcsr_flower.runtime.launch import flwr_run_command, is_this_app
 
     assert is_this_app(ROOT) and not is_this_app(EXAMPLE)
     launcher = SimulationLauncher(
@@ -250,7 +250,7 @@ def test_a_niced_launcher_passes_its_niceness_to_the_sessions_it_starts(tmp_path
     script = textwrap.dedent(
         """
         import os, subprocess, time
-        from rcsr_flower.processes import autogroup_nice, niceness, pass_on_niceness, track
+        from rcsr_flower.runtime.processes import autogroup_nice, niceness, pass_on_niceness, track
         os.nice(5)
         mine = niceness()  # 5, or more where the test runs niced itself
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
@@ -285,8 +285,8 @@ def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_pa
     import subprocess
     import time
 
-    from rcsr_flower.launch import CONNECTION, flwr_run_command
-    from rcsr_flower.processes import stop_tagged, tagged_pids
+    from rcsr_flower.runtime.launch import CONNECTION, flwr_run_command
+    from rcsr_flower.runtime.processes import stop_tagged, tagged_pids
 
     def superexecs(tag: str) -> list[int]:
         return [
@@ -371,7 +371,7 @@ def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch
     import os
     import signal
 
-    from rcsr_flower.processes import tagged_pids
+    from rcsr_flower.runtime.processes import tagged_pids
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     launcher = SimulationLauncher(

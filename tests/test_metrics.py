@@ -1,4 +1,4 @@
-"""Tests for rcsr_flower.metrics: hand-computed ranks, protocols, ties, batching, validation.
+"""Tests for ``retrieval.metrics``: hand-computed ranks, protocols, ties, batching, validation.
 
 Most cases use one-hot image embeddings e_0..e_{N-1}, so that score(image i, caption j) is
 exactly caption_j[i] (a product with 1 plus zeros: no rounding). A caption row is then written
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from rcsr_flower.metrics import RECALL_KEYS, format_recall, retrieval_recall
+from rcsr_flower.retrieval.metrics import RECALL_KEYS, format_recall, retrieval_recall
 
 
 def one_hot_problem(

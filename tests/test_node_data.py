@@ -1,6 +1,6 @@
 """Deployment: a SuperNode's node_config says where its data is (copy or own shard).
 
-Every test goes through ``rcsr_flower.client.setup(run_config, node_config)``, what the
+Every test goes through ``rcsr_flower.client.handlers.setup(run_config, node_config)``, what the
 ClientApp calls with ``context.run_config`` and ``context.node_config``, and node_config
 strings are parsed by Flower's own ``--node-config`` parser.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.common.config import parse_config_args
 
-from rcsr_flower.client import setup
+from rcsr_flower.client.handlers import setup
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.data.datasets import KarpathyDataset, open_dataset
 from rcsr_flower.data.partition import assign_modalities, shard_partition
@@ -233,7 +233,7 @@ def test_a_worker_drops_least_recently_used_clients_beyond_the_cache_budget(
     embedded_assets, tmp_path, flickr_copy, monkeypatch
 ):
     # the memory cache alone: the node's disk cache (test_client_cache.py) is bypassed
-    monkeypatch.setattr("rcsr_flower.task.read_client_cache", lambda path, pid: None)
+    monkeypatch.setattr("rcsr_flower.client.data.read_client_cache", lambda path, pid: None)
     decoded: list[str] = []
     real = KarpathyDataset._image
     monkeypatch.setattr(

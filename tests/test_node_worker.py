@@ -1,4 +1,4 @@
-"""The node's warm worker (rcsr_flower.node_worker): a real worker process started the
+"""The node's warm worker (rcsr_flower.client.node_worker): a real worker process started the
 way a deployed ClientApp starts it, real Flower records and Context, the embedded
 backbone and corpus; the same replies and node state as the ClientApp's own process."""
 
@@ -22,8 +22,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from rcsr_flower.client import PERSONAL_KEY, PREVIOUS_DELTA_KEY, setup
-from rcsr_flower.node_worker import (
+from rcsr_flower.client.handlers import PERSONAL_KEY, PREVIOUS_DELTA_KEY, setup
+from rcsr_flower.client.node_worker import (
     IDLE_KEY,
     NodeWorkerError,
     Worker,
@@ -34,7 +34,7 @@ from rcsr_flower.node_worker import (
     reply,
     worker_home,
 )
-from rcsr_flower.prototypes import PrototypeBank
+from rcsr_flower.retrieval.prototypes import PrototypeBank
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"node worker (\d+) listening")
@@ -244,8 +244,8 @@ def test_a_clientapp_that_goes_away_mid_message_takes_the_work_with_it(home, emb
 import sys; sys.path.insert(0, {str(ROOT / "tests")!r})
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from test_node_worker import context
-from rcsr_flower.client import setup
-from rcsr_flower.node_worker import reply
+from rcsr_flower.client.handlers import setup
+from rcsr_flower.client.node_worker import reply
 run = {run!r}
 node = setup(run, {{"partition-id": 2, "num-partitions": 4}})
 theta = {{k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}}

@@ -7,20 +7,18 @@ import pytest
 import torch
 
 from rcsr_flower.backbones.prefix import image_prefix, text_prefix
-from rcsr_flower.config import RunConfig
-from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.splits import preprocess_split
-from rcsr_flower.task import (
-    ClientData,
+from rcsr_flower.client.data import ClientData, client_prefix, prefix_blocks
+from rcsr_flower.client.training import (
     TrainSettings,
-    client_prefix,
     local_embeddings,
     local_train,
-    prefix_blocks,
     train_image_features,
     train_text_features,
 )
-from rcsr_flower.zero_shot import backbone_digest
+from rcsr_flower.config import RunConfig
+from rcsr_flower.data.datasets import open_dataset
+from rcsr_flower.retrieval.evaluation import preprocess_split
+from rcsr_flower.retrieval.zero_shot import backbone_digest
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +167,7 @@ def count_block_calls(backbone, tower: str, block: int) -> list[int]:
 def test_evaluation_replays_the_split_prefix_bit_for_bit(backbone, split, layers):
     """The evaluation's cache runs the plain path's very batches: the same embeddings to
     the last bit (so a run's metrics do not move), and the frozen blocks run once."""
-    from rcsr_flower.splits import SplitTensors, embed_split, evaluate_retrieval
+    from rcsr_flower.retrieval.evaluation import SplitTensors, embed_split, evaluate_retrieval
 
     shared = noisy_adapters(backbone, layers, seed=3)
     personal = noisy_adapters(backbone, layers, seed=4)
@@ -198,7 +196,7 @@ def test_evaluation_replays_the_split_prefix_bit_for_bit(backbone, split, layers
 
 
 def test_the_evaluation_prefix_respects_its_budget_and_its_adapters(backbone, split):
-    from rcsr_flower.splits import SplitTensors, embed_split
+    from rcsr_flower.retrieval.evaluation import SplitTensors, embed_split
 
     adapters = noisy_adapters(backbone, "2", seed=5)
     plain = embed_split(backbone, split, adapters, batch_size=8)

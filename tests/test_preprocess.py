@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.splits import preprocess_split
+from rcsr_flower.retrieval.evaluation import preprocess_split
 
 
 def reference_pixels(backbone, dataset, chunk):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import json, os, subprocess, time
-    from rcsr_flower.processes import TAG_VAR, live_processes, stop_tagged
+    from rcsr_flower.runtime.processes import TAG_VAR, live_processes, stop_tagged
 
     tag = "test-" + os.urandom(4).hex()
     tagged = {**os.environ, TAG_VAR: tag}

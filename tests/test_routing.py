@@ -1,15 +1,16 @@
 """§3–§5 formulas against hand-computed values."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rcsr_flower import losses
-from rcsr_flower.prototypes import PrototypeBank, SlotStats
-from rcsr_flower.retrieval_task import RouterBetas, router_loss
+from rcsr_flower.client import losses
+from rcsr_flower.retrieval.prototypes import PrototypeBank, SlotStats
 from rcsr_flower.routing import MinimaxWeights, SemanticRouter, entropy, fuse_weights
+from rcsr_flower.server.retrieval_task import RouterBetas, router_loss
 
 C45 = 1 - 1 / math.sqrt(2)  # 1 - cos(45°)
 
@@ -309,7 +310,7 @@ def test_router_weights_in_eval_mode_are_deterministic_and_equivariant():
 
 
 def test_update_geometry_is_bounded_hand_computed():
-    from rcsr_flower.task import update_geometry
+    from rcsr_flower.client.training import update_geometry
 
     v, t = "adapters.vision_0.up.weight", "adapters.text_0.up.weight"
     image_only = {v: torch.tensor([3.0, 4.0]), t: torch.zeros(2)}  # the text tower never moved
@@ -324,3 +325,35 @@ def test_update_geometry_is_bounded_hand_computed():
     )
     idle = update_geometry({v: torch.zeros(2), t: torch.zeros(2)}, None, num_examples=4)
     assert idle.tolist() == [0.0, 0.5, 0.0, 0.0]  # moved neither tower: share ½
+
+
+def _rcsr_imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {n for n in names if n == "rcsr_flower" or n.startswith("rcsr_flower.")}
+
+
+def test_the_routing_library_imports_nothing_of_the_retrieval_app():
+    """``rcsr_flower.routing`` is the task-agnostic core other tasks build on: it may
+    import only itself, and the second app (examples/label-routing) only it."""
+    root = Path(__file__).resolve().parents[1]
+    outside = {
+        f"{path.relative_to(root)}: {name}"
+        for path in sorted((root / "rcsr_flower" / "routing").rglob("*.py"))
+        for name in _rcsr_imports(path)
+        if not name.startswith("rcsr_flower.routing")
+    }
+    assert not outside, outside
+    example = {
+        f"{path.relative_to(root)}: {name}"
+        for path in sorted((root / "examples" / "label-routing").rglob("*.py"))
+        for name in _rcsr_imports(path)
+        if not name.startswith("rcsr_flower.routing")
+    }
+    assert not example, example

@@ -12,9 +12,9 @@ import pytest
 from flwr.app import ArrayRecord
 from test_strategy import rcsr, task_identity, theta  # noqa: F401
 
-from rcsr_flower.checkpoint import save_checkpoint
 from rcsr_flower.config import ConfigError
-from rcsr_flower.runner import RoutedRun
+from rcsr_flower.routing.checkpoint import save_checkpoint
+from rcsr_flower.routing.runner import RoutedRun
 
 
 def config(tmp_path, **extra) -> dict:
@@ -102,8 +102,8 @@ def test_run_routed_takes_eval_every_from_the_run_config(tmp_path):
     from flwr.app import Context, MessageType, MetricRecord, RecordDict
     from test_strategy import evaluate_reply, mock_grid, reply
 
-    from rcsr_flower.runner import run_routed
-    from rcsr_flower.strategy import RoutingOptions
+    from rcsr_flower.routing.runner import run_routed
+    from rcsr_flower.routing.strategy import RoutingOptions
 
     asked = []
 
@@ -177,8 +177,8 @@ def test_a_deployed_grid_is_pulled_every_fifth_of_a_second_not_every_three(monke
     The simulation's in-memory grid (0.1 s) is used as it is."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    from rcsr_flower import runner
-    from rcsr_flower.runner import PromptGrid, prompt_grid
+    from rcsr_flower.routing import runner
+    from rcsr_flower.routing.runner import PromptGrid, prompt_grid
 
     clock = [0.0]
     slept: list[float] = []

@@ -8,10 +8,10 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from test_strategy import task_identity  # noqa: F401
 
-from rcsr_flower import server
-from rcsr_flower.client import light_query
+from rcsr_flower.client.handlers import light_query
 from rcsr_flower.config import ConfigError, RunConfig
-from rcsr_flower.server import (
+from rcsr_flower.server import app as server
+from rcsr_flower.server.app import (
     NodeWaitTimeout,
     PartitionOrderedGrid,
     nodes_needed,
@@ -81,7 +81,7 @@ def test_flowers_node_sampling_gives_up_after_node_wait_timeout(caplog, monkeypa
     grid.send_and_receive([])  # a round went out
     started = time.monotonic()
     with (
-        caplog.at_level("WARNING", logger="rcsr_flower.server"),
+        caplog.at_level("WARNING", logger="rcsr_flower.server.app"),
         pytest.raises(NodeWaitTimeout) as exc,
     ):
         sample_nodes(grid, 3, 3)  # node 102 is gone
@@ -124,17 +124,17 @@ def test_the_first_wait_ends_after_node_wait_timeout_naming_missing_partitions(m
 def test_personal_adapters_on_unimodal_clients_with_anchoring_are_warned_about():
     """The combination whose personal adapters collapse (docs/algorithm.md, Measured 6)
     is named with its partitions; the combinations that do not collapse say nothing."""
-    from rcsr_flower.client import MODALITY_CODES
+    from rcsr_flower.modality import Modality
 
     nodes = [
-        {"partition-id": i, "modality": MODALITY_CODES[m]}
+        {"partition-id": i, "modality": Modality(m).code}
         for i, m in enumerate(["paired", "image-only", "paired", "text-only"])
     ]
     cfg = RunConfig(personal_adapters=True)
     warning = server.personal_collapse_warning(cfg, nodes)
     assert warning is not None and "partitions [1, 3]" in warning
     assert "personal-adapters=false" in warning
-    paired = [dict(n, modality=MODALITY_CODES["paired"]) for n in nodes]
+    paired = [dict(n, modality=Modality.PAIRED.code) for n in nodes]
     for quiet_cfg, quiet_nodes in [
         (cfg, paired),
         (cfg.replace(anchoring=False), nodes),

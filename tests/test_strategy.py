@@ -22,9 +22,14 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import PersonalizedRetrieval, RetrievalTask, personalized_summary
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.retrieval.prototypes import PrototypeBank
+from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.server.retrieval_task import (
+    TOWER_GROUPS,
+    PersonalizedRetrieval,
+    RetrievalTask,
+    personalized_summary,
+)
 
 D, C = 4, 3
 
@@ -108,7 +113,9 @@ def bank() -> PrototypeBank:
 
 def rcsr(num_clients=4, **opts) -> RCSRStrategy:
     s = RCSRStrategy(
-        RetrievalTask(bank()), RoutingOptions(router_hidden=16, **opts), num_clients=num_clients
+        RetrievalTask(bank()),
+        RoutingOptions(router_hidden=16, groups=TOWER_GROUPS, **opts),
+        num_clients=num_clients,
     )
     s.current = ArrayRecord(theta(0))
     return s
@@ -459,7 +466,7 @@ def test_the_routing_core_runs_a_task_that_is_not_retrieval():
 def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions():
     import random
 
-    from rcsr_flower.server import PartitionOrderedGrid
+    from rcsr_flower.server.app import PartitionOrderedGrid
 
     def sampled_partitions(node_of_partition: dict[int, int]) -> list[int]:
         grid = mock_grid(reversed(node_of_partition.values()))
@@ -543,7 +550,9 @@ def image_only_theta(seed: int) -> dict[str, torch.Tensor]:
 
 def fedavg(tower_aggregation: bool) -> RCSRStrategy:
     s = RCSRStrategy(
-        None, RoutingOptions(mode="fedavg", tower_aggregation=tower_aggregation), num_clients=4
+        None,
+        RoutingOptions(mode="fedavg", tower_aggregation=tower_aggregation, groups=TOWER_GROUPS),
+        num_clients=4,
     )
     s.current = ArrayRecord(theta(0))
     return s
@@ -633,7 +642,8 @@ def test_paired_only_aggregation_leaves_unimodal_clients_out_of_the_average():
     paired clients only, bit for bit; a round with no paired reply keeps θ."""
     paired = [modality_reply(1, theta(1), 10, 0), modality_reply(3, theta(3), 7, 0)]
     image_only = modality_reply(2, image_only_theta(2), 30, 1)
-    s = RCSRStrategy(None, RoutingOptions(mode="fedavg", aggregate_unimodal=False), num_clients=4)
+    options = RoutingOptions(mode="fedavg", aggregate_unimodal=False, groups=TOWER_GROUPS)
+    s = RCSRStrategy(None, options, num_clients=4)
     s.current = ArrayRecord(theta(0))
     mine, metrics = s.aggregate_train(1, [paired[0], image_only, paired[1]])
     absent, _ = FedAvg().aggregate_train(1, paired)
@@ -651,7 +661,7 @@ def test_aggregation_weights_come_from_an_eval_mode_router_and_repeat():
         reply(2, theta(2), 20, 2.0, stats(2, (1.0, 0.0))),
         reply(3, theta(3), 5, 1.0, stats(3, (0.0, 1.0))),
     ]
-    from rcsr_flower.aggregation import updates_of, validate_replies
+    from rcsr_flower.routing.aggregation import updates_of, validate_replies
 
     reports, _ = validate_replies(replies, s.current, s.task)
     tokens = s._tokens(reports, updates_of(reports, s.current))
@@ -680,7 +690,7 @@ def test_fused_weights_are_router_times_minimax_and_move_the_bank():
     product = w["router"] * w["minimax"]
     assert torch.allclose(w["fused"], product / product.sum(), atol=1e-7)
     # step 6 used the fused weights: the same update on a twin bank gives the same bank
-    from rcsr_flower.aggregation import validate_replies
+    from rcsr_flower.routing.aggregation import validate_replies
 
     reports, _ = validate_replies(replies, ArrayRecord(theta(0)), RetrievalTask(twin))
     RetrievalTask(twin).update_state(w["fused"], reports)
@@ -692,8 +702,8 @@ def test_fused_weights_are_router_times_minimax_and_move_the_bank():
 
 
 def test_a_fresh_start_evaluates_every_client_at_round_zero_before_training(tmp_path):
-    from rcsr_flower.metrics import RECALL_KEYS
-    from rcsr_flower.outputs import MetricsLog
+    from rcsr_flower.retrieval.metrics import RECALL_KEYS
+    from rcsr_flower.routing.outputs import MetricsLog
 
     metrics_log = MetricsLog(tmp_path / "metrics.jsonl")
     s = RCSRStrategy(
@@ -759,7 +769,7 @@ def test_the_central_evaluation_runs_while_the_clients_evaluate(tmp_path):
     import random
     import threading
 
-    from rcsr_flower.outputs import MetricsLog
+    from rcsr_flower.routing.outputs import MetricsLog
 
     def strategy() -> RCSRStrategy:
         return RCSRStrategy(
@@ -823,7 +833,7 @@ def test_eval_every_spaces_federated_and_central_evaluation_alike(tmp_path):
     """``evaluate_every = 2`` over 5 rounds: clients and server evaluate at rounds 0, 2,
     4 and the last (5), and no others; every round trains, on the same nodes as with
     evaluation every round. ``evaluate_every = 0``: round 0 and the last only."""
-    from rcsr_flower.outputs import MetricsLog
+    from rcsr_flower.routing.outputs import MetricsLog
 
     def run(every: int) -> tuple[list, list, list, dict]:
         evaluated, trained, central = [], [], []
@@ -883,9 +893,9 @@ def evaluate_reply(node: int, metrics: dict) -> Message:
 
 
 def test_federated_evaluation_defaults_to_flowers_weighted_average(tmp_path, caplog):
-    from rcsr_flower.outputs import MetricsLog
+    from rcsr_flower.routing.outputs import MetricsLog
 
-    caplog.set_level("INFO", logger="rcsr_flower.strategy")
+    caplog.set_level("INFO", logger="rcsr_flower.routing.strategy")
     log = MetricsLog(tmp_path / "metrics.jsonl")
     s = RCSRStrategy(None, RoutingOptions(mode="fedavg"), num_clients=3, metrics_log=log)
     replies = [
@@ -904,7 +914,7 @@ def test_federated_evaluation_defaults_to_flowers_weighted_average(tmp_path, cap
 
 
 def test_a_retrieval_evaluation_reply_without_its_modality_is_dropped_not_a_crash(caplog):
-    from rcsr_flower.metrics import RECALL_KEYS
+    from rcsr_flower.retrieval.metrics import RECALL_KEYS
 
     s = RCSRStrategy(
         None, RoutingOptions(mode="fedavg"), num_clients=2, evaluation=PersonalizedRetrieval()

@@ -10,11 +10,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from test_client import node_for, splits  # noqa: F401
 
-from rcsr_flower import splits as splits_module
-from rcsr_flower import task as task_module
-from rcsr_flower.client import handle_evaluate, handle_query
-from rcsr_flower.splits import SplitTensors, embed_split, evaluate_retrieval
-from rcsr_flower.zero_shot import ZeroShotMemo, backbone_digest, is_identity
+from rcsr_flower.client import training as task_module
+from rcsr_flower.client.handlers import handle_evaluate, handle_query
+from rcsr_flower.retrieval import evaluation as splits_module
+from rcsr_flower.retrieval.evaluation import SplitTensors, embed_split, evaluate_retrieval
+from rcsr_flower.retrieval.zero_shot import ZeroShotMemo, backbone_digest, is_identity
 
 
 def refuse(*_args, **_kwargs):

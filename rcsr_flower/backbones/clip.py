@@ -65,7 +65,7 @@ def preprocess_images(image_processor, images: Sequence[Image.Image]) -> torch.T
     """The checkpoint's own image preprocessing (resize, crop, normalise) of a batch.
 
     A free function of the processor alone, so ``DataLoader`` workers can run it without
-    the model (see :func:`rcsr_flower.splits.preprocess_split`).
+    the model (see :func:`rcsr_flower.retrieval.evaluation.preprocess_split`).
     """
     out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
     return out["pixel_values"]
@@ -231,8 +231,8 @@ class Backbone:
     ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """How :meth:`embed_texts` batches captions: ``(positions in captions, tokens)``
         per batch. One plan for the plain path, the training prefix and the evaluation's
-        cached frozen prefix (``backbones.prefix``, :mod:`rcsr_flower.splits`), so they run
-        the very same batches. In input order a batch is tokenized only when it is due,
+        cached frozen prefix (``backbones.prefix``, :mod:`rcsr_flower.retrieval.evaluation`),
+        so they run the very same batches. In input order a batch is tokenized only when it is due,
         so a partition's hundreds of thousands of captions are never tokenized at once."""
         captions = list(captions)
         n = len(captions)
@@ -309,13 +309,13 @@ def load_backbone(
     """Load (once per process) a frozen CLIP checkpoint by hub id or local directory.
 
     A run's ``model-name`` may also be ``"embedded"``, the project's tiny CLIP: that name
-    is resolved (and the checkpoint put in the cache) by ``rcsr_flower.assets.load_model``,
+    is resolved (and the checkpoint put in the cache) by ``rcsr_flower.embedded.assets.load_model``,
     which stands above the backbones.
     """
     if path == EMBEDDED:
         raise ValueError(
             "load_backbone takes a hub id or a checkpoint directory; 'embedded' (the "
-            "project's tiny CLIP) is loaded with rcsr_flower.assets.load_model('embedded')"
+            "project's tiny CLIP) is loaded with rcsr_flower.embedded.assets.load_model('embedded')"
         )
     dev = torch.device(device) if device is not None else default_device()
     # the name is part of the key: it keys cached partitions (federation.partition_key),

@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
+
+from rcsr_flower.modality import MODALITIES, Modality
 
 __all__ = [
     "MODALITIES",
@@ -42,8 +44,6 @@ __all__ = [
     "top_up_local_tests",
 ]
 
-Modality = Literal["paired", "image-only", "text-only"]
-MODALITIES: tuple[str, ...] = get_args(Modality)
 PARTITIONINGS = ("dirichlet", "iid")
 KMEANS = "kmeans"  # partition-by: pseudo-labels from k-means over caption embeddings
 FILE_FORMAT = "rcsr-flower-partition"

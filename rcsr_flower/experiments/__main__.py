@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(run: Path, reference: Path, tolerance: float) -> int:
-    from rcsr_flower.outputs import metrics_differences
-    from rcsr_flower.plot import RunRecord
+    from rcsr_flower.experiments.plot import RunRecord
+    from rcsr_flower.routing.outputs import metrics_differences
 
     try:
         ours, theirs = RunRecord.load(run), RunRecord.load(reference)

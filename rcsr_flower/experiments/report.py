@@ -18,9 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcsr_flower.experiments.stats import mean_std, paired_t
-from rcsr_flower.experiments.suite import POOLED, Suite
-from rcsr_flower.plot import (
+from rcsr_flower.experiments.plot import (
     GROUPS,
     WEIGHT_KINDS,
     RunRecord,
@@ -33,6 +31,8 @@ from rcsr_flower.plot import (
     read_clients,
     update_marked_block,
 )
+from rcsr_flower.experiments.stats import mean_std, paired_t
+from rcsr_flower.experiments.suite import POOLED, Suite
 
 CELL_FILES = ("metrics.jsonl", "config.json", "result.json", "provenance.json")
 # run-config keys that hold paths of the machine that ran the cell
@@ -356,7 +356,7 @@ def _provenance_lines(configs: list[dict], provenances: list[dict]) -> list[str]
             f"`{v}` ({values.count(v)} cell{'s' if values.count(v) > 1 else ''})" for v in distinct
         )
 
-    from rcsr_flower.plot import backbone_name
+    from rcsr_flower.experiments.plot import backbone_name
 
     return [
         f"- backbone: {counted([backbone_name(c) for c in configs])}",

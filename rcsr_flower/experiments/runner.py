@@ -1,6 +1,6 @@
 """Run a suite's cells, each a real ``flwr run`` through the project's launcher.
 
-All cells share one private simulation SuperLink (``rcsr_flower.launch``): each cell is
+All cells share one private simulation SuperLink (``rcsr_flower.runtime.launch``): each cell is
 one more ``flwr run`` submitted to it, with its own run config and number of SuperNodes,
 so the suite pays the SuperLink's start-up once. Each cell writes the usual run outputs
 to ``<output-root>/<suite>/<setting>/<method>/seed-<k>/`` and its console output to
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from rcsr_flower import provenance
 from rcsr_flower.config import BEFORE_KEY_EXISTED, RESUME_MAY_CHANGE
 from rcsr_flower.experiments.suite import Cell, Suite
+from rcsr_flower.routing import provenance
 
 LOG = "run.log"
 
@@ -46,7 +46,7 @@ class Outcome:
 # ---------------------------------------------------------------------------- cell state
 def expected_config(app_dir: Path, cell: Cell) -> dict:
     """The resolved run config the cell runs with (pyproject defaults + overrides)."""
-    from rcsr_flower.launch import check_run_config
+    from rcsr_flower.runtime.launch import check_run_config
 
     return check_run_config(app_dir, [], dict(cell.overrides)).to_flower()
 
@@ -76,7 +76,7 @@ def inspect_cell(
     but the report's archive, ``archived``, holds a completed copy with this config:
     committed by a run on another machine or checkout), ``resume`` (an unfinished
     checkpoint with this config), ``fresh`` (nothing, or what is there cannot be used)."""
-    from rcsr_flower.checkpoint import CheckpointError, read_latest
+    from rcsr_flower.routing.checkpoint import CheckpointError, read_latest
 
     if not run_dir.exists():
         if archived is not None and _completed_with(archived, cell, wanted):
@@ -166,7 +166,7 @@ def shown(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- the suite
 def default_launcher(app_dir: Path, flwr_home: Path, timeout: float):
-    from rcsr_flower.launch import SimulationLauncher
+    from rcsr_flower.runtime.launch import SimulationLauncher
 
     return SimulationLauncher(app_dir=app_dir, flwr_home=flwr_home, timeout=timeout)
 

@@ -211,7 +211,7 @@ class Suite:
     def check(self, app_dir: Path, cells: list[Cell]) -> None:
         """Validate every cell's run config with the app's schema and defaults, and its
         minimums against its federation's size; raise :class:`SuiteError` (one line)."""
-        from rcsr_flower.launch import check_run_config
+        from rcsr_flower.runtime.launch import check_run_config
 
         for cell in cells:
             try:

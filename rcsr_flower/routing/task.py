@@ -1,6 +1,6 @@
 """The small typed interface between a federated task and the routing strategy.
 
-:class:`~rcsr_flower.strategy.RCSRStrategy` runs §5 (validate, route, minimax,
+:class:`~rcsr_flower.routing.strategy.RCSRStrategy` runs §5 (validate, route, minimax,
 fuse, aggregate, update shared state, router step, record) for *any* task that can:
 
 - parse and validate a client's extra reply records into a :class:`ClientReport`;
@@ -10,7 +10,7 @@ fuse, aggregate, update shared state, router step, record) for *any* task that c
   ship that state to clients with the next round;
 - hand that state over as tensors for the checkpoint, and take it back on resume.
 
-Image–text retrieval is one such task (``rcsr_flower.retrieval_task``);
+Image–text retrieval is one such task (``rcsr_flower.server.retrieval_task``);
 docs/extending.md shows another.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 
 class ReplyError(ValueError):
@@ -37,15 +37,27 @@ class ClientReport:
     loss: float
     arrays: ArrayRecord  # the client's trained shared parameters θ_k
     summary: Any  # task-specific statistics (prototypes, slot stats, geometry, ...)
-    holds: frozenset[str] | None = None  # towers the client trained; None = all
+    holds: frozenset[str] | None = None  # parameter groups the client trained; None = all
+    partial: bool = False  # it trained only some of the groups (e.g. a unimodal client)
 
-    def holds_tower(self, tower: str) -> bool:
-        return self.holds is None or tower in self.holds
+    def holds_group(self, group: str | None) -> bool:
+        return self.holds is None or group is None or group in self.holds
 
-    @property
-    def partial(self) -> bool:
-        """The client trained only some of the parameter groups (a unimodal client)."""
-        return self.holds is not None and len(self.holds) < 2
+
+class ParameterGroups(Protocol):
+    """Which group each shared array belongs to, and which groups a client trained: what
+    group-wise aggregation (§5 step 5) needs, so that a client's zero update of a group it
+    cannot train does not dilute the others'. Image–text retrieval's groups are the two
+    towers (``server.retrieval_task.TOWER_GROUPS``); a task without one gives none."""
+
+    names: frozenset[str]
+
+    def group_of(self, key: str) -> str | None:
+        """The group of the array ``key``; None: an array every client trains."""
+
+    def held(self, metrics: MetricRecord) -> frozenset[str] | None:
+        """The groups a reply's client trained, from its metrics; None: all of them.
+        Raises :class:`ReplyError` when the metrics name something else."""
 
 
 class RoutedTask(Protocol):

@@ -9,8 +9,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from label_routing.task import LabelRoutingTask, TaskConfig, central_evaluation, initial_arrays
-from rcsr_flower.runner import run_routed
-from rcsr_flower.strategy import RoutingOptions
+from rcsr_flower.routing.runner import run_routed
+from rcsr_flower.routing.strategy import RoutingOptions
 
 app = ServerApp()
 

@@ -1,7 +1,7 @@
 """``LocalOnlyStrategy``: the no-collaboration baseline (``strategy = "local"``).
 
 Every client trains its own adapters and keeps them on its node across rounds, in
-``context.state`` (``rcsr_flower.client``: a client starts its first round from the
+``context.state`` (``rcsr_flower.client.handlers``: a client starts its first round from the
 server's initial adapters, every later round from its own); nothing is aggregated. The
 clients still reply their adapters so that Flower's round, the reply validation and the
 round record run exactly as for the other methods; the server discards them.
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from rcsr_flower.strategy import RCSRStrategy
+from rcsr_flower.routing.strategy import RCSRStrategy
 
 
 class LocalOnlyStrategy(RCSRStrategy):

@@ -1,7 +1,7 @@
 """The embedded tiny CLIP's recipe, tokenizer and Hugging Face config (built here).
 
 No CLIP weights can be downloaded here, so the project pretrains its own small CLIP
-(``rcsr_flower.pretrain``) and ships it in ``embedded/tiny-clip/``. This module holds
+(``rcsr_flower.embedded.pretrain``) and ships it in ``embedded/tiny-clip/``. This module holds
 what defines that checkpoint without training it: the recipe, the BPE tokenizer learned
 from captions, the ``CLIPConfig`` and the image processor. It stands with the other
 backbones, below the task: nothing here evaluates or trains.
@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rcsr_flower.data.corpus import CorpusSpec
+from rcsr_flower.embedded.corpus import CorpusSpec
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ aggregation weights with a small router trained on the server, fuses them with m
 fairness weights, aggregates the clients' parameters with the fused weights and updates
 the task's shared state. What the tokens, the router's objective and the shared state
 are is the task's (a ``RoutedTask``, ``rcsr_flower.routing.task``): image–text
-retrieval in ``rcsr_flower.retrieval_task``, label-skewed classification in
+retrieval in ``rcsr_flower.server.retrieval_task``, label-skewed classification in
 ``examples/label-routing`` (docs/extending.md).
 
 What the client must do: train the parameters it receives in ``"arrays"`` with the
@@ -15,7 +15,7 @@ options' ``client_config``) and the task's state records, then reply ``"arrays"`
 trained parameters θ_k; the server forms Δ_k = θ_k − θ), ``"metrics"``
 (``num-examples``, ``train-loss``, ``partition-id``) and the records the task's
 ``parse_reply`` reads. ``aggregate_train`` reads as §5 steps 1–8, each a pure
-function (validation and aggregation in ``rcsr_flower.aggregation``).
+function (validation and aggregation in ``rcsr_flower.routing.aggregation``).
 
 ``mode="fedavg"`` aggregates exactly like Flower's ``FedAvg`` (same function, weights
 ``num-examples``); ``fedprox`` and ``fedper`` aggregate the same way (the retrieval
@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log as flwr_log
 
-from rcsr_flower.aggregation import (
+from rcsr_flower.routing.aggregation import (
     aggregate,
     last_line,
     sample_weights,
@@ -51,13 +51,14 @@ from rcsr_flower.aggregation import (
     updates_of,
     validate_replies,
 )
-from rcsr_flower.outputs import MetricsLog
 from rcsr_flower.routing.check import check_task
 from rcsr_flower.routing.minimax import MinimaxWeights
+from rcsr_flower.routing.outputs import MetricsLog
 from rcsr_flower.routing.router import SemanticRouter, entropy, fuse_weights
 from rcsr_flower.routing.task import (
     ClientReport,
     FederatedEvaluation,
+    ParameterGroups,
     ReplyError,
     RoutedTask,
     WeightedAverage,
@@ -96,7 +97,8 @@ class RoutingOptions:
     mode: str = "rcsr"  # "rcsr" routes; "fedavg" | "fedprox" | "fedper": num-examples weights
     router: bool = True  # False: sample-count weights in place of the router's
     minimax: bool = True  # False: uniform in place of the minimax weights
-    tower_aggregation: bool = True  # step 5 tower by tower (False: Flower's plain FedAvg)
+    tower_aggregation: bool = True  # step 5 group by group (False: Flower's plain FedAvg)
+    groups: ParameterGroups | None = None  # the task's parameter groups (its towers); None: one
     aggregate_unimodal: bool = True  # False: replies of partial (unimodal) clients are left out
     router_hidden: int = 128  # width of the router's token MLP and attention blocks
     router_heads: int = 4
@@ -420,6 +422,7 @@ class RCSRStrategy(FedAvg):
             max_update_norm=self.options.max_update_norm,
             num_clients=self.num_clients,
             sent=sent,
+            groups=self.options.groups,
         )
         silent = [
             m for m, why in unanswered(sent, replies) if why is None and m.metadata.message_id
@@ -449,7 +452,7 @@ class RCSRStrategy(FedAvg):
 
         towers = self.current if self.options.tower_aggregation else None
         if self.task is None:  # FedAvg / FedProx / FedPer: Flower's sample-count weights
-            arrays = aggregate(reports, None, towers)
+            arrays = aggregate(reports, None, towers, self._group_of)
             w = sample_weights(reports)
             weights = {"router": w, "minimax": torch.full_like(w, 1 / len(w)), "fused": w}
             router_loss = None
@@ -463,7 +466,7 @@ class RCSRStrategy(FedAvg):
             # 4. fuse
             w = fuse_weights(w_router, w_minimax)
             # 5. aggregate
-            arrays = aggregate(reports, w, towers)
+            arrays = aggregate(reports, w, towers, self._group_of)
             # 6. the task's shared state (the retrieval app's prototype bank)
             self.task.update_state(w, reports)
             # 7. router step on a train-mode forward of the same tokens
@@ -473,7 +476,7 @@ class RCSRStrategy(FedAvg):
         # 8. record (with where each update pointed: the diagnosis, not the method)
         record.update(
             skipped=False,
-            updates=update_geometry(reports, self.current, arrays),
+            updates=update_geometry(reports, self.current, arrays, self._group_of),
             weights={
                 str(r.client_id): {k: float(v[i]) for k, v in weights.items()}
                 for i, r in enumerate(reports)
@@ -487,6 +490,10 @@ class RCSRStrategy(FedAvg):
         self._record(server_round, record)
         metrics = MetricRecord({"train-loss": record["train_loss"], "num-clients": len(reports)})
         return arrays, metrics
+
+    def _group_of(self, key: str) -> str | None:
+        """The parameter group of a shared array (the task's towers); None: ungrouped."""
+        return self.options.groups.group_of(key) if self.options.groups is not None else None
 
     def _tokens(
         self, reports: list[ClientReport], updates: list[dict[str, torch.Tensor]]

@@ -10,7 +10,7 @@ uses assets the project builds itself, deterministically, into a cache directory
 
 Pretraining the backbone to convergence takes longer than a cold run may (about 20 min
 on 2 CPU cores), so the repository ships it, built by
-``python -m rcsr_flower.assets pretrain`` (seed 0, 2 threads) into ``embedded/tiny-clip/``
+``python -m rcsr_flower.embedded.assets pretrain`` (seed 0, 2 threads) into ``embedded/tiny-clip/``
 at the repository root (weights in ``model.safetensors``, which the Flower app bundle does
 not pick up). A build copies it into the cache after checking its SHA-256 and that it was
 built from today's recipe; without it (or if either check fails) the build pretrains.
@@ -18,7 +18,7 @@ built from today's recipe; without it (or if either check fails) the build pretr
 Several processes may ask at once (the ServerApp and every Ray actor), so building holds
 an exclusive file lock and every piece is written to a temporary sibling and renamed into
 place: a reader sees a complete asset or none. Build explicitly with
-``python -m rcsr_flower.assets build``.
+``python -m rcsr_flower.embedded.assets build``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ ASSETS_VERSION = "v3"  # v3: converged backbone, context 40, target words in the
 _DONE = "rcsr_pretrain.json"
 
 SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "embedded" / "tiny-clip"
-"""The backbone built by ``python -m rcsr_flower.assets pretrain``, shipped in the repository."""
+"""The backbone built by ``python -m rcsr_flower.embedded.assets pretrain``, shipped in the
+repository."""
 # sha256 of SHIPPED_BACKBONE/model.safetensors
 SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"
 
@@ -159,7 +160,14 @@ def _build_in_subprocess(cache_dir: Path, *, force: bool, pretrain: bool = False
             p for p in (package_parent, os.environ.get("PYTHONPATH")) if p
         ),
     }
-    cmd = [sys.executable, "-m", "rcsr_flower.assets", "build", "--cache-dir", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rcsr_flower.embedded.assets",
+        "build",
+        "--cache-dir",
+        str(cache_dir),
+    ]
     if force:
         cmd.append("--force")
     if pretrain:
@@ -168,9 +176,9 @@ def _build_in_subprocess(cache_dir: Path, *, force: bool, pretrain: bool = False
 
 
 def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> None:
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
-    from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
-    from rcsr_flower.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.embedded.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
 
     assets.root.mkdir(parents=True, exist_ok=True)
     if force:
@@ -184,7 +192,7 @@ def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> No
             f"the shipped tiny CLIP cannot be used: {problem} (expected SHA-256 of "
             f"{SHIPPED_BACKBONE / 'model.safetensors'}: {SHIPPED_SHA256}). Restore it "
             "from the repository (git checkout -- embedded/tiny-clip), or pretrain one "
-            "into the cache with `python -m rcsr_flower.assets build --pretrain` (about "
+            "into the cache with `python -m rcsr_flower.embedded.assets build --pretrain` (about "
             "an hour on 2 CPU cores)"
         )
     log.info("building embedded target corpus in %s", assets.root / "corpus")
@@ -224,7 +232,7 @@ def shipped_backbone_problem(directory: Path, recipe) -> str | None:
     if not weights.is_file() or not report.is_file():
         return f"{directory} has no model.safetensors or {_DONE}"
     if sha256_file(weights) != SHIPPED_SHA256:
-        return f"{weights} does not have the SHA-256 recorded in rcsr_flower/assets.py"
+        return f"{weights} does not have the SHA-256 recorded in rcsr_flower/embedded/assets.py"
     if json.loads(report.read_text()).get("recipe") != json.loads(json.dumps(asdict(recipe))):
         return "it was built from another recipe than TinyClipRecipe()"
     return None
@@ -236,9 +244,9 @@ def pretrain_shipped_backbone(out_dir: Path, cache_dir: str | os.PathLike | None
     The corpora come from the cache (built if missing); bit-identical to the shipped
     backbone on the machine and thread count it was built with.
     """
-    from rcsr_flower.backbones.tiny_clip import TinyClipRecipe
-    from rcsr_flower.data.corpus import CorpusSpec, generate_corpus
-    from rcsr_flower.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.embedded.pretrain import pretrain_tiny_clip
+    from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
 
     root = embedded_assets(cache_dir).root
     recipe = TinyClipRecipe()
@@ -262,7 +270,7 @@ def benchmark_info(assets: EmbeddedAssets) -> dict:
     """
     from rcsr_flower.backbones.clip import load_backbone
     from rcsr_flower.data.datasets import open_dataset
-    from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+    from rcsr_flower.retrieval.evaluation import evaluate_retrieval, preprocess_split
 
     report = assets.pretrain_report()
     backbone = load_backbone(str(assets.backbone_dir), device="cpu")
@@ -296,7 +304,7 @@ def benchmark_info(assets: EmbeddedAssets) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rcsr_flower.assets",
+        prog="python -m rcsr_flower.embedded.assets",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -341,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         assets = embedded_assets(args.cache_dir)
         if not assets.complete:
-            print(f"not built yet: {assets.root} (run `python -m rcsr_flower.assets build`)")
+            print(
+                f"not built yet: {assets.root} (run `python -m rcsr_flower.embedded.assets build`)"
+            )
             return 1
     if args.json:
         print(json.dumps(benchmark_info(assets)))

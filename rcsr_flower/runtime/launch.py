@@ -13,11 +13,11 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
    against its own ``[tool.flwr.app.config]`` and passed on as written;
 3. submits the app with ``flwr run . <connection> --stream`` and a known run name;
 4. reads ``<output-dir>/<run-name>/result.json`` (written last by the ServerApp: this
-   app's, or any app's that runs through ``rcsr_flower.runner``) and exits non-zero
+   app's, or any app's that runs through ``rcsr_flower.routing.runner``) and exits non-zero
    unless it says ``completed``;
 5. always stops the SuperLink and everything it spawned (by process group, and by a
    tag in their environment for what left the group), on SIGTERM and SIGINT too
-   (``rcsr_flower.processes``).
+   (``rcsr_flower.runtime.processes``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rcsr_flower import provenance
-from rcsr_flower.processes import (
+from rcsr_flower.routing import provenance
+from rcsr_flower.runtime.processes import (
     TAG_VAR,
     new_tag,
     private_database,
@@ -102,7 +102,7 @@ def flwr_run_command(
     """``flwr run APP CONNECTION --stream OPTIONS --run-config ...`` with this interpreter's
     Flower, printed as it runs: the raw ``-c`` strings first, ``overrides`` last (they win).
     ``quote``: quote bare string values by this app's schema (:func:`quote_bare_strings`).
-    ``staged_from``: ``app_dir`` is a staged copy of that app (``rcsr_flower.fab``), which
+    ``staged_from``: ``app_dir`` is a staged copy of that app (``rcsr_flower.runtime.fab``), which
     the printed command names instead, so that it can be run again by hand."""
     cmd = [sys.executable, "-m", "flwr.cli.app", "run", str(app_dir), connection, "--stream"]
     cmd += options
@@ -205,7 +205,7 @@ def check_app_config(
     """Another app's run config, checked as far as its ``pyproject.toml`` tells: every key
     must be in its ``[tool.flwr.app.config]`` (the SuperLink refuses an unknown one with
     only "Invalid run configuration."), which must have ``output-dir`` and ``run-name``
-    (where its ``result.json`` is read: ``rcsr_flower.runner`` writes it). Values are the
+    (where its ``result.json`` is read: ``rcsr_flower.routing.runner`` writes it). Values are the
     app's to check, in its ServerApp."""
     from flwr.common.config import parse_config_args
 
@@ -217,7 +217,7 @@ def check_app_config(
             raise LaunchError(
                 f"app {name!r} ({app_dir}) has no '{key}' in [tool.flwr.app.config]: the "
                 "launcher reads <output-dir>/<run-name>/result.json, which "
-                "rcsr_flower.runner writes (docs/extending.md)"
+                "rcsr_flower.routing.runner writes (docs/extending.md)"
             )
     try:
         given = parse_config_args(list(raw_run_config))
@@ -336,7 +336,7 @@ class SimulationLauncher:
     timeout: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
     prepare: bool = True  # build assets and partition before submitting (prepare_run)
-    # runs share one Ray cluster started with the SuperLink (rcsr_flower.ray_head) unless
+    # runs share one Ray cluster started with the SuperLink (rcsr_flower.runtime.ray_head) unless
     # RAY_ADDRESS is set (the environment's or ``env``'s): a cluster's address, or
     # "local" for a cluster of each run's own (Flower's way)
     ray_head: bool = True
@@ -416,7 +416,7 @@ class SimulationLauncher:
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", log_file)
 
     def _start_ray_head(self) -> None:
-        """``python -m rcsr_flower.ray_head`` on the GCS port the runs were given."""
+        """``python -m rcsr_flower.runtime.ray_head`` on the GCS port the runs were given."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.ray_ready_file.unlink(missing_ok=True)
         # a new cluster of its own ("local", never one another `ray start` left), whose
@@ -424,7 +424,7 @@ class SimulationLauncher:
         env = {**self._env(), "RAY_ADDRESS": "local", "RAY_GCS_SERVER_PORT": str(self.ray_port)}
         with open(self.ray_log, "ab") as log:
             self.ray_process = subprocess.Popen(
-                [sys.executable, "-m", "rcsr_flower.ray_head", str(self.ray_ready_file)],
+                [sys.executable, "-m", "rcsr_flower.runtime.ray_head", str(self.ray_ready_file)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -484,12 +484,14 @@ class SimulationLauncher:
             self._check_ray_head()
         except LaunchError as exc:
             return {"status": "failed", "error": str(exc)}
-        from rcsr_flower.fab import stage_app  # imports Flower's CLI: only when submitting
+        from rcsr_flower.runtime.fab import stage_app  # imports Flower's CLI: only when submitting
 
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.flwr_home, prefix="app-") as staged:
             cmd = flwr_run_command(
-                stage_app(self.app_dir, Path(staged)),  # the FAB's files only (rcsr_flower.fab)
+                stage_app(
+                    self.app_dir, Path(staged)
+                ),  # the FAB's files only (rcsr_flower.runtime.fab)
                 CONNECTION,
                 self.raw_run_config,
                 overrides,
@@ -509,7 +511,7 @@ class SimulationLauncher:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every launcher shares (this one and ``rcsr_flower.deploy``)."""
+    """The options every launcher shares (this one and ``rcsr_flower.runtime.deploy``)."""
     parser.add_argument("--app-dir", default=".")
     parser.add_argument(
         "--output-dir", default="", help='default: -c output-dir="...", else outputs'
@@ -567,13 +569,13 @@ def report(result: dict, path: Path, logs: str | None, figures: bool = True) -> 
         return 1
     print(f"\nrun completed in {result.get('seconds')} s: {path}")
     if figures:
-        print(f"figures: python -m rcsr_flower.plot {path}")
+        print(f"figures: python -m rcsr_flower.experiments.plot {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rcsr_flower.launch",
+        prog="python -m rcsr_flower.runtime.launch",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,13 +2,13 @@
 
 No CLIP weights can be downloaded here, so the project pretrains its own small CLIP on a
 *pretrain* corpus whose attributes and phrasing are shifted from the *target* corpus the
-federation uses (see ``rcsr_flower.data.corpus``). The federation is then a real domain
+federation uses (see ``rcsr_flower.embedded.corpus``). The federation is then a real domain
 adaptation of a frozen pretrained backbone, as in the paper. The result is a standard
 model directory (``config.json``, ``model.safetensors``, tokenizer, preprocessor config)
 that loads through ``CLIPModel.from_pretrained`` exactly like ``openai/clip-vit-base-patch32``.
 
 The repository ships the result (``embedded/tiny-clip/``); rebuild it with
-``python -m rcsr_flower.assets pretrain`` (seeded, one thread; bit-identical on the same
+``python -m rcsr_flower.embedded.assets pretrain`` (seeded, one thread; bit-identical on the same
 machine and thread count — float reductions differ across thread counts and CPUs).
 
 What makes it behave like real CLIP under adaptation: its BPE is learned from
@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from rcsr_flower.backbones.clip import Backbone
-from rcsr_flower.backbones.tiny_clip import (
+from rcsr_flower.data.datasets import open_dataset
+from rcsr_flower.embedded.tiny_clip import (
     TinyClipRecipe,
     build_config,
     build_image_processor,
     train_tokenizer,
 )
-from rcsr_flower.data.datasets import open_dataset
-from rcsr_flower.splits import evaluate_retrieval, preprocess_split
+from rcsr_flower.retrieval.evaluation import evaluate_retrieval, preprocess_split
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from rcsr_flower.metrics import RECALL_KEYS
-from rcsr_flower.outputs import MetricsLog
-from rcsr_flower.prototypes import PrototypeBank, SlotStats
+from rcsr_flower.backbones.adapters import TOWERS, tower_of
+from rcsr_flower.modality import MODALITIES, Modality
+from rcsr_flower.retrieval.metrics import RECALL_KEYS
+from rcsr_flower.retrieval.prototypes import PrototypeBank, SlotStats
+from rcsr_flower.routing.outputs import MetricsLog
 from rcsr_flower.routing.router import entropy
 from rcsr_flower.routing.task import ClientReport, ReplyError
 
@@ -233,7 +235,6 @@ def router_loss(
 
 
 # ---------------------------------------------------------------------------- evaluation
-MODALITY_NAMES = ("paired", "image-only", "text-only")  # the codes client.MODALITY_CODES sends
 SUMMARY_KEYS = (*RECALL_KEYS, "rsum")
 
 
@@ -250,10 +251,11 @@ class PersonalizedRetrieval:
         missing = [k for k in (*SUMMARY_KEYS, "modality") if k not in metrics]
         if missing:
             raise ReplyError(f"evaluation metrics lack {missing}")
-        code = metrics["modality"]
-        if not isinstance(code, int) or not 0 <= code < len(MODALITY_NAMES):
-            raise ReplyError(f"modality is {code!r}, expected 0, 1 or 2")
-        return {**metrics, "group": MODALITY_NAMES[code]}
+        try:
+            group = Modality.from_code(metrics["modality"])
+        except ValueError as exc:
+            raise ReplyError(str(exc)) from None
+        return {**metrics, "group": str(group)}
 
     def summarise(self, rows: list[dict]) -> dict:
         return personalized_summary([(r["group"], r) for r in rows])
@@ -278,7 +280,7 @@ def personalized_summary(per_client: list[tuple[str, dict[str, float]]]) -> dict
     out = stats([m for _, m in per_client])
     out["by_group"] = {
         name: group
-        for name in MODALITY_NAMES
+        for name in MODALITIES
         if (group := stats([m for mod, m in per_client if mod == name]))
     }
     return out
@@ -300,3 +302,26 @@ def make_evaluate_fn(
         return MetricRecord({k: float(metrics[k]) for k in SUMMARY_KEYS})
 
     return evaluate_fn
+
+
+# ---------------------------------------------------------------------------- towers
+class TowerGroups:
+    """The retrieval app's parameter groups (§5 step 5, tower-wise): an adapter array
+    belongs to its tower, and a client trained the towers of its modality, whose code
+    every train reply carries (``modality``)."""
+
+    names = frozenset(TOWERS)
+
+    def group_of(self, key: str) -> str | None:
+        return tower_of(key)
+
+    def held(self, metrics: MetricRecord) -> frozenset[str] | None:
+        if "modality" not in metrics:
+            return None
+        try:
+            return Modality.from_code(metrics["modality"]).towers
+        except ValueError as exc:
+            raise ReplyError(str(exc)) from None
+
+
+TOWER_GROUPS = TowerGroups()

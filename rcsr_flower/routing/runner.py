@@ -4,7 +4,7 @@ Every routed ServerApp needs the same wiring around ``RCSRStrategy.start``, and 
 depends on the task: a run directory, ``result.json`` (``flwr run`` exits 0 when the
 ServerApp fails, so callers read this file), ``metrics.jsonl``, a checkpoint after every
 round, ``resume-from``, and the final state on disk. :class:`RoutedRun` does it once, for
-the retrieval app (``rcsr_flower.server``) and any other task alike;
+the retrieval app (``rcsr_flower.server.app``) and any other task alike;
 :func:`run_routed` is the whole ServerApp for a task that needs nothing else
 (``examples/label-routing``, docs/extending.md).
 
@@ -16,8 +16,8 @@ an unfinished run to continue) and ``num-server-rounds``. It writes there:
   rounds, ``resumed_after_round``, the app's extra fields) or ``"failed"`` (error,
   traceback) last;
 - ``config.json``: the run config;
-- ``metrics.jsonl``: the strategy's row per round (``rcsr_flower.outputs.MetricsLog``);
-- ``checkpoint/``: the state after the last complete round (``rcsr_flower.checkpoint``);
+- ``metrics.jsonl``: the strategy's row per round (``rcsr_flower.routing.outputs.MetricsLog``);
+- ``checkpoint/``: the state after the last complete round (``rcsr_flower.routing.checkpoint``);
 - ``<arrays>.safetensors`` (the global parameters), ``<state>.safetensors`` (the task's
   shared state), ``router.safetensors``, ``minimax.json``, ``history.json`` at the end.
 """
@@ -41,12 +41,12 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log as flwr_log
 from safetensors.torch import save_file
 
-from rcsr_flower import provenance
-from rcsr_flower.checkpoint import Checkpoint, restore_rng, resume_point, save_checkpoint
-from rcsr_flower.config import ConfigError
-from rcsr_flower.outputs import MetricsLog, run_dir, write_json
+from rcsr_flower.routing import provenance
+from rcsr_flower.routing.checkpoint import Checkpoint, restore_rng, resume_point, save_checkpoint
+from rcsr_flower.routing.errors import ConfigError
+from rcsr_flower.routing.outputs import MetricsLog, run_dir, write_json
+from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
 from rcsr_flower.routing.task import FederatedEvaluation, RoutedTask
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class RoutedRun:
     def open(self, config: Mapping[str, Any], may_change: Iterable[str] = ()) -> Checkpoint | None:
         """Take the run's (validated) config: the checkpoint to continue when it names
         ``resume-from`` (refused in one line when it cannot be continued:
-        ``rcsr_flower.checkpoint.resume_point``, ``may_change`` naming the keys that may
+        ``rcsr_flower.routing.checkpoint.resume_point``, ``may_change`` naming the keys that may
         differ from the checkpoint's), and ``config.json``. Call it before any training."""
         config = dict(config)
         if "num-server-rounds" not in config:

@@ -1,6 +1,6 @@
 """Where a run's numbers came from: the commit and the machine, written beside its outputs.
 
-``provenance.json`` is written by the launchers (``rcsr_flower.launch``,
+``provenance.json`` is written by the launchers (``rcsr_flower.runtime.launch``,
 ``rcsr_flower.experiments``) after a run, so every figure and table drawn from the run
 later can say which code and which machine produced it, whatever checkout draws it.
 """

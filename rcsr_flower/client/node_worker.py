@@ -8,13 +8,13 @@ SuperNode started with ``worker-idle-s=<seconds>`` in its ``--node-config`` hand
 work to a worker process that keeps torch, the backbone and the node's data loaded:
 
 - the first message a ClientApp sees starts the worker (``python -m
-  rcsr_flower.node_worker``, from the same app directory and interpreter) and waits until
+  rcsr_flower.client.node_worker``, from the same app directory and interpreter) and waits until
   it listens; later messages connect to it, wait for its greeting (it has accepted the
   connection: a dead worker's socket may take one and reset it), send ``(kind, content,
   context)`` (Flower's protobuf encoding, nothing pickled) and get the reply's content,
   the updated ``context.state`` and the log lines the work wrote, which the ClientApp
   writes to its own log. The work is the same functions
-  (``rcsr_flower.client.REPLIES``) the ClientApp runs itself without a worker.
+  (``rcsr_flower.client.handlers.REPLIES``) the ClientApp runs itself without a worker.
 - one worker per SuperNode and app version: it is keyed by the app directory, the
   interpreter, the node config and the ClientApp's parent (the SuperNode's SuperExec), so
   a new FAB or a restarted SuperNode gets a new worker. A run config is sent with every
@@ -64,11 +64,11 @@ from flwr.common.serde import (
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from rcsr_flower.processes import process_start
+from rcsr_flower.config import WORKER_IDLE_KEY as IDLE_KEY
+from rcsr_flower.runtime.processes import process_start
 
 log = logging.getLogger("flwr").getChild(__name__)  # a ClientApp's INFO reaches its node's log
 
-IDLE_KEY = "worker-idle-s"
 START_TIMEOUT_S = 300.0  # importing torch + transformers on a loaded machine, with margin
 GREETING = b"rcsr-flower-worker\n"  # sent on accept: the ClientApp knows it was taken in
 _HEADER = struct.Struct("!Q")
@@ -108,7 +108,7 @@ def reply(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply's content for a ``kind`` message, from the node's worker when it has one."""
     idle = idle_seconds(context.node_config)
     if idle == 0:
-        from rcsr_flower.client import REPLIES
+        from rcsr_flower.client.handlers import REPLIES
 
         return REPLIES[kind](content, context)
     return Worker.for_node(context.node_config, idle).call(kind, content, context)
@@ -449,7 +449,7 @@ def serve(
 ) -> None:
     """Work on messages until no message came for ``idle_s`` seconds (or, through the
     watchdog, the SuperNode's SuperExec ``parent`` is gone)."""
-    from rcsr_flower.client import REPLIES  # torch, the project: before listening
+    from rcsr_flower.client.handlers import REPLIES  # torch, the project: before listening
 
     # The work's log lines also go to the worker's own log as they happen (Flower's own
     # handler writes its loggers' lines there already): the trail of a worker that died.

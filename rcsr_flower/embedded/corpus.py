@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from rcsr_flower.data.render import BACKGROUND_RGB, OBJECT_RGB, POSITIONS, render_image
+from rcsr_flower.embedded.render import BACKGROUND_RGB, OBJECT_RGB, POSITIONS, render_image
 
 __all__ = [
     "ATTRIBUTES",

@@ -34,16 +34,17 @@ from typing import Any
 import torch
 
 from rcsr_flower.backbones.adapters import AdapterSet, BottleneckAdapter
-from rcsr_flower.outputs import write_cache_file
+from rcsr_flower.routing.outputs import write_cache_file
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 # the modules whose code decides the numbers kept here: any edit to them is a new key
 _SOURCES = (
-    "rcsr_flower.metrics",
-    "rcsr_flower.splits",
-    "rcsr_flower.task",
+    "rcsr_flower.retrieval.metrics",
+    "rcsr_flower.retrieval.evaluation",
+    "rcsr_flower.client.data",
+    "rcsr_flower.client.training",
     "rcsr_flower.backbones.clip",
     "rcsr_flower.backbones.adapters",
 )

@@ -10,7 +10,7 @@ after every round -> final adapters, bank, router and ``result.json`` -> the nod
 their resume snapshots. A resumed run restores the checkpoint instead of bootstrapping
 and continues at the next round (docs/faults-and-resume.md). The task-neutral part —
 run dir, ``result.json``, ``metrics.jsonl``, checkpoints, resume, the final state — is
-``rcsr_flower.runner.RoutedRun``, the same for every routed app; this module adds the
+``rcsr_flower.routing.runner.RoutedRun``, the same for every routed app; this module adds the
 retrieval config, data, bootstrap and node handling around it.
 """
 
@@ -28,12 +28,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from rcsr_flower.aggregation import unanswered
-from rcsr_flower.assets import cache_root, load_model
 from rcsr_flower.backbones.clip import Backbone
-from rcsr_flower.checkpoint import Checkpoint
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
-from rcsr_flower.data.partition import MODALITIES
+from rcsr_flower.embedded.assets import cache_root, load_model
 from rcsr_flower.faults import ServerKillGrid
 from rcsr_flower.federation import (
     global_test_set,
@@ -41,20 +38,25 @@ from rcsr_flower.federation import (
     partition_mismatches,
     reported_partition,
 )
-from rcsr_flower.local_only import LocalOnlyStrategy
-from rcsr_flower.outputs import resolve_output_path, summary_table, write_json
+from rcsr_flower.modality import Modality
 from rcsr_flower.packing import PackingGrid
-from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.retrieval_task import (
+from rcsr_flower.retrieval.evaluation import SplitTensors, evaluate_retrieval, preprocess_split
+from rcsr_flower.retrieval.metrics import summary_table
+from rcsr_flower.retrieval.prototypes import PrototypeBank
+from rcsr_flower.retrieval.zero_shot import ZeroShotMemo
+from rcsr_flower.routing.aggregation import unanswered
+from rcsr_flower.routing.checkpoint import Checkpoint
+from rcsr_flower.routing.local_only import LocalOnlyStrategy
+from rcsr_flower.routing.outputs import resolve_output_path, write_json
+from rcsr_flower.routing.runner import RoutedRun, prompt_grid
+from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.server.retrieval_task import (
+    TOWER_GROUPS,
     PersonalizedRetrieval,
     RetrievalTask,
     RouterBetas,
     make_evaluate_fn,
 )
-from rcsr_flower.runner import RoutedRun, prompt_grid
-from rcsr_flower.splits import SplitTensors, evaluate_retrieval, preprocess_split
-from rcsr_flower.strategy import RCSRStrategy, RoutingOptions
-from rcsr_flower.zero_shot import ZeroShotMemo
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +203,7 @@ def _missing(partition_of: dict[int, int], nodes: list[int], num_partitions: int
 
 
 def release_client_state(grid: Grid, cfg: RunConfig, state_key: str) -> None:
-    """Tell every node the run is over: it deletes its resume snapshots (client.py)."""
+    """Tell every node the run is over: it deletes its resume snapshots (client/handlers.py)."""
     nodes = list(grid.get_node_ids())
     replies = _query(grid, nodes, {"kind": "release-state", "state-key": state_key}, cfg)
     released = sum(not r.has_error() for r in replies)
@@ -305,7 +307,7 @@ def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
     unimodal = sorted(
         int(n["partition-id"])
         for n in nodes
-        if MODALITIES[int(n.get("modality", 0))] != "paired"  # the code a node describes
+        if Modality.from_code(int(n.get("modality", 0))) != Modality.PAIRED  # a node's code
     )
     if not unimodal:
         return None
@@ -460,6 +462,7 @@ def _run_federation(
             router=cfg.router,
             minimax=cfg.minimax,
             tower_aggregation=cfg.tower_aggregation,
+            groups=TOWER_GROUPS,
             aggregate_unimodal=cfg.aggregate_unimodal,
             router_hidden=cfg.router_hidden,
             router_heads=cfg.router_heads,

@@ -32,8 +32,8 @@ import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 
-from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, RunConfig
-from rcsr_flower.outputs import durable_replace, resolve_output_path
+from rcsr_flower.routing.errors import ConfigError
+from rcsr_flower.routing.outputs import durable_replace, resolve_output_path
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoint"
@@ -179,12 +179,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         rows=latest["rows"],
         rng=rng,
     )
-
-
-def checkpoint_to_resume(cfg: RunConfig, out: Path) -> Checkpoint | None:
-    """The retrieval app's :func:`resume_point`: its validated config, and the keys
-    ``RESUME_MAY_CHANGE`` (rcsr_flower/config.py) may differ."""
-    return resume_point(cfg.to_flower(), out, RESUME_MAY_CHANGE)
 
 
 # a run-config key every routed run may change on resume: where its outputs go

@@ -3,7 +3,7 @@
 Flower's simulation starts a Ray cluster for every run (``ray.init()``: the GCS, a
 raylet, the dashboard and runtime-env agents, the log monitor: a few seconds on 2 cores)
 and stops it when the run ends (part of the 3 s between the ServerApp's return and the
-run's end). A launcher (:class:`rcsr_flower.launch.SimulationLauncher`) starts this
+run's end). A launcher (:class:`rcsr_flower.runtime.launch.SimulationLauncher`) starts this
 process beside its SuperLink, so the cluster comes up while the SuperLink, ``flwr run``
 and the simulation process start, and points every run at it with ``RAY_ADDRESS``:
 ``ray.init`` then only connects (0.6 s) and ``ray.shutdown`` only disconnects. An
@@ -11,7 +11,7 @@ experiment suite, which runs its federations through one launcher, pays the star
 once. Each run is still a Ray job of its own: its runtime environment, its actors and
 their worker processes, which Ray stops when the run's driver leaves.
 
-    RAY_ADDRESS=local RAY_GCS_SERVER_PORT=<port> python -m rcsr_flower.ray_head READY_FILE
+    RAY_ADDRESS=local RAY_GCS_SERVER_PORT=<port> python -m rcsr_flower.runtime.ray_head READY_FILE
 
 Writes ``{"gcs_address", "session_dir"}`` (JSON) to ``READY_FILE`` once the cluster is
 up. Stop it with SIGTERM to its process group, which Ray's processes share.
@@ -30,7 +30,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m rcsr_flower.ray_head READY_FILE", file=sys.stderr)
+        print("usage: python -m rcsr_flower.runtime.ray_head READY_FILE", file=sys.stderr)
         return 2
     ready = Path(args[0])
     import ray

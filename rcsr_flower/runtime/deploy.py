@@ -10,7 +10,7 @@ tests and can be tried on one machine first:
 2. starts ``flower-superlink`` (runtime dependency installation off, SuperNode auth on);
 3. registers each node's public key with ``flwr supernode register``;
 4. starts ``flower-supernode`` i with ``--node-config "partition-id=i num-partitions=N
-   worker-idle-s=600"`` (a warm worker per node, ``rcsr_flower.node_worker``;
+   worker-idle-s=600"`` (a warm worker per node, ``rcsr_flower.client.node_worker``;
    ``--node-config worker-idle-s=0`` for none) and waits until all N have joined;
 5. submits the app with ``flwr run . <connection> --stream`` (connection in the user's
    ``$FLWR_HOME/config.toml``) and an absolute ``output-dir``;
@@ -40,7 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rcsr_flower.launch import (
+from rcsr_flower.config import WORKER_IDLE_KEY as IDLE_KEY
+from rcsr_flower.runtime.launch import (
     LaunchError,
     add_run_arguments,
     check_run_config,
@@ -54,8 +55,7 @@ from rcsr_flower.launch import (
     start_cli,
     write_connection,
 )
-from rcsr_flower.node_worker import IDLE_KEY
-from rcsr_flower.processes import (
+from rcsr_flower.runtime.processes import (
     TAG_VAR,
     new_tag,
     private_database,
@@ -480,9 +480,9 @@ class LocalDeployment:
 
         ``extra``: run-config overrides for this run only."""
         overrides = self._overrides(run_name, output_dir, extra)
-        from rcsr_flower.fab import stage_app  # imports Flower's CLI: only when submitting
+        from rcsr_flower.runtime.fab import stage_app  # imports Flower's CLI: only when submitting
 
-        staged = self.root / "app"  # the FAB's files only (rcsr_flower.fab), fresh per run
+        staged = self.root / "app"  # the FAB's files only (rcsr_flower.runtime.fab), fresh per run
         shutil.rmtree(staged, ignore_errors=True)
         stage_app(self.app_dir, staged)
         cmd = flwr_run_command(
@@ -535,7 +535,7 @@ def parse_pairs(text: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rcsr_flower.deploy",
+        prog="python -m rcsr_flower.runtime.deploy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

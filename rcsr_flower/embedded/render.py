@@ -1,6 +1,6 @@
 """Drawing one item of the embedded corpus: its attributes as a small RGB image.
 
-The pixel side of ``rcsr_flower.data.corpus`` (which owns the vocabulary, the captions
+The pixel side of ``rcsr_flower.embedded.corpus`` (which owns the vocabulary, the captions
 and the generation): colours, the 3×3 position grid, object groups drawn supersampled
 and box-filtered, textures, and the target/pretrain differences in noise and jitter.
 Nothing here may change the bytes it draws without a ``CORPUS_VERSION`` bump there.

@@ -22,32 +22,31 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from rcsr_flower.assets import cache_root, load_model
 from rcsr_flower.backbones.adapters import AdapterSet
 from rcsr_flower.backbones.clip import Backbone
-from rcsr_flower.config import RunConfig
-from rcsr_flower.faults import before_training, corrupt_reply
-from rcsr_flower.federation import node_data
-from rcsr_flower.outputs import durable_replace
-from rcsr_flower.processes import process_age
-from rcsr_flower.prototypes import PrototypeBank
-from rcsr_flower.splits import evaluate_retrieval
-from rcsr_flower.task import (
-    ClientData,
+from rcsr_flower.client.data import ClientData, load_client_data
+from rcsr_flower.client.training import (
     TrainSettings,
     bootstrap_groups,
     client_statistics,
-    load_client_data,
     local_train,
 )
-from rcsr_flower.zero_shot import ZeroShotMemo
+from rcsr_flower.config import RunConfig
+from rcsr_flower.embedded.assets import cache_root, load_model
+from rcsr_flower.faults import before_training, corrupt_reply
+from rcsr_flower.federation import node_data
+from rcsr_flower.modality import Modality
+from rcsr_flower.retrieval.evaluation import evaluate_retrieval
+from rcsr_flower.retrieval.prototypes import PrototypeBank
+from rcsr_flower.retrieval.zero_shot import ZeroShotMemo
+from rcsr_flower.routing.outputs import durable_replace
+from rcsr_flower.runtime.processes import process_age
 
 log = logging.getLogger(__name__)
 # A child of Flower's logger: its console handler puts INFO lines into the SuperNode's log
 startup_log = logging.getLogger("flwr").getChild(__name__)
 _STARTUP_LOGGED = False
 
-MODALITY_CODES = {"paired": 0, "image-only": 1, "text-only": 2}
 PERSONAL_KEY = "personal-adapters"
 LOCAL_KEY = "local-adapters"  # strategy="local": this node's own shared adapters
 PREVIOUS_DELTA_KEY = "previous-update"
@@ -154,7 +153,7 @@ class ClientNode:
         return {
             "partition-id": self.partition_id,
             "num-partitions": self.num_partitions,
-            "modality": MODALITY_CODES[self.data.modality],
+            "modality": Modality(self.data.modality).code,
             "num-train": len(self.data.train),
             "num-test": len(self.data.test),
             "shard": int(self.shard),
@@ -181,7 +180,7 @@ class ClientNode:
     # -------------------------------------------------------------- personal state
     def starting_adapters(self, arrays: ArrayRecord, state: RecordDict) -> dict[str, torch.Tensor]:
         """The shared adapters a round starts from: the server's; with ``strategy =
-        "local"`` (no aggregation, ``rcsr_flower.local_only``) this node's own from
+        "local"`` (no aggregation, ``rcsr_flower.routing.local_only``) this node's own from
         ``context.state``, once it has trained (before that, the server's initial ones)."""
         if self.cfg.strategy == "local" and LOCAL_KEY in state.array_records:
             return state.array_records[LOCAL_KEY].to_torch_state_dict()
@@ -354,7 +353,7 @@ def handle_train(
         "train-loss": float(result["loss"]),
         "steps": int(result["steps"]),
         "partition-id": node.partition_id,
-        "modality": MODALITY_CODES[node.data.modality],
+        "modality": Modality(node.data.modality).code,
         # the client's own compute, for the round row's "seconds" (issue: where time goes)
         "train-seconds": round(train_seconds, 4),
         "statistics-seconds": round(statistics_seconds, 4),
@@ -371,7 +370,7 @@ def handle_evaluate(
         store.sync(state, upto=int(config["server-round"]))
     metrics: dict = {
         "num-examples": len(node.data.test),
-        "modality": MODALITY_CODES[node.data.modality],
+        "modality": Modality(node.data.modality).code,
         "partition-id": node.partition_id,
     }
     if len(node.data.test) >= 2:
@@ -417,7 +416,7 @@ def light_query(run_config, node_config, config: ConfigRecord) -> dict | None:
 # ------------------------------------------------------------------ message content
 # What each ClientApp handler replies, from the message's content and the node's Context:
 # client_app.py runs these in its own process, or hands them to the node's warm worker
-# (rcsr_flower.node_worker), which runs the same functions.
+# (rcsr_flower.client.node_worker), which runs the same functions.
 def query_reply(content: RecordDict, context: Context) -> RecordDict:
     config = content["config"]
     light = light_query(context.run_config, context.node_config, config)

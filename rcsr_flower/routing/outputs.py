@@ -4,7 +4,7 @@
 - ``partition.json``: who holds what (clients, modalities, indices);
 - ``metrics.jsonl``: one JSON object per evaluated round (``{"round": r, "global": {...}}``,
   recalls in percent), appended and flushed as the run goes, so nothing computed is lost;
-- ``checkpoint/``: the state after the last complete round (``rcsr_flower.checkpoint``);
+- ``checkpoint/``: the state after the last complete round (``rcsr_flower.routing.checkpoint``);
 - ``result.json``: ``{"status": "completed" | "failed", ...}`` written last — ``flwr run``
   exits 0 even when the ServerApp failed, so callers check this file.
 """
@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from rcsr_flower.metrics import RECALL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +105,6 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
         self.rows.append(row)
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A short table of the global metrics per evaluated round."""
-    head = f"{'round':>5} " + " ".join(f"{k:>8}" for k in RECALL_KEYS) + f" {'rsum':>7}"
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        g = row.get("global")
-        if not g:
-            continue
-        vals = " ".join(f"{g[k]:8.2f}" for k in RECALL_KEYS)
-        lines.append(f"{row['round']:>5} {vals} {g['rsum']:7.2f}")
-    if len(lines) > 2:
-        lines.append(f"(global test split, protocol: {rows[-1].get('global', {}).get('protocol')})")
-    return "\n".join(lines)
 
 
 def metrics_differences(

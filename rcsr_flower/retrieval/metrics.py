@@ -29,6 +29,7 @@ Protocols:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -250,3 +251,18 @@ def _check_inputs(
         if not bool(torch.isfinite(x.sum(dtype=torch.float64))):  # NaN/inf propagate; no overflow
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return img, txt, t2i, counts
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A short table of the global metrics per evaluated round."""
+    head = f"{'round':>5} " + " ".join(f"{k:>8}" for k in RECALL_KEYS) + f" {'rsum':>7}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        g = row.get("global")
+        if not g:
+            continue
+        vals = " ".join(f"{g[k]:8.2f}" for k in RECALL_KEYS)
+        lines.append(f"{row['round']:>5} {vals} {g['rsum']:7.2f}")
+    if len(lines) > 2:
+        lines.append(f"(global test split, protocol: {rows[-1].get('global', {}).get('protocol')})")
+    return "\n".join(lines)

@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from rcsr_flower.backbones.adapters import tower_of
-from rcsr_flower.routing.task import ClientReport, ReplyError, RoutedTask
+from rcsr_flower.routing.task import ClientReport, ParameterGroups, ReplyError, RoutedTask
 
 log = logging.getLogger(__name__)
 
-# the towers a client of each modality code trains (client.MODALITY_CODES)
-TOWERS_HELD = {
-    0: frozenset({"vision", "text"}),
-    1: frozenset({"vision"}),
-    2: frozenset({"text"}),
-}
+
+def _no_group(key: str) -> str | None:
+    return None
 
 
 def unanswered(messages: list[Message], replies: list[Message]) -> list[tuple[Message, str | None]]:
@@ -54,6 +50,7 @@ def validate_replies(
     max_update_norm: float = 0.0,
     num_clients: int | None = None,
     sent: Iterable[Message] = (),
+    groups: ParameterGroups | None = None,
 ) -> tuple[list[ClientReport], list[tuple[int, str]]]:
     """Step 1: keep well-formed replies; return ``(reports, [(node, reason), ...])``.
 
@@ -63,7 +60,8 @@ def validate_replies(
     Arrays are decoded without unpickling (Flower's ``np.load(allow_pickle=False)``) and
     checked against what they declare; ``max_update_norm > 0`` drops an update
     ``‖θ_k − θ‖₂`` above it; ``num_clients`` bounds ``partition-id``, which indexes the
-    minimax distribution, and a partition that already replied is dropped.
+    minimax distribution, and a partition that already replied is dropped. ``groups``
+    reads which parameter groups each client trained (:class:`ParameterGroups`).
     """
     expected = {k: (tuple(a.shape), a.dtype) for k, a in template.items()}
     theta = {k: a.numpy() for k, a in template.items()} if max_update_norm > 0 else {}
@@ -125,9 +123,11 @@ def validate_replies(
                 raise ReplyError(f"partition-id is {pid!r}, expected an int in [0, {limit})")
             if pid in seen:
                 raise ReplyError(f"partition-id {pid} already replied this round")
-            holds = _holdings(metrics)
+            holds = groups.held(metrics) if groups is not None else None
+            partial = holds is not None and groups is not None and holds < groups.names
             summary = task.parse_reply(content) if task is not None else None
-            reports.append(ClientReport(node, pid, n, float(loss), arrays, summary, holds))
+            report = ClientReport(node, pid, n, float(loss), arrays, summary, holds, partial)
+            reports.append(report)
             seen.add(pid)
         except ReplyError as exc:
             log.warning("dropping reply from node %d: %s", node, exc)
@@ -135,19 +135,6 @@ def validate_replies(
     # replies arrive in completion order; a fixed order makes the float sums repeatable
     reports.sort(key=lambda r: (r.client_id, r.node_id))
     return reports, dropped
-
-
-def _holdings(metrics: MetricRecord) -> frozenset[str] | None:
-    """The towers a client trained, from its optional ``modality`` metric (0 both, 1 the
-    vision tower only, 2 the text tower only); None (everything) when it sends none."""
-    if "modality" not in metrics:
-        return None
-    code = metrics["modality"]
-    if not isinstance(code, int) or code not in TOWERS_HELD:
-        raise ReplyError(
-            f"modality is {code!r}, expected 0 (both towers), 1 (vision only) or 2 (text only)"
-        )
-    return TOWERS_HELD[code]
 
 
 def last_line(reason: str, limit: int = 300) -> str:
@@ -182,12 +169,14 @@ def aggregate(
     reports: list[ClientReport],
     weights: torch.Tensor | None,
     current: ArrayRecord | None = None,
+    group_of: Callable[[str], str | None] = _no_group,
 ) -> ArrayRecord:
     """Step 5: ``θ <- Σ_k w_k θ_k / Σ_k w_k`` with Flower's own ``aggregate_arrayrecords``;
     ``weights=None`` means FedAvg's ``num-examples``.
 
-    With ``current`` (the round's global θ) it is tower-wise (§5 step 5, ours,
-    revised): each tower ``t`` averages only over the clients holding it,
+    With ``current`` (the round's global θ) it is group-wise, by ``group_of`` (tower-wise
+    in the retrieval app: §5 step 5, ours, revised): each tower ``t`` averages only over
+    the clients holding it,
     ``θ_t <- θ_t + Σ_{k∈H_t} w_k Δ_k,t / Σ_{k∈H_t} w_k``, and a tower no participant holds
     stays as it is. A unimodal client's Δ is exactly zero on its missing tower; the plain
     form (``current=None``) counts that zero with the client's full weight and slows the
@@ -213,9 +202,9 @@ def aggregate(
     if current is None:
         return weighted_mean(everyone, keys)
     merged: dict = {}
-    for tower in dict.fromkeys(tower_of(k) for k in keys):
-        tower_keys = [k for k in keys if tower_of(k) == tower]
-        holders = [i for i in everyone if tower is None or reports[i].holds_tower(tower)]
+    for tower in dict.fromkeys(group_of(k) for k in keys):
+        tower_keys = [k for k in keys if group_of(k) == tower]
+        holders = [i for i in everyone if reports[i].holds_group(tower)]
         if holders:
             merged.update(weighted_mean(holders, tower_keys).items())
         else:  # nobody trained this tower this round: it stays as it is
@@ -224,7 +213,10 @@ def aggregate(
 
 
 def update_geometry(
-    reports: list[ClientReport], current: ArrayRecord, merged: ArrayRecord
+    reports: list[ClientReport],
+    current: ArrayRecord,
+    merged: ArrayRecord,
+    group_of: Callable[[str], str | None] = _no_group,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Where each client's update points, per tower it holds: its norm, its cosine with
     the round's aggregate update (``merged − current``) and with the mean update of the
@@ -236,10 +228,10 @@ def update_geometry(
     new = merged.to_torch_state_dict()
     updates = updates_of(reports, current)
     keys = list(theta)
-    towers = list(dict.fromkeys(tower_of(k) for k in keys))
+    towers = list(dict.fromkeys(group_of(k) for k in keys))
 
     def flat(delta: dict[str, torch.Tensor], tower: str | None) -> torch.Tensor:
-        parts = [delta[k].double().flatten() for k in keys if tower_of(k) == tower]
+        parts = [delta[k].double().flatten() for k in keys if group_of(k) == tower]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -251,7 +243,7 @@ def update_geometry(
     for i, report in enumerate(reports):
         entry: dict[str, dict[str, float]] = {}
         for tower in towers:
-            if tower is not None and not report.holds_tower(tower):
+            if not report.holds_group(tower):
                 continue
             mine = flat(updates[i], tower)
             stats = {"norm": float(mine.norm())}

@@ -40,7 +40,7 @@ def clip_tokenizer(vocab_size: int = 49408, max_length: int = 77):
     (also the pad token), like ``openai/clip-vit-*``; ids between the learned BPE and
     those two are unused.
     """
-    from rcsr_flower.backbones.tiny_clip import SPECIAL_TOKENS, bpe_clip_tokenizer, learn_bpe
+    from rcsr_flower.embedded.tiny_clip import SPECIAL_TOKENS, bpe_clip_tokenizer, learn_bpe
 
     learned, merges = learn_bpe(list(WORDS) * 2, vocab_size=100_000)
     symbols = ["<|unk|>", *(t for t in learned if t not in SPECIAL_TOKENS)]

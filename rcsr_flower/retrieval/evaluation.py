@@ -19,8 +19,8 @@ from rcsr_flower.backbones.adapters import AdapterSet
 from rcsr_flower.backbones.clip import Backbone, gather, preprocess_images
 from rcsr_flower.backbones.prefix import block_output
 from rcsr_flower.data.datasets import ImageCaptionDataset
-from rcsr_flower.metrics import retrieval_recall
-from rcsr_flower.zero_shot import ZeroShotMemo, is_identity
+from rcsr_flower.retrieval.metrics import retrieval_recall
+from rcsr_flower.retrieval.zero_shot import ZeroShotMemo, is_identity
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def evaluate_retrieval(
     """Retrieval recall (§6) of the backbone + adapters on a paired split.
 
     ``memo``: while the adapters add nothing (round 0), the frozen backbone's metrics on
-    this very split come from there when computed before (:mod:`rcsr_flower.zero_shot`).
+    this very split come from there when computed before (:mod:`rcsr_flower.retrieval.zero_shot`).
     ``prefix_bytes``: keep the split's frozen prefix within that budget (:func:`embed_split`);
     0 for a backbone that changes between calls.
     """
