@@ -35,11 +35,20 @@ RESUME_MAY_CHANGE = frozenset(
     }
 )
 
+
 # Keys added after runs were recorded, with the value that reproduces what those runs did
 # (their config.json lacks the key). A new key whose default changes behaviour belongs
 # here, or a suite would take an old run for one with the new default.
-BEFORE_KEY_EXISTED = {
+# A callable takes the old run's config and returns that value, or None where the key
+# changes nothing for such a run.
+def _personal_unimodal_before(ran: dict) -> bool | None:
+    """Every client kept personal adapters; that mattered only where RCSR kept them."""
+    return True if ran.get("strategy") == "rcsr" and ran.get("personal-adapters") else None
+
+
+BEFORE_KEY_EXISTED: dict[str, Any] = {
     "local-test-items": "0",  # the held-out tenth alone
+    "personal-unimodal": _personal_unimodal_before,
 }
 
 
@@ -135,6 +144,10 @@ class RunConfig:
     minimax: bool = True
     anchoring: bool = True
     personal_adapters: bool = False
+    # unimodal clients keep personal adapters too (RCSR only): they have no pairs to
+    # personalise the alignment with, only anchoring, and measured it lowers their own
+    # retrieval (docs/algorithm.md, "Personal adapters and unimodal clients")
+    personal_unimodal: bool = False
     prox: bool = True
     tower_aggregation: bool = True  # §5 step 5 (ours, revised); every strategy
     aggregate_unimodal: bool = True  # false: only paired clients' updates are averaged

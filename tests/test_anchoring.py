@@ -83,7 +83,14 @@ def test_soft_personal_adapters_keep_an_image_only_client_apart_where_ce_collaps
     as spread as the frozen backbone left them."""
     spread = {}
     for kind in ("ce", "soft"):
-        node = node_for(backbone, splits, "image-only", personal_adapters=True, local_steps=12)
+        node = node_for(
+            backbone,
+            splits,
+            "image-only",
+            personal_adapters=True,
+            personal_unimodal=True,
+            local_steps=12,
+        )
         theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
         state = RecordDict()
         for r in range(1, 5):

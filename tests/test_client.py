@@ -338,3 +338,37 @@ def test_personalised_evaluation_uses_the_personal_adapters(backbone, splits):
     assert [alone[k] for k in scores] != [with_personal[k] for k in scores]
     shared_only = node_for(backbone, splits, "paired")  # no personal adapters configured
     assert handle_evaluate(shared_only, ArrayRecord(theta), state)["rsum"] == alone["rsum"]
+
+
+def test_unimodal_clients_keep_no_personal_adapters_unless_personal_unimodal(
+    backbone, splits, bank
+):
+    """With no pairs, a unimodal client's personal adapters could learn only anchoring:
+    under RCSR it trains and is scored with the shared adapters alone (nothing personal
+    in its state) unless ``personal-unimodal``; paired clients and FedPer keep theirs."""
+
+    def trained_state(modality, **cfg):
+        node = node_for(backbone, splits, modality, personal_adapters=True, **cfg)
+        theta = {k: v.detach().cpu() for k, v in node.adapters().state_dict().items()}
+        state = RecordDict()
+        handle_train(
+            node, ArrayRecord(theta), round_config(), ArrayRecord(bank.to_tensors()), state
+        )
+        return node, theta, state
+
+    for modality in ("image-only", "text-only"):
+        node, theta, state = trained_state(modality)
+        assert not node.keeps_personal_adapters and node.personal(state) is None
+        assert PERSONAL_KEY not in state.array_records
+        # its personalised score is the shared adapters' score
+        shared_only = node_for(backbone, splits, modality)
+        assert (
+            handle_evaluate(node, ArrayRecord(theta), state)["rsum"]
+            == handle_evaluate(shared_only, ArrayRecord(theta), RecordDict())["rsum"]
+        )
+        node, _, state = trained_state(modality, personal_unimodal=True)
+        assert node.keeps_personal_adapters and PERSONAL_KEY in state.array_records
+    node, _, state = trained_state("paired")
+    assert node.keeps_personal_adapters and PERSONAL_KEY in state.array_records
+    fedper = node_for(backbone, splits, "image-only", strategy="fedper")
+    assert fedper.keeps_personal_adapters

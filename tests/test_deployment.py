@@ -296,7 +296,12 @@ def test_a_lost_node_rejoins_and_a_node_that_never_returns_ends_the_run(tmp_path
         num_partitions=NUM_PARTITIONS,
         run_config=small_run(
             embedded_assets,
-            **{"round-timeout": 900.0, "fraction-train": 1.0, "personal-adapters": True},
+            **{
+                "round-timeout": 900.0,
+                "fraction-train": 1.0,
+                "personal-adapters": True,
+                "personal-unimodal": True,  # every node has personal state to reload
+            },
         ),
         timeout=2400,
     )

@@ -205,6 +205,7 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-anchoring",
         "rcsr-no-tower",
         "rcsr-personal",
+        "rcsr-personal-unimodal",
         "rcsr-ce",
         "rcsr-ce-personal",
     }
@@ -424,6 +425,15 @@ def test_a_cut_short_cell_continues_from_its_checkpoint_and_a_changed_one_runs_a
         "local-test-items"
     ]
     assert config_changes({"a": 1}, {"a": 1, "local-test-items": "0"}, set()) == []
+    # a key that mattered only for some runs: RCSR with personal adapters kept them on
+    # unimodal clients too; without personal adapters the key changes nothing
+    rcsr_personal = {"strategy": "rcsr", "personal-adapters": True}
+    assert config_changes(rcsr_personal, {**rcsr_personal, "personal-unimodal": False}, set()) == [
+        "personal-unimodal"
+    ]
+    assert config_changes(rcsr_personal, {**rcsr_personal, "personal-unimodal": True}, set()) == []
+    plain = {"strategy": "rcsr", "personal-adapters": False}
+    assert config_changes(plain, {**plain, "personal-unimodal": False}, set()) == []
 
 
 def test_cells_completed_in_the_committed_archive_are_not_run_again(tmp_path, fake, capsys):

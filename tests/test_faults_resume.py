@@ -91,6 +91,7 @@ def runs(tmp_path_factory, embedded_assets):
         "fraction-train": 1.0,
         "min-train-nodes": 2,
         "personal-adapters": True,
+        "personal-unimodal": True,  # every node has personal state to resume
         "max-update-norm": 1000.0,
     }
 

@@ -144,7 +144,7 @@ def same(fa: dict, fb: dict) -> None:
 
 
 def test_the_worker_replies_what_the_clientapp_computes_itself(home, embedded_assets, caplog):
-    run = run_config(**{"personal-adapters": True})
+    run = run_config(**{"personal-adapters": True, "personal-unimodal": True})
     caplog.set_level("INFO")
     itself = run_node(0, run)
     through_worker = run_node(600, run)

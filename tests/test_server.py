@@ -130,15 +130,16 @@ def test_personal_adapters_on_unimodal_clients_with_anchoring_are_warned_about()
         {"partition-id": i, "modality": Modality(m).code}
         for i, m in enumerate(["paired", "image-only", "paired", "text-only"])
     ]
-    cfg = RunConfig(personal_adapters=True)
+    cfg = RunConfig(personal_adapters=True, personal_unimodal=True)
     warning = server.personal_collapse_warning(cfg, nodes)
     assert warning is not None and "partitions [1, 3]" in warning
-    assert "personal-adapters=false" in warning
+    assert "personal-unimodal=false" in warning
     paired = [dict(n, modality=Modality.PAIRED.code) for n in nodes]
     for quiet_cfg, quiet_nodes in [
         (cfg, paired),
         (cfg.replace(anchoring=False), nodes),
         (RunConfig(personal_adapters=False), nodes),
+        (RunConfig(personal_adapters=True), nodes),  # unimodal clients keep none
         (RunConfig(strategy="fedper"), nodes),  # personal adapters, no anchoring
     ]:
         assert server.personal_collapse_warning(quiet_cfg, quiet_nodes) is None

@@ -186,9 +186,21 @@ class ClientNode:
             return state.array_records[LOCAL_KEY].to_torch_state_dict()
         return arrays.to_torch_state_dict()
 
+    @property
+    def keeps_personal_adapters(self) -> bool:
+        """Whether this node has personal adapters: on with ``personal-adapters`` (or
+        FedPer), except on an RCSR client missing a modality unless ``personal-unimodal``:
+        with no pairs, its personal adapters could only learn prototype anchoring."""
+        cfg = self.cfg
+        if not cfg.uses_personal_adapters:
+            return False
+        unimodal = Modality(self.data.modality) is not Modality.PAIRED
+        return not (cfg.routed and unimodal and not cfg.personal_unimodal)
+
     def personal(self, state: RecordDict) -> AdapterSet | None:
-        """This node's personal adapters (created on first use), or None when off."""
-        if not self.cfg.uses_personal_adapters:
+        """This node's personal adapters (created on first use), or None when it has none
+        (``keeps_personal_adapters``): then it trains and scores the shared ones alone."""
+        if not self.keeps_personal_adapters:
             return None
         if PERSONAL_KEY in state.array_records:
             return self.adapters(state.array_records[PERSONAL_KEY].to_torch_state_dict())

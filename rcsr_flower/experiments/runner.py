@@ -59,14 +59,20 @@ def config_changes(ran: dict, wanted: dict, set_by_cell: set[str]) -> list[str]:
     changed the behaviour (``BEFORE_KEY_EXISTED``: what the run did without it); otherwise
     the run used the behaviour its default now names."""
     absent = "<absent>"
+
+    def value(k: str) -> object:
+        if k in ran:
+            return ran[k]
+        if k in set_by_cell:
+            return absent
+        before = BEFORE_KEY_EXISTED.get(k, absent)
+        if callable(before):  # None: the key changes nothing for such a run
+            before = before(ran)
+            return wanted[k] if before is None else before
+        return before
+
     keys = (set(ran) & set(wanted)) | (set(wanted) & (set_by_cell | set(BEFORE_KEY_EXISTED)))
-    return sorted(
-        k
-        for k in keys
-        if k not in RESUME_MAY_CHANGE
-        and ran.get(k, absent if k in set_by_cell else BEFORE_KEY_EXISTED.get(k, absent))
-        != wanted[k]
-    )
+    return sorted(k for k in keys if k not in RESUME_MAY_CHANGE and value(k) != wanted[k])
 
 
 def inspect_cell(

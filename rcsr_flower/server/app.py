@@ -298,11 +298,13 @@ def _describe(msg: Message) -> str:
 def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
     """A warning when personal adapters will learn from anchoring alone on some client.
 
-    A unimodal client's only loss is prototype anchoring, whose optimum sends every sample
-    to one point; its personal adapters are never averaged, so they get there and that
-    client's personalised retrieval falls (docs/algorithm.md, "Measured", 6). Allowed, as
-    the ablation it is, but nobody should find it out from the numbers."""
-    if not (cfg.uses_personal_adapters and cfg.uses_anchoring):
+    A unimodal client's only loss is prototype anchoring, which carries no cross-modal
+    signal of the client's own; its personal adapters are never averaged, so they follow
+    it wherever it leads (with ``ce``, every sample of a slot to one point), and that
+    client's personalised retrieval falls (docs/algorithm.md, "Personal adapters and
+    unimodal clients"). Allowed, as the ablation it is, but nobody should find it out
+    from the numbers."""
+    if not (cfg.uses_personal_adapters and cfg.uses_anchoring and cfg.personal_unimodal):
         return None
     unimodal = sorted(
         int(n["partition-id"])
@@ -312,11 +314,11 @@ def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
     if not unimodal:
         return None
     return (
-        f"personal-adapters = true with anchoring on and {len(unimodal)} unimodal client(s) "
+        f"personal-unimodal = true with anchoring on and {len(unimodal)} unimodal client(s) "
         f"(partitions {unimodal}): their personal adapters learn from prototype anchoring "
-        "alone and collapse their embeddings, so their personalised retrieval falls "
-        "(docs/algorithm.md, Measured 6); set personal-adapters=false unless that is what "
-        "you are measuring"
+        'alone, which lowers their personalised retrieval (docs/algorithm.md, "Personal '
+        'adapters and unimodal clients"); set personal-unimodal=false (the default) unless '
+        "that is what you are measuring"
     )
 
 
