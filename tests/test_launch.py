@@ -121,7 +121,7 @@ def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
     result["machine"] = "8-core test CPU, 1× test GPU"
     (tmp_path / "r" / "result.json").write_text(json.dumps(result))
     code = (
-        "import sys; from pathlib import Path; from rcsr_flower import provenance; "
+        "import sys; from pathlib import Path; from rcsr_flower.routing import provenance; "
         f"print(provenance.record(Path({str(tmp_path / 'r')!r}), Path({str(ROOT)!r}))); "
         "print('torch' in sys.modules)"
     )

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ASSETS_VERSION = "v3"  # v3: converged backbone, context 40, target words in the BPE
 _DONE = "rcsr_pretrain.json"
 
-SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "embedded" / "tiny-clip"
+SHIPPED_BACKBONE = Path(__file__).resolve().parents[2] / "embedded" / "tiny-clip"
 """The backbone built by ``python -m rcsr_flower.embedded.assets pretrain``, shipped in the
 repository."""
 # sha256 of SHIPPED_BACKBONE/model.safetensors
