@@ -5,7 +5,8 @@ InfoNCE + prototype alignment + L_prox, AdamW on bottleneck-64 adapters in every
 on a ``CLIPModel`` built from ``CLIPConfig()`` defaults (ViT-B/32) with random weights,
 so no download is needed: random weights cost the same FLOPs as OpenAI's. The frozen
 backbone runs under bf16 autocast on CUDA (what clients do) or in fp32; the script prints
-samples/s, seconds per step and peak GPU memory of both, and their ratios.
+samples/s, seconds per step and peak GPU memory of both, and their ratios, and ends with
+them as one JSON line (``bf16`` and ``fp32`` rows, ``speed_ratio``, ``memory_ratio``).
 
     .venv/bin/python benchmarks/gpu_check.py                     # CUDA: batch 128, 20 steps
     .venv/bin/python benchmarks/gpu_check.py --device cpu --steps 1 --batch-size 4
@@ -161,6 +162,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "name": where, "rows": rows}, f, indent=2)
+    memory = bf16["peak_gib"] / fp32["peak_gib"] if bf16["peak_gib"] is not None else None
+    figures = {
+        "device": str(device),
+        "name": where,
+        **{r["mode"]: {k: v for k, v in r.items() if k != "mode"} for r in rows},
+        "speed_ratio": bf16["samples_per_s"] / fp32["samples_per_s"],
+        "memory_ratio": memory,
+    }
+    print(json.dumps(figures))
     return rows
 
 

@@ -23,3 +23,5 @@ def test_gpu_check_smoke_on_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "samples/s" in printed and "bf16/fp32: speed x" in printed
     assert json.loads(out_json.read_text())["rows"][1]["mode"] == "fp32"
+    last = json.loads(printed.strip().splitlines()[-1])  # what `python -m benchmarks record` keeps
+    assert last["fp32"]["steps"] == 2 and last["speed_ratio"] > 0 and last["memory_ratio"] is None
