@@ -16,9 +16,10 @@ from pathlib import Path
 FILE = "provenance.json"
 
 
-def commit(repo: Path) -> str:
-    """``git`` short hash of ``repo``'s HEAD, ``+dirty`` when tracked files differ from it;
-    ``unknown`` outside a git checkout."""
+def commit(repo: Path, ignore: tuple[str, ...] = ()) -> str:
+    """``git`` short hash of ``repo``'s HEAD, ``+dirty`` when tracked files differ from it
+    (changes under the ``ignore`` paths, relative to ``repo``, aside: a recorder's own
+    outputs); ``unknown`` outside a git checkout."""
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -29,7 +30,8 @@ def commit(repo: Path) -> str:
         head = git("rev-parse", "--short=10", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
+        spec = [f":(top,exclude){path}" for path in ignore]
+        dirty = git("diff", "--quiet", "HEAD", "--", *spec).returncode != 0
     except OSError:
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty else "")
