@@ -64,6 +64,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 # for its next message (client/node_worker.py; 0 = no worker)
 WORKER_IDLE_KEY = "worker-idle-s"
 
+# string keys that may not be empty: there is no default to fall back on
+_NON_EMPTY = ("model-name", "dataset", "output-dir", "partition-by")
+
 EMBEDDED = "embedded"
 """``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""
 EMBEDDED_CONTENT = "color"
@@ -209,23 +212,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check every choice and range; raise ``ConfigError`` naming the key."""
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            key = f.name.replace("_", "-")
-            if "choices" in f.metadata and value not in f.metadata["choices"]:
-                allowed = ", ".join(repr(c) for c in f.metadata["choices"])
-                raise ConfigError(f"run-config '{key}' = {value!r}: allowed values are {allowed}")
-            if "range" in f.metadata:
-                lo, hi, lo_open = f.metadata["range"]
-                bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-                bad_hi = hi is not None and value > hi
-                if bad_lo or bad_hi:
-                    left = "(" if lo_open else "["
-                    lo_s = "-inf" if lo is None else f"{lo:g}"
-                    hi_s = "inf)" if hi is None else f"{hi:g}]"
-                    raise ConfigError(
-                        f"run-config '{key}' = {value!r} is out of range: "
-                        f"allowed {left}{lo_s}, {hi_s}"
-                    )
+            _check_field("run-config", f.name.replace("_", "-"), getattr(self, f.name), f.metadata)
         if self.adapter_layers != "all" and not (
             self.adapter_layers.isdigit() and int(self.adapter_layers) > 0
         ):
@@ -238,7 +225,7 @@ class RunConfig:
                 f"run-config 'local-test-items' = {self.local_test_items!r}: allowed values "
                 "are 'auto' or a number of items >= 0, e.g. 50"
             )
-        for key in ("model-name", "dataset", "output-dir", "partition-by"):
+        for key in _NON_EMPTY:
             if not getattr(self, key.replace("-", "_")).strip():
                 raise ConfigError(f"run-config '{key}' is empty: allowed is any non-empty string")
         if self.router_hidden % self.router_heads:
@@ -341,6 +328,25 @@ class RunConfig:
         progress = min(max(server_round - warmup - 1, 0) / max(span - 1, 1), 1.0)
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _check_field(source: str, key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """A value against its field's choices and range; ``ConfigError`` naming the key. A
+    ranged NaN is out of range (it compares false with every bound)."""
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{source} '{key}' = {value!r}: allowed values are {allowed}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        bad_lo = lo is not None and not (value > lo if lo_open else value >= lo)
+        bad_hi = hi is not None and not value <= hi
+        if bad_lo or bad_hi:
+            left = "(" if lo_open else "["
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf)" if hi is None else f"{hi:g}]"
+            raise ConfigError(
+                f"{source} '{key}' = {value!r} is out of range: allowed {left}{lo_s}, {hi_s}"
+            )
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:

@@ -86,6 +86,8 @@ def test_every_spec_hyperparameter_is_configurable():
         ({"max-update-norm": -1.0}, "'max-update-norm' = -1.0 is out of range: allowed [0, inf)"),
         ({"min-train-nodes": 0}, "'min-train-nodes' = 0 is out of range: allowed [1, inf)"),
         ({"fraction-train": 0.0}, "'fraction-train' = 0.0 is out of range: allowed (0, 1]"),
+        ({"lr": float("nan")}, "'lr' = nan is out of range: allowed (0, inf)"),
+        ({"missing-rate": float("nan")}, "'missing-rate' = nan is out of range: allowed [0, 1]"),
         ({"router-heads": 3}, "'router-heads' = 3 does not divide 'router-hidden' = 128"),
         ({"model-name": " "}, "'model-name' is empty"),
         ({"resume-from": 3}, "'resume-from' = 3 has type int; expected str"),
