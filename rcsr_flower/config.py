@@ -17,6 +17,7 @@ from typing import Any
 
 from rcsr_flower.faults import GRAMMAR as FAULT_GRAMMAR
 from rcsr_flower.faults import FaultPlan
+from rcsr_flower.modality import MODALITIES
 from rcsr_flower.routing.errors import ConfigError
 
 # Keys a resumed run may set differently from the checkpointed run: where things live,
@@ -331,11 +332,13 @@ class RunConfig:
 
 
 def _check_field(source: str, key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    """A value against its field's choices and range; ``ConfigError`` naming the key. A
-    ranged NaN is out of range (it compares false with every bound)."""
+    """A value against its field's choices and range; ``ConfigError`` naming the key, and
+    the field's ``fix`` where it has one. A ranged NaN is out of range (it compares false
+    with every bound)."""
+    fix = f"; {meta['fix']}" if "fix" in meta else ""
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(f"{source} '{key}' = {value!r}: allowed values are {allowed}")
+        raise ConfigError(f"{source} '{key}' = {value!r}: allowed values are {allowed}{fix}")
     if "range" in meta:
         lo, hi, lo_open = meta["range"]
         bad_lo = lo is not None and not (value > lo if lo_open else value >= lo)
@@ -345,8 +348,157 @@ def _check_field(source: str, key: str, value: Any, meta: Mapping[str, Any]) -> 
             lo_s = "-inf" if lo is None else f"{lo:g}"
             hi_s = "inf)" if hi is None else f"{hi:g}]"
             raise ConfigError(
-                f"{source} '{key}' = {value!r} is out of range: allowed {left}{lo_s}, {hi_s}"
+                f"{source} '{key}' = {value!r} is out of range: allowed {left}{lo_s}, {hi_s}{fix}"
             )
+
+
+_PARTITION_FIX = (
+    'start each SuperNode with --node-config "partition-id=<i> num-partitions=<N>" '
+    "(integers, 0 <= i < N)"
+)
+_IDLE_FIX = (
+    "set it to how long the node's worker waits for a message before it exits "
+    f'(e.g. --node-config "... {WORKER_IDLE_KEY}=600"), or 0 for no worker'
+)
+
+
+def _location(name: str) -> Any:
+    """A node_config field that replaces run-config field ``name`` on the node: unset
+    (None) keeps the run config's value; a set one obeys the run config's choices."""
+    meta = RunConfig.__dataclass_fields__[name].metadata
+    return field(default=None, metadata={**meta, "location": True})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One SuperNode's ``node_config``: who it is in the federation, where its data is,
+    whether it keeps a warm worker. Field ``foo_bar`` is key ``foo-bar``.
+
+    In simulation Flower sets ``partition-id`` and ``num-partitions`` and nothing else; a
+    deployed SuperNode gets what its ``--node-config`` says. ``from_flower`` is the only
+    reader of that mapping, so a typo'd key or a wrong value stops the node's first message
+    with one line naming the key, the value and the fix, as ``RunConfig`` does for the run.
+    """
+
+    partition_id: int = field(metadata={**_range(0), "fix": _PARTITION_FIX})
+    num_partitions: int = field(metadata={**_range(1), "fix": _PARTITION_FIX})
+    # true: the node's dataset is its own shard, not a copy of the whole (federation.py)
+    shard: bool = field(
+        default=False, metadata={"fix": "shard=true (own shard) or shard=false (a copy)"}
+    )
+    # shard only: the modality this node holds; None: what missing-rate and seed give it
+    modality: str | None = field(default=None, metadata=_choice(*MODALITIES))
+    worker_idle_s: float = field(default=0.0, metadata={**_range(0.0), "fix": _IDLE_FIX})
+    # where this node's data and checkpoint are: they replace the run config's values,
+    # which describe the server's machine
+    dataset: str | None = _location("dataset")
+    data_dir: str | None = _location("data_dir")
+    dataset_format: str | None = _location("dataset_format")
+    image_column: str | None = _location("image_column")
+    caption_column: str | None = _location("caption_column")
+    split_column: str | None = _location("split_column")
+    model_name: str | None = _location("model_name")
+    cache_dir: str | None = _location("cache_dir")
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        """Build from Flower's kebab-case ``node_config``; unknown keys are an error."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in node_config.items():
+            if key not in fields:
+                raise ConfigError(_unknown_node_key(key, list(fields)))
+            values[fields[key].name] = _node_value(key, value, fields[key])
+        for key in ("partition-id", "num-partitions"):
+            if fields[key].name not in values:
+                raise ConfigError(f"node_config has no '{key}': {_PARTITION_FIX}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check every choice and range, and how the keys go together."""
+        for f in dataclasses.fields(self):
+            key, value = f.name.replace("_", "-"), getattr(self, f.name)
+            if value is None:
+                continue
+            _check_field("node_config", key, value, f.metadata)
+            if key in _NON_EMPTY and not value.strip():
+                raise ConfigError(
+                    f"node_config '{key}' is empty: allowed is any non-empty string, "
+                    f"or leave {key} out for the run config's"
+                )
+        if self.partition_id >= self.num_partitions:
+            raise ConfigError(
+                f"node_config 'partition-id' = {self.partition_id} is out of range: allowed "
+                f"[0, {self.num_partitions}) (num-partitions = {self.num_partitions}); "
+                "set partition-id and num-partitions consistently for every SuperNode"
+            )
+        if self.modality is not None and not self.shard:
+            raise ConfigError(
+                f"node_config 'modality' = {self.modality!r} is allowed only with shard=true "
+                "(a copy holds the modality missing-rate and seed give it): add shard=true "
+                "or leave modality out"
+            )
+        if self.shard and self.dataset is None:
+            raise ConfigError(
+                "node_config shard=true needs the node's own dataset: add dataset='/path/...'"
+            )
+
+    @property
+    def locations(self) -> dict[str, str]:
+        """The run-config fields this node replaces, by field name. A node that names its
+        own ``dataset`` without a ``data-dir`` gets ``data_dir = ""`` (images next to its
+        JSON), not the server's image root."""
+        changes = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("location") and getattr(self, f.name) is not None
+        }
+        if self.dataset is not None and self.data_dir is None:
+            changes["data_dir"] = ""
+        return changes
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """The run config as this node sees it: its locations in place of the server's
+        (``cfg`` itself when it sets none, as in simulation)."""
+        changes = self.locations
+        return cfg.replace(**changes) if changes else cfg
+
+
+def _unknown_node_key(key: str, known: list[str]) -> str:
+    """The error for a key NodeConfig lacks: the close ones, or where a run-config key goes."""
+    run_keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    if key in run_keys:
+        nodes = ", ".join(k for k in known if k in run_keys)
+        hint = (
+            f": '{key}' is a run-config key, the same for every node "
+            f'(flwr run -c "{key}=..."); of those a node may replace only {nodes}'
+        )
+    else:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f"; allowed: {', '.join(known)}"
+    return f"unknown node_config key '{key}'{hint}; see docs/configuration.md, \"Per node\""
+
+
+def _node_value(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """TOML's value for a NodeConfig field, or a ``ConfigError`` that says how to write it."""
+    kind = {"int": int, "float": float, "bool": bool, "str | None": str}[f.type]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and isinstance(value, int):
+        return value
+    if kind is float and number:
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is str:
+        fix = f"quote it, --node-config \"... {key}='{value}'\""
+    else:
+        fix = f.metadata.get("fix", "")
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    raise ConfigError(f"node_config '{key}' = {value!r} must be {words[kind]}: {fix}")
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:

@@ -6,8 +6,8 @@ caption embeddings -> k-means -> Dirichlet -> missing modalities) and caches it 
 under the cache directory, keyed by everything that determines it; the others read it.
 
 Where a node's data lives (deployment, docs/reproducing.md): a SuperNode's ``node_config``
-may name its own ``dataset``, ``data-dir``, ... (:func:`node_data`), overriding the run
-config's, which describe the server's machine. Two ways to use that:
+may name its own ``dataset``, ``data-dir``, ... (``config.NodeConfig``, :func:`node_data`),
+overriding the run config's, which describe the server's machine. Two ways to use that:
 
 * **copy** (default): the node holds a copy of the whole dataset at its own path and
   computes the same partition as everyone else from ``partition-id``/``num-partitions``
@@ -26,14 +26,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rcsr_flower.config import EMBEDDED, ConfigError, RunConfig
+from rcsr_flower.config import EMBEDDED, ConfigError, NodeConfig, RunConfig
 from rcsr_flower.data.datasets import ImageCaptionDataset, open_dataset
 from rcsr_flower.data.partition import (
     KMEANS,
@@ -49,7 +48,7 @@ from rcsr_flower.embedded.assets import (
     file_lock,
     load_model,
 )
-from rcsr_flower.modality import MODALITIES, Modality
+from rcsr_flower.modality import Modality
 
 if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's check of a
     # cached partition needs neither (1.4 s of its 2.6 s, before anything else starts)
@@ -86,19 +85,6 @@ def open_split(cfg: RunConfig, split: str, *, capped: bool = True) -> ImageCapti
     return dataset
 
 
-# node_config keys that say where this node's data and checkpoint are (strings)
-NODE_LOCATION_KEYS = (
-    "dataset",
-    "data-dir",
-    "dataset-format",
-    "image-column",
-    "caption-column",
-    "split-column",
-    "model-name",
-    "cache-dir",
-)
-
-
 @dataclass(frozen=True)
 class NodeData:
     """Where one node reads its data: the run config with node_config's locations applied,
@@ -109,44 +95,11 @@ class NodeData:
     modality: str | None = None  # shard only: forced modality
 
 
-def node_data(cfg: RunConfig, node_config: Mapping) -> NodeData:
-    """Apply a SuperNode's ``node_config`` data settings to the run config.
-
-    In simulation node_config holds only ``partition-id``/``num-partitions`` and this is
-    the identity. A node that names its own ``dataset`` without a ``data-dir`` gets
-    ``data-dir = ""`` (images next to its JSON), not the server's image root.
-    """
-    changes: dict[str, str] = {}
-    for key in NODE_LOCATION_KEYS:
-        if key not in node_config:
-            continue
-        value = node_config[key]
-        if not isinstance(value, str):
-            raise ConfigError(
-                f"node_config '{key}' = {value!r} must be a string: quote it, "
-                f"--node-config \"... {key}='{value}'\""
-            )
-        changes[key.replace("-", "_")] = value
-    if "dataset" in node_config and "data-dir" not in node_config:
-        changes["data_dir"] = ""
-    shard = node_config.get("shard", False)
-    if not isinstance(shard, bool):
-        raise ConfigError(f"node_config 'shard' = {shard!r} must be true or false")
-    modality = node_config.get("modality")
-    if modality is not None and (not shard or modality not in MODALITIES):
-        raise ConfigError(
-            f"node_config 'modality' = {modality!r}: allowed only with shard=true, "
-            f"one of {', '.join(repr(m) for m in MODALITIES)}"
-        )
-    if shard and "dataset" not in node_config:
-        raise ConfigError(
-            "node_config shard=true needs the node's own dataset: add dataset='/path/...'"
-        )
-    try:
-        node_cfg = cfg.replace(**changes) if changes else cfg
-    except ConfigError as exc:
-        raise ConfigError(f"node_config: {exc}") from None
-    return NodeData(node_cfg, shard, modality)
+def node_data(cfg: RunConfig, node: NodeConfig) -> NodeData:
+    """Apply a SuperNode's node config (``NodeConfig.from_flower``, which validated it) to
+    the run config: the identity in simulation, where it holds only ``partition-id`` and
+    ``num-partitions``."""
+    return NodeData(node.apply(cfg), node.shard, node.modality)
 
 
 def global_test_set(cfg: RunConfig) -> ImageCaptionDataset:

@@ -1,26 +1,30 @@
 """Deployment: a SuperNode's node_config says where its data is (copy or own shard).
 
-Every test goes through ``rcsr_flower.client.handlers.setup(run_config, node_config)``, what the
-ClientApp calls with ``context.run_config`` and ``context.node_config``, and node_config
-strings are parsed by Flower's own ``--node-config`` parser.
+The tests go through ``rcsr_flower.client.handlers.setup(run_config, node_config)``, what the
+ClientApp calls with ``context.run_config`` and ``context.node_config``, or through
+``NodeConfig.from_flower``, its one reader of node_config; node_config strings are parsed
+by Flower's own ``--node-config`` parser.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import PIL.Image
 import pytest
 import torch
+from flwr.app import ConfigRecord
 from flwr.common.config import parse_config_args
 
-from rcsr_flower.client.handlers import setup
-from rcsr_flower.config import ConfigError, RunConfig
+from rcsr_flower.client.handlers import light_query, setup
+from rcsr_flower.config import WORKER_IDLE_KEY, ConfigError, NodeConfig, RunConfig
 from rcsr_flower.data.datasets import KarpathyDataset, open_dataset
 from rcsr_flower.data.partition import assign_modalities, shard_partition
 from rcsr_flower.federation import (
+    NodeData,
     load_partition,
     node_data,
     partition_mismatches,
@@ -162,25 +166,120 @@ def test_a_client_decodes_only_the_images_it_uses(
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("dataset=5", "node_config 'dataset' = 5 must be a string"),
-        ("dataset='/d.json' modality='text-only'", "allowed only with shard=true"),
-        ("shard=true", "shard=true needs the node's own dataset"),
-        ("dataset='/d.json' shard='yes'", "'shard' = 'yes' must be true or false"),
-        ("dataset-format='coco'", "node_config: run-config 'dataset-format'"),
+        (
+            "dataset=5",
+            "node_config 'dataset' = 5 must be a string: quote it, "
+            "--node-config \"... dataset='5'\"",
+        ),
+        (
+            "dataset='/d.json' modality='text-only'",
+            "'modality' = 'text-only' is allowed only with shard=true",
+        ),
+        ("dataset='/d.json' shard=true modality='audio'", "allowed values are 'paired', "),
+        ("shard=true", "shard=true needs the node's own dataset: add dataset="),
+        ("dataset='/d.json' shard='yes'", "'shard' = 'yes' must be true or false: shard=true"),
+        (
+            "dataset-format='coco'",
+            "node_config 'dataset-format' = 'coco': allowed values are 'auto', 'karpathy'",
+        ),
+        ("model-name=' '", "node_config 'model-name' is empty"),
+        ("datset='/d.json'", "unknown node_config key 'datset' (did you mean dataset,"),
+        ("partition_id=0", "unknown node_config key 'partition_id' (did you mean partition-id"),
+        ("lr=0.1", "'lr' is a run-config key, the same for every node (flwr run -c"),
+        ("worker-idle-s=-5", "'worker-idle-s' = -5.0 is out of range: allowed [0, inf); set it"),
+        ("worker-idle-s='600'", "'worker-idle-s' = '600' must be a number: set it to how long"),
     ],
 )
 def test_bad_node_config_fails_with_one_line(line, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        node_data(RunConfig(), node_config(f"partition-id=0 num-partitions=2 {line}"))
+    """Each error names the key, the value and the fix, before anything is loaded."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
+        setup(RunConfig().to_flower(), node_config(f"partition-id=0 num-partitions=2 {line}"))
+    assert "\n" not in str(exc.value)
 
 
-def test_simulation_node_config_changes_nothing():
-    cfg = RunConfig(dataset="/data/dataset_coco.json", data_dir="/data/coco")
-    source = node_data(cfg, {"partition-id": 3, "num-partitions": 10})
-    assert source.cfg is cfg and not source.shard
-    # a node naming its own JSON gets images next to it, not the server's image root
-    own = node_data(cfg, {"dataset": "/site/dataset_coco.json"})
-    assert own.cfg.data_dir == "" and own.cfg.dataset == "/site/dataset_coco.json"
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("num-partitions=4", "node_config has no 'partition-id': start each SuperNode with"),
+        ("partition-id=0", "node_config has no 'num-partitions'"),
+        ("partition-id='0' num-partitions=4", "'partition-id' = '0' must be an integer"),
+        ("partition-id=true num-partitions=4", "'partition-id' = True must be an integer"),
+        ("partition-id=1.0 num-partitions=4", "'partition-id' = 1.0 must be an integer"),
+        ("partition-id=-1 num-partitions=4", "'partition-id' = -1 is out of range: allowed [0,"),
+        ("partition-id=0 num-partitions=0", "'num-partitions' = 0 is out of range: allowed [1,"),
+        (
+            "partition-id=4 num-partitions=4",
+            "'partition-id' = 4 is out of range: allowed [0, 4) (num-partitions = 4)",
+        ),
+    ],
+)
+def test_a_node_without_a_valid_partition_fails_with_one_line(line, message):
+    run = RunConfig().to_flower()
+    size = ConfigRecord({"kind": "size"})
+    for read in (lambda nc: setup(run, nc), lambda nc: light_query(run, nc, size)):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            read(node_config(line))
+
+
+@pytest.mark.parametrize(
+    ("line", "changes", "shard", "modality"),
+    [
+        ("", {}, False, None),
+        ("worker-idle-s=600", {}, False, None),
+        ("dataset='/site/d.json'", {"dataset": "/site/d.json", "data_dir": ""}, False, None),
+        (
+            "dataset='/site/d.json' data-dir='/site/img' cache-dir='/c' model-name='/m'",
+            {
+                "dataset": "/site/d.json",
+                "data_dir": "/site/img",
+                "cache_dir": "/c",
+                "model_name": "/m",
+            },
+            False,
+            None,
+        ),
+        ("data-dir='/site/img'", {"data_dir": "/site/img"}, False, None),
+        (
+            "dataset='/hf' dataset-format='hf' image-column='jpg' caption-column='s' "
+            "split-column='which'",
+            {
+                "dataset": "/hf",
+                "data_dir": "",
+                "dataset_format": "hf",
+                "image_column": "jpg",
+                "caption_column": "s",
+                "split_column": "which",
+            },
+            False,
+            None,
+        ),
+        ("dataset='/site' shard=true", {"dataset": "/site", "data_dir": ""}, True, None),
+        (
+            "dataset='/site' shard=true modality='image-only'",
+            {"dataset": "/site", "data_dir": ""},
+            True,
+            "image-only",
+        ),
+        ("dataset='/site' shard=false", {"dataset": "/site", "data_dir": ""}, False, None),
+    ],
+)
+def test_a_valid_node_config_gives_the_run_config_with_its_locations(
+    line, changes, shard, modality
+):
+    cfg = RunConfig(dataset="/server/dataset_coco.json", data_dir="/server/coco")
+    node = NodeConfig.from_flower(node_config(f"partition-id=1 num-partitions=3 {line}"))
+    assert (node.partition_id, node.num_partitions) == (1, 3)
+    source = node_data(cfg, node)
+    assert source == NodeData(cfg.replace(**changes), shard, modality)
+    if not changes:
+        assert source.cfg is cfg
+
+
+def test_worker_idle_seconds_are_a_number():
+    nc = {"partition-id": 0, "num-partitions": 1}
+    assert NodeConfig.from_flower(nc).worker_idle_s == 0.0
+    idle = NodeConfig.from_flower({**nc, WORKER_IDLE_KEY: 90}).worker_idle_s
+    assert idle == 90.0 and isinstance(idle, float)
 
 
 def test_hf_dataset_with_its_own_column_names_on_a_node(embedded_assets, tmp_path):

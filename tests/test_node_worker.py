@@ -24,16 +24,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from rcsr_flower.client.handlers import PERSONAL_KEY, PREVIOUS_DELTA_KEY, setup
 from rcsr_flower.client.node_worker import (
-    IDLE_KEY,
     NodeWorkerError,
     Worker,
     WorkerRaised,
     WorkerTraceback,
-    idle_seconds,
     process_start,
     reply,
     worker_home,
 )
+from rcsr_flower.config import WORKER_IDLE_KEY as IDLE_KEY
+from rcsr_flower.config import ConfigError
 from rcsr_flower.retrieval.prototypes import PrototypeBank
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,10 +289,12 @@ def test_a_worker_leaves_when_idle_and_when_its_supernode_is_gone(home, embedded
 
 
 def test_bad_settings_get_errors_that_say_what_to_do(home):
-    assert idle_seconds({}) == 0 and idle_seconds({IDLE_KEY: "90"}) == 90
-    for bad in (-1, "soon", float("nan")):
-        with pytest.raises(ValueError, match=f"{IDLE_KEY}=.* is not a number of seconds"):
-            idle_seconds({IDLE_KEY: bad})
+    size = RecordDict({"config": ConfigRecord({"kind": "size"})})
+    for bad in (-1, "90", "soon", float("nan")):
+        # the ClientApp refuses it before any worker is started
+        with pytest.raises(ConfigError, match=f"'{IDLE_KEY}' = .*[:;] set it to how long"):
+            reply("query", size, context(bad, {}))
+    assert not any(home.iterdir())
     open_home = home / f"rcsr-flower-{os.getuid()}"
     open_home.mkdir(mode=0o755)
     open_home.chmod(0o755)

@@ -31,7 +31,7 @@ from rcsr_flower.client.training import (
     client_statistics,
     local_train,
 )
-from rcsr_flower.config import RunConfig
+from rcsr_flower.config import NodeConfig, RunConfig
 from rcsr_flower.embedded.assets import cache_root, load_model
 from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
@@ -212,18 +212,12 @@ def setup(run_config, node_config) -> ClientNode:
     """Config, backbone and data for this node (cached per process).
 
     Data locations come from the run config, overridden by the node's ``node_config``
-    in deployment (``dataset``, ``data-dir``, ``shard``, ...: ``federation.node_data``).
+    in deployment (``dataset``, ``data-dir``, ``shard``, ...: ``config.NodeConfig``).
     """
-    source = node_data(RunConfig.from_flower(run_config), node_config)
+    node = NodeConfig.from_flower(node_config)  # before anything is loaded
+    source = node_data(RunConfig.from_flower(run_config), node)
     cfg = source.cfg
-    try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
-    except KeyError as exc:
-        raise KeyError(
-            f"node_config has no {exc}: start each SuperNode with "
-            '--node-config "partition-id=<i> num-partitions=<N>"'
-        ) from None
+    partition_id, num_partitions = node.partition_id, node.num_partitions
     started = time.perf_counter()
     backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
     loaded = time.perf_counter()
@@ -411,18 +405,14 @@ def light_query(run_config, node_config, config: ConfigRecord) -> dict | None:
     - ``release-state``: the run is over, delete this node's resume snapshots.
     """
     kind = config.get("kind")
+    if kind not in ("size", "release-state"):
+        return None
+    node = NodeConfig.from_flower(node_config)
     if kind == "size":
-        return {
-            "partition-id": int(node_config["partition-id"]),
-            "num-partitions": int(node_config["num-partitions"]),
-        }
-    if kind == "release-state":
-        cfg = RunConfig.from_flower(run_config)
-        ClientStateStore(
-            client_state_root(cfg), str(config["state-key"]), int(node_config["partition-id"])
-        ).release()
-        return {"released": 1}
-    return None
+        return {"partition-id": node.partition_id, "num-partitions": node.num_partitions}
+    cfg = RunConfig.from_flower(run_config)
+    ClientStateStore(client_state_root(cfg), str(config["state-key"]), node.partition_id).release()
+    return {"released": 1}
 
 
 # ------------------------------------------------------------------ message content

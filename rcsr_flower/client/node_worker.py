@@ -64,7 +64,7 @@ from flwr.common.serde import (
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from rcsr_flower.config import WORKER_IDLE_KEY as IDLE_KEY
+from rcsr_flower.config import NodeConfig
 from rcsr_flower.runtime.processes import process_start
 
 log = logging.getLogger("flwr").getChild(__name__)  # a ClientApp's INFO reaches its node's log
@@ -88,25 +88,12 @@ class WorkerTraceback(Exception):
     """Where, in the worker, the exception a handler re-raises came from."""
 
 
-def idle_seconds(node_config) -> float:
-    """``worker-idle-s`` of the node config: 0 (absent) means no worker."""
-    value = node_config.get(IDLE_KEY, 0)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ValueError(
-            f"node config {IDLE_KEY}={value!r} is not a number of seconds >= 0: set it to "
-            f"how long the node's worker waits for a message before it exits (e.g. "
-            f'--node-config "... {IDLE_KEY}=600"), or 0 for no worker'
-        )
-    return seconds
-
-
 def reply(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply's content for a ``kind`` message, from the node's worker when it has one."""
-    idle = idle_seconds(context.node_config)
+    """The reply's content for a ``kind`` message, from the node's worker when it has one.
+
+    The node config is validated here, in the ClientApp, so that a bad one fails the
+    message before a worker is started for it."""
+    idle = NodeConfig.from_flower(context.node_config).worker_idle_s
     if idle == 0:
         from rcsr_flower.client.handlers import REPLIES
 
