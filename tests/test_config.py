@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, RunConfig
+from rcsr_flower.config import RESUME_MAY_CHANGE, ConfigError, NodeConfig, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -161,3 +161,16 @@ def test_every_key_is_documented():
     doc = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
     missing = [k for k in app_config() if f"`{k}`" not in doc]
     assert not missing, f"document these keys in docs/configuration.md: {missing}"
+
+
+def test_every_node_config_key_and_example_error_is_documented():
+    doc = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
+    section = doc[doc.index("### Per node") : doc.index("## Partition")]
+    keys = [f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig)]
+    missing = [k for k in keys if f"`{k}`" not in section]
+    assert not missing, f"document these node_config keys in docs/configuration.md: {missing}"
+    node = {"partition-id": 0, "num-partitions": 4}
+    for bad in ({**node, "datset": "/d.json"}, {**node, "dataset": 5}, {**node, "partition-id": 4}):
+        with pytest.raises(ConfigError) as exc:
+            NodeConfig.from_flower(bad)
+        assert f"\n{exc.value}\n" in section  # the examples are what a node gets
