@@ -16,10 +16,10 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.config import parse_config_args
 
-from rcsr_flower.client.handlers import light_query, setup
+from rcsr_flower.client.handlers import PERSONAL_KEY, ClientStateStore, light_query, setup
 from rcsr_flower.config import WORKER_IDLE_KEY, ConfigError, NodeConfig, RunConfig
 from rcsr_flower.data.datasets import KarpathyDataset, open_dataset
 from rcsr_flower.data.partition import assign_modalities, shard_partition
@@ -280,6 +280,20 @@ def test_worker_idle_seconds_are_a_number():
     assert NodeConfig.from_flower(nc).worker_idle_s == 0.0
     idle = NodeConfig.from_flower({**nc, WORKER_IDLE_KEY: 90}).worker_idle_s
     assert idle == 90.0 and isinstance(idle, float)
+
+
+def test_a_node_with_its_own_cache_dir_releases_the_state_it_kept_there(tmp_path):
+    """Resume snapshots live under the node's ``cache-dir`` (``client-state/``), so the
+    release at the end of the run deletes them there, not under the server's."""
+    key = "0123456789abcdef" * 2
+    run = RunConfig(cache_dir=str(tmp_path / "server-cache")).to_flower()
+    nc = node_config(f"partition-id=1 num-partitions=2 cache-dir='{tmp_path / 'node-cache'}'")
+    kept = tmp_path / "node-cache" / "client-state" / key / "partition-1"
+    store = ClientStateStore(kept.parent.parent, key, 1)
+    store.save(1, RecordDict({PERSONAL_KEY: ArrayRecord({"w": torch.zeros(2)})}))
+    assert store.dir == kept and kept.exists()
+    released = light_query(run, nc, ConfigRecord({"kind": "release-state", "state-key": key}))
+    assert released == {"released": 1} and not kept.parent.exists()
 
 
 def test_hf_dataset_with_its_own_column_names_on_a_node(embedded_assets, tmp_path):

@@ -410,7 +410,7 @@ def light_query(run_config, node_config, config: ConfigRecord) -> dict | None:
     node = NodeConfig.from_flower(node_config)
     if kind == "size":
         return {"partition-id": node.partition_id, "num-partitions": node.num_partitions}
-    cfg = RunConfig.from_flower(run_config)
+    cfg = node.apply(RunConfig.from_flower(run_config))  # where setup's node kept its state
     ClientStateStore(client_state_root(cfg), str(config["state-key"]), node.partition_id).release()
     return {"released": 1}
 
