@@ -177,8 +177,8 @@ def test_a_deployed_grid_is_pulled_every_fifth_of_a_second_not_every_three(monke
     The simulation's in-memory grid (0.1 s) is used as it is."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    from rcsr_flower.routing import runner
-    from rcsr_flower.routing.runner import PromptGrid, prompt_grid
+    from rcsr_flower.routing import grid as layers
+    from rcsr_flower.routing.grid import PromptGrid, prompt_grid
 
     clock = [0.0]
     slept: list[float] = []
@@ -187,8 +187,8 @@ def test_a_deployed_grid_is_pulled_every_fifth_of_a_second_not_every_three(monke
         slept.append(seconds)
         clock[0] += seconds
 
-    monkeypatch.setattr(runner.time, "sleep", sleep)
-    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(layers.time, "sleep", sleep)
+    monkeypatch.setattr(layers.time, "monotonic", lambda: clock[0])
     raw = fake_http_grid({"a": 0.5, "b": 1.3}, clock)
     grid = prompt_grid(raw)
     assert isinstance(grid, PromptGrid) and prompt_grid(grid) is grid

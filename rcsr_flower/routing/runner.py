@@ -38,12 +38,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
-from flwr.supercore import log as flwr_log
 from safetensors.torch import save_file
 
 from rcsr_flower.routing import provenance
 from rcsr_flower.routing.checkpoint import Checkpoint, restore_rng, resume_point, save_checkpoint
 from rcsr_flower.routing.errors import ConfigError
+from rcsr_flower.routing.grid import prompt_grid
 from rcsr_flower.routing.outputs import MetricsLog, run_dir, write_json
 from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
 from rcsr_flower.routing.task import FederatedEvaluation, RoutedTask
@@ -51,62 +51,6 @@ from rcsr_flower.routing.task import FederatedEvaluation, RoutedTask
 log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-
-
-PULL_INTERVAL = 0.2  # seconds between a deployed ServerApp's pulls for replies
-
-
-class PromptGrid:
-    """A grid whose ``send_and_receive`` pulls for replies every :data:`PULL_INTERVAL` s.
-
-    Flower's ``HttpGrid`` (a deployed ServerApp's grid) pulls and then sleeps 3 s until
-    every reply is in or the timeout passes, so each train and evaluate step waits 1.5 s
-    on average, 3 s at worst, after its last reply came: about 3 s of every deployed
-    round, five minutes of a 100-round run. This is the same loop over the grid's own
-    ``push_messages``/``pull_messages``, with the same timeout; everything else is the
-    grid's. :func:`prompt_grid` leaves Flower's in-memory grid (simulation, 0.1 s) as it
-    is."""
-
-    def __init__(self, grid: Grid, interval: float = PULL_INTERVAL) -> None:
-        self._grid = grid
-        self.interval = interval
-
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list:
-        waiting = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list = []
-        while True:
-            pulled = list(self._grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                return replies
-            time.sleep(self.interval)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-def prompt_grid(grid: Grid, wire: Callable[[Grid], Any] | None = None) -> Grid:
-    """``grid`` as Flower handed it to a ServerApp: Flower's ``HttpGrid`` (a deployment)
-    in a :class:`PromptGrid`, any other grid as it is (the simulation's in-memory grid
-    pulls every 0.1 s already, and no message of it crosses a wire). ``wire`` wraps the
-    deployed grid first, for what the app does to messages on the wire (the retrieval
-    app: ``packing.PackingGrid``)."""
-    try:
-        from flwr.superlink.grid.http_grid import HttpGrid
-    except ImportError:  # a Flower that moved it: its grid as it is
-        return grid
-    if not isinstance(grid, HttpGrid):
-        return grid
-    inner = wire(grid) if wire is not None else grid
-    flwr_log(  # Flower's logger: on the run's console with the strategy's lines
-        logging.INFO,
-        "deployed grid: replies pulled every %.1f s%s",
-        PULL_INTERVAL,
-        f", messages through {type(inner).__name__}" if wire is not None else "",
-    )
-    return PromptGrid(inner)  # type: ignore[return-value]
 
 
 class RoutedRun:

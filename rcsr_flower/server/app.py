@@ -46,9 +46,10 @@ from rcsr_flower.retrieval.prototypes import PrototypeBank
 from rcsr_flower.retrieval.zero_shot import ZeroShotMemo
 from rcsr_flower.routing.aggregation import unanswered
 from rcsr_flower.routing.checkpoint import Checkpoint
+from rcsr_flower.routing.grid import prompt_grid
 from rcsr_flower.routing.local_only import LocalOnlyStrategy
 from rcsr_flower.routing.outputs import resolve_output_path, write_json
-from rcsr_flower.routing.runner import RoutedRun, prompt_grid
+from rcsr_flower.routing.runner import RoutedRun
 from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
 from rcsr_flower.server.retrieval_task import (
     TOWER_GROUPS,
