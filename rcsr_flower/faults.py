@@ -18,7 +18,8 @@ mid-round. Production runs leave the key empty (the default), and nothing here r
   flight has returned, so each second of hang past the timeout is a second of test;
 - ``server-kill@R`` — the ServerApp process sends itself ``SIGKILL`` as soon as round
   ``R``'s train replies have arrived, before it aggregates them: the clients have trained
-  round ``R``, the last checkpoint is round ``R−1`` (a crash at the worst moment).
+  round ``R``, the last checkpoint is round ``R−1`` (a crash at the worst moment; the
+  run's grid does it: ``rcsr_flower.server.grid.ServerKillGrid``).
 
 ``P`` is a partition id or ``*`` (every client); ``R`` is a server round (from 1).
 """
@@ -26,17 +27,13 @@ mid-round. Production runs leave the key empty (the default), and nothing here r
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the config schema imports this module: keep it free of torch and flwr
     import torch
-    from flwr.app import Message
 
 log = logging.getLogger(__name__)
 
@@ -107,33 +104,3 @@ def corrupt_reply(
     if kind == "huge":
         return {k: v + 100.0 for k, v in trained.items()}
     return trained
-
-
-class ServerKillGrid:
-    """The run's grid; SIGKILLs this process once round ``kill_round``'s train replies
-    have arrived (``server-kill@R``). Everything else is delegated to the real grid."""
-
-    def __init__(self, grid, kill_round: int) -> None:
-        self._grid = grid
-        self._kill_round = kill_round
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        from flwr.app import MessageType
-
-        messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if any(
-            m.metadata.message_type == MessageType.TRAIN
-            and int(m.content["config"]["server-round"]) == self._kill_round
-            for m in messages
-        ):
-            log.warning("injected fault: killing the ServerApp (pid %d) mid-round", os.getpid())
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return replies
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)

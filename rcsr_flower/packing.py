@@ -10,15 +10,16 @@ serialized bytes, back to back) beside a ``ConfigRecord`` that says where each o
 
 The bytes of every ``Array`` are moved, never converted, so an unpacked message holds
 exactly what was packed. The server packs what it sends and unpacks what it pulls
-(:class:`PackingGrid`, a deployed run's grid); the ClientApp's :func:`packing_mod`
-unpacks a packed message before the handler sees it and packs the reply. A message that
+(``rcsr_flower.server.grid.PackingGrid``, a layer of a deployed run's grid); the
+ClientApp's :func:`packing_mod` unpacks a packed message before the handler sees it and
+packs the reply. A message that
 was not packed (simulation: no wire) passes through untouched both ways.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -82,34 +83,18 @@ def unpack(content: RecordDict) -> RecordDict:
     return out
 
 
-def _packed_message(msg: Message) -> Message:
+def pack_message(msg: Message) -> Message:
+    """``msg`` with its content packed (:func:`pack`), in place."""
     if msg.has_content():
         msg.content = pack(msg.content)
     return msg
 
 
-def _unpacked_message(msg: Message) -> Message:
+def unpack_message(msg: Message) -> Message:
+    """``msg`` with its content unpacked (:func:`unpack`), in place."""
     if msg.has_content():
         msg.content = unpack(msg.content)
     return msg
-
-
-class PackingGrid:
-    """A deployed run's grid: what the server pushes is packed, what it pulls unpacked
-    (:func:`pack`); ``send_and_receive`` is the wrapped grid's loop (``runner.PromptGrid``)
-    over these two. Everything else is the grid's."""
-
-    def __init__(self, grid) -> None:
-        self._grid = grid
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages([_packed_message(m) for m in messages])
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [_unpacked_message(m) for m in self._grid.pull_messages(message_ids)]
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def packing_mod(
@@ -119,5 +104,5 @@ def packing_mod(
     anything else passes through as it is."""
     if not (msg.has_content() and is_packed(msg.content)):
         return call_next(msg, context)
-    reply = call_next(_unpacked_message(msg), context)
-    return _packed_message(reply)
+    reply = call_next(unpack_message(msg), context)
+    return pack_message(reply)

@@ -126,7 +126,8 @@ def test_the_server_names_nodes_that_did_not_answer(task_identity, caplog):
     from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
     from flwr.serverapp import Grid
 
-    from rcsr_flower.server.app import PartitionOrderedGrid, unanswered
+    from rcsr_flower.routing.aggregation import unanswered
+    from rcsr_flower.server.grid import PartitionOrderedGrid
 
     sent = []
     for node in (11, 12, 13):
@@ -148,7 +149,7 @@ def test_the_server_names_nodes_that_did_not_answer(task_identity, caplog):
 
     grid = Mock(spec=Grid)
     grid.send_and_receive.return_value = replies
-    with caplog.at_level("WARNING", logger="rcsr_flower.server.app"):
+    with caplog.at_level("WARNING", logger="rcsr_flower.server.grid"):
         got = PartitionOrderedGrid(grid, {11: 0, 12: 1, 13: 2}).send_and_receive(sent, timeout=30)
     assert got == replies
     assert [r.getMessage() for r in caplog.records] == [

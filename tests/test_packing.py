@@ -18,7 +18,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from test_strategy import task_identity  # noqa: F401
 
-from rcsr_flower.packing import PackingGrid, is_packed, pack, packing_mod, unpack
+from rcsr_flower.packing import is_packed, pack, packing_mod, unpack
+from rcsr_flower.server.grid import PackingGrid
 
 
 def adapter_content(seed: int = 0) -> RecordDict:

@@ -11,7 +11,8 @@ from test_strategy import task_identity  # noqa: F401
 from rcsr_flower.client.handlers import light_query
 from rcsr_flower.config import ConfigError, RunConfig
 from rcsr_flower.server import app as server
-from rcsr_flower.server.app import (
+from rcsr_flower.server import grid as server_grid
+from rcsr_flower.server.grid import (
     NodeWaitTimeout,
     PartitionOrderedGrid,
     nodes_needed,
@@ -69,7 +70,7 @@ def test_flowers_node_sampling_gives_up_after_node_wait_timeout(caplog, monkeypa
     missing, with progress lines while it waits."""
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-    monkeypatch.setattr(server, "WAIT_LOG_EVERY", 0.5)
+    monkeypatch.setattr(server_grid, "WAIT_LOG_EVERY", 0.5)
     cfg = RunConfig.from_flower({"min-train-nodes": 3, "min-available-nodes": 3})
     grid = PartitionOrderedGrid(
         shrinking(federation(3), calls_with_all=1),
@@ -81,7 +82,7 @@ def test_flowers_node_sampling_gives_up_after_node_wait_timeout(caplog, monkeypa
     grid.send_and_receive([])  # a round went out
     started = time.monotonic()
     with (
-        caplog.at_level("WARNING", logger="rcsr_flower.server.app"),
+        caplog.at_level("WARNING", logger="rcsr_flower.server.grid"),
         pytest.raises(NodeWaitTimeout) as exc,
     ):
         sample_nodes(grid, 3, 3)  # node 102 is gone
@@ -109,7 +110,7 @@ def test_a_node_that_comes_back_in_time_ends_the_wait(monkeypatch):
 
 
 def test_the_first_wait_ends_after_node_wait_timeout_naming_missing_partitions(monkeypatch):
-    monkeypatch.setattr(server, "WAIT_LOG_EVERY", 0.5)
+    monkeypatch.setattr(server_grid, "WAIT_LOG_EVERY", 0.5)
     grid = federation(3)
     grid.get_node_ids.return_value = [100, 102]  # partition 1's node never connects
     cfg = RunConfig.from_flower({"min-available-nodes": 3, "node-wait-timeout": 2.0})

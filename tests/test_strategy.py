@@ -466,7 +466,7 @@ def test_the_routing_core_runs_a_task_that_is_not_retrieval():
 def test_partition_ordered_grid_makes_seeded_sampling_pick_the_same_partitions():
     import random
 
-    from rcsr_flower.server.app import PartitionOrderedGrid
+    from rcsr_flower.server.grid import PartitionOrderedGrid
 
     def sampled_partitions(node_of_partition: dict[int, int]) -> list[int]:
         grid = mock_grid(reversed(node_of_partition.values()))

@@ -11,27 +11,25 @@ their resume snapshots. A resumed run restores the checkpoint instead of bootstr
 and continues at the next round (docs/faults-and-resume.md). The task-neutral part —
 run dir, ``result.json``, ``metrics.jsonl``, checkpoints, resume, the final state — is
 ``rcsr_flower.routing.runner.RoutedRun``, the same for every routed app; this module adds the
-retrieval config, data, bootstrap and node handling around it.
+retrieval config, data and bootstrap around it. The grid it talks through, the waits for
+nodes and the queries outside the rounds are ``rcsr_flower.server.grid``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid
 
 from rcsr_flower.backbones.clip import Backbone
 from rcsr_flower.config import RESUME_MAY_CHANGE, RunConfig
 from rcsr_flower.embedded.assets import cache_root, load_model
-from rcsr_flower.faults import ServerKillGrid
 from rcsr_flower.federation import (
     global_test_set,
     load_partition,
@@ -39,18 +37,24 @@ from rcsr_flower.federation import (
     reported_partition,
 )
 from rcsr_flower.modality import Modality
-from rcsr_flower.packing import PackingGrid
 from rcsr_flower.retrieval.evaluation import SplitTensors, evaluate_retrieval, preprocess_split
 from rcsr_flower.retrieval.metrics import summary_table
 from rcsr_flower.retrieval.prototypes import PrototypeBank
 from rcsr_flower.retrieval.zero_shot import ZeroShotMemo
-from rcsr_flower.routing.aggregation import unanswered
 from rcsr_flower.routing.checkpoint import Checkpoint
-from rcsr_flower.routing.grid import prompt_grid
 from rcsr_flower.routing.local_only import LocalOnlyStrategy
 from rcsr_flower.routing.outputs import resolve_output_path, write_json
 from rcsr_flower.routing.runner import RoutedRun
 from rcsr_flower.routing.strategy import RCSRStrategy, RoutingOptions
+from rcsr_flower.server.grid import (
+    NodeWaitTimeout,
+    PartitionOrderedGrid,
+    query_nodes,
+    release_client_state,
+    strategy_grid,
+    wait_for_federation,
+    wire_grid,
+)
 from rcsr_flower.server.retrieval_task import (
     TOWER_GROUPS,
     PersonalizedRetrieval,
@@ -60,240 +64,6 @@ from rcsr_flower.server.retrieval_task import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def query_nodes(grid: Grid, cfg: RunConfig, kind: str, node_ids: list[int]) -> list[dict]:
-    """One QUERY round (``kind``: bootstrap, describe); failures are logged and skipped."""
-    replies = _query(grid, node_ids, {"kind": kind, "prototype-slots": cfg.prototype_slots}, cfg)
-    info = []
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("node %d failed the query round: %s", node, reply.error.reason)
-            continue
-        entry = {"node_id": node, **dict(reply.content["metrics"])}
-        if "groups" in reply.content.array_records:
-            entry["groups"] = reply.content["groups"].to_torch_state_dict()
-        info.append(entry)
-    return sorted(info, key=lambda d: d["partition-id"])
-
-
-def _query(grid: Grid, node_ids: list[int], config: dict, cfg: RunConfig) -> list[Message]:
-    messages = [
-        Message(
-            RecordDict({"config": ConfigRecord(config)}),
-            dst_node_id=node,
-            message_type=MessageType.QUERY,
-        )
-        for node in node_ids
-    ]
-    return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-
-
-class NodeWaitTimeout(RuntimeError):
-    """Fewer nodes than the run's minimum stayed connected for ``node-wait-timeout`` s."""
-
-
-WAIT_LOG_EVERY = 30.0  # seconds between "waiting for nodes" lines
-
-
-def nodes_needed(cfg: RunConfig) -> dict[str, int]:
-    """The minimums that make Flower wait for nodes, by run-config key."""
-    needs = {
-        "min-available-nodes": cfg.min_available_nodes,
-        "min-train-nodes": cfg.min_train_nodes,
-    }
-    if cfg.fraction_evaluate > 0:
-        needs["min-evaluate-nodes"] = cfg.min_evaluate_nodes
-    return needs
-
-
-class NodeWait:
-    """One bounded wait for nodes: how long it has lasted, a progress line every 30 s,
-    and :class:`NodeWaitTimeout` (one line: who is missing) when ``timeout`` is up."""
-
-    def __init__(self, needs: dict[str, int], timeout: float, where: str) -> None:
-        self.needs = needs
-        self.needed = max(needs.values())
-        self.timeout = timeout
-        self.where = where
-        self.started = time.monotonic()
-        self.logged: float | None = None  # the first check logs
-
-    def due(self) -> bool:
-        """Whether :meth:`check` will log or raise now."""
-        now = time.monotonic()
-        if self.logged is None or now - self.started >= self.timeout:
-            return True
-        return now - self.logged >= WAIT_LOG_EVERY
-
-    def check(self, connected: int, missing: str) -> None:
-        """Log progress, or raise once the time is up."""
-        now = time.monotonic()
-        waited = now - self.started
-        if waited >= self.timeout:
-            raise NodeWaitTimeout(
-                f"waited {waited:.0f} s (node-wait-timeout) for nodes {self.where}: "
-                f"{self._status(connected, missing)}"
-            )
-        if self.logged is None or now - self.logged >= WAIT_LOG_EVERY:
-            self.logged = now
-            self._log(connected, missing)
-
-    def _log(self, connected: int, missing: str) -> None:
-        left = max(0.0, self.timeout - (time.monotonic() - self.started))
-        log.warning(
-            "waiting for nodes %s: %s; the run ends in %.0f s unless they connect",
-            self.where,
-            self._status(connected, missing),
-            left,
-        )
-
-    def _status(self, connected: int, missing: str) -> str:
-        keys = ", ".join(f"{k} {v}" for k, v in self.needs.items() if v == self.needed)
-        return f"{connected} connected, {self.needed} needed ({keys}){missing}"
-
-
-def wait_for_federation(grid: Grid, cfg: RunConfig, timeout: float | None = None) -> list[int]:
-    """Wait for ``min-available-nodes``, at most ``node-wait-timeout`` s (or ``timeout``);
-    fail fast when the federation is too small.
-
-    As soon as one node is up, it is asked for ``num-partitions`` (the federation's size;
-    the node answers without loading anything): minimums above it would make Flower's
-    sampling wait forever, so they stop the run here with one line naming the key. While
-    the wait lasts, every 30 s the new nodes are asked who they are, so the log names the
-    partitions that are still missing.
-    """
-    wait = NodeWait(
-        {"min-available-nodes": cfg.min_available_nodes},
-        cfg.node_wait_timeout if timeout is None else timeout,
-        "to start the run",
-    )
-    checked, partition_of, num_partitions = False, {}, None
-    while True:
-        nodes = list(grid.get_node_ids())
-        if nodes and not checked:
-            sized = query_nodes(grid, cfg, "size", nodes[:1])
-            if sized:
-                num_partitions = int(sized[0]["num-partitions"])
-                cfg.check_federation(num_partitions)
-                partition_of[sized[0]["node_id"]] = int(sized[0]["partition-id"])
-                checked = True
-        if checked and len(nodes) >= cfg.min_available_nodes:
-            return nodes
-        if wait.due():  # about to log or give up: who is here?
-            new = [n for n in nodes if n not in partition_of]
-            if new:
-                for entry in query_nodes(grid, cfg, "size", new):
-                    partition_of[entry["node_id"]] = int(entry["partition-id"])
-        wait.check(len(nodes), _missing(partition_of, nodes, num_partitions))
-        time.sleep(1.0)
-
-
-def _missing(partition_of: dict[int, int], nodes: list[int], num_partitions: int | None) -> str:
-    """``"; partitions not connected: 1, 3"`` (those known to the run), else ``""``."""
-    here = {partition_of[n] for n in nodes if n in partition_of}
-    if num_partitions is not None:
-        missing = sorted(set(range(num_partitions)) - here)
-    else:
-        missing = sorted(set(partition_of.values()) - here)
-    if not missing:
-        return ""
-    shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
-    return f"; partitions not connected: {shown}"
-
-
-def release_client_state(grid: Grid, cfg: RunConfig, state_key: str) -> None:
-    """Tell every node the run is over: it deletes its resume snapshots (client/handlers.py)."""
-    nodes = list(grid.get_node_ids())
-    replies = _query(grid, nodes, {"kind": "release-state", "state-key": state_key}, cfg)
-    released = sum(not r.has_error() for r in replies)
-    if released < len(nodes):
-        log.warning("client state kept on %d of %d nodes", len(nodes) - released, len(nodes))
-
-
-class PartitionOrderedGrid:
-    """The run's grid, listing nodes in partition order, and bounding Flower's waits.
-
-    SuperNode ids are random per launch and Flower samples with ``random.sample`` over
-    ``get_node_ids()``: ordered by partition id, the seeded sample picks the same clients
-    in every launch.
-
-    Flower's ``sample_nodes`` polls ``get_node_ids()`` once a second, without end, while
-    fewer nodes are connected than the strategy's minimum. With ``needs`` (the minimums,
-    :func:`nodes_needed`) and ``wait_timeout``, the polling is timed here: once it has
-    seen too few nodes for ``wait_timeout`` seconds with no message sent in between, it
-    raises :class:`NodeWaitTimeout` out of the strategy (every 30 s before that it logs
-    who is missing). Everything else is delegated to the real grid.
-    """
-
-    def __init__(
-        self,
-        grid: Grid,
-        partition_of: dict[int, int],
-        *,
-        needs: dict[str, int] | None = None,
-        wait_timeout: float | None = None,
-    ) -> None:
-        self._grid = grid
-        self._partition_of = partition_of
-        self._needs = needs or {}
-        self._wait_timeout = wait_timeout
-        self._wait: NodeWait | None = None
-        self._last_sent: str | None = None  # where the run is, for the wait's log lines
-
-    def get_node_ids(self) -> list[int]:
-        unknown = 1 << 62  # nodes that joined after the query round go last
-        nodes = sorted(
-            self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, unknown), n)
-        )
-        self._time_wait(nodes)
-        return nodes
-
-    def _time_wait(self, nodes: list[int]) -> None:
-        if self._wait_timeout is None or not self._needs or len(nodes) >= max(self._needs.values()):
-            self._wait = None
-            return
-        missing = _missing(self._partition_of, nodes, None)
-        if self._wait is None:  # Flower may be about to wait: it polls again if so
-            where = f"after {self._last_sent}" if self._last_sent else "before the first round"
-            self._wait = NodeWait(self._needs, self._wait_timeout, where)
-        else:
-            self._wait.check(len(nodes), missing)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        """The real grid's, then a warning naming every node that did not answer."""
-        messages = list(messages)
-        self._wait = None  # Flower sends only once it has its nodes: no wait in progress
-        if messages:
-            self._last_sent = _describe(messages[0])
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for msg, why in unanswered(messages, replies):
-            node = msg.metadata.dst_node_id
-            what = _describe(msg)
-            waited = f"{timeout:.0f} s" if timeout is not None else "the round"
-            outcome = f"failed: {why.rstrip('.')}" if why else f"sent no reply within {waited}"
-            log.warning(
-                "%s: node %d (partition %s) %s; going on with the others",
-                what,
-                node,
-                self._partition_of.get(node, "?"),
-                outcome,
-            )
-        return replies
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
-def _describe(msg: Message) -> str:
-    """``"train round 3"``, ``"query"``: a message's type and round, for log lines."""
-    config = msg.content.config_records.get("config")
-    server_round = config.get("server-round") if config is not None else None
-    what = msg.metadata.message_type
-    return what if server_round is None else f"{what} round {server_round}"
 
 
 def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
@@ -339,7 +109,7 @@ def run_server(grid: Grid, context: Context) -> None:
     """The retrieval ServerApp: its config and data around the generic :class:`RoutedRun`
     (run dir, ``result.json``, ``metrics.jsonl``, checkpoints, resume, final state)."""
     # deployed: replies pulled every 0.2 s instead of 3 s, the adapters one array a message
-    grid = prompt_grid(grid, PackingGrid)
+    grid = wire_grid(grid)
     with RoutedRun(context.run_config, arrays_file="adapters", state_file="prototypes") as run:
         try:
             cfg = RunConfig.from_flower(context.run_config)
@@ -498,18 +268,11 @@ def _run_federation(
         min_available_nodes=cfg.min_available_nodes,
     )
 
-    run_grid = PartitionOrderedGrid(
-        grid,
-        {n["node_id"]: int(n["partition-id"]) for n in nodes},
-        needs=nodes_needed(cfg),
-        wait_timeout=cfg.node_wait_timeout,
-    )
-    if cfg.faults.server_kill_round is not None:
-        run_grid = ServerKillGrid(run_grid, cfg.faults.server_kill_round)
+    partition_of = {n["node_id"]: int(n["partition-id"]) for n in nodes}
     try:
         run.start(
             strategy,
-            run_grid,
+            strategy_grid(grid, cfg, partition_of),
             initial,
             num_clients=num_partitions,
             num_rounds=cfg.num_server_rounds,
