@@ -141,6 +141,15 @@ def test_suite_cells_and_overrides(tmp_path):
     assert suite.reference == "rcsr"
 
 
+@pytest.mark.parametrize(
+    "comparisons", ['[["rcsr", "nope"]]', '[["rcsr", "rcsr"]]', '[["rcsr"]]', '"rcsr"']
+)
+def test_comparisons_name_two_different_methods_of_the_suite(tmp_path, comparisons):
+    (tmp_path / "c.toml").write_text(f"comparisons = {comparisons}\n" + SUITE.format(extra=""))
+    with pytest.raises(SuiteError, match=r"'comparisons' = .*\[method, baseline\] pairs"):
+        Suite.load(tmp_path / "c.toml")
+
+
 def test_a_key_the_config_does_not_know_stops_the_suite_before_anything_runs(tmp_path, capsys):
     path = write_suite(
         tmp_path, '[methods.bad]\nconfig = { strategy = "rcsr", tower-aggregaton = false }'
@@ -564,6 +573,23 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     assert set(a["rcsr"]["personalised"]) == {"all", "paired", "image-only", "text-only"}
     assert "personalised" not in a["central"] and a["local"]["global"]["n"] == 0
     assert summary["settings"]["B"]["local"]["personalised"]["all"]["n"] == 1
+    # the suite's chosen comparisons: RCSR − FedAvg again, with every personalised group
+    (tmp_path / "c.toml").write_text(
+        'comparisons = [["rcsr", "fedavg"]]\n' + SUITE.format(extra="")
+    )
+    chosen = Suite.load(tmp_path / "c.toml")
+    md_chosen = write_report(chosen, archive, tmp_path / "chosen", "cmd").read_text()
+    row = "| RCSR − fedavg | +10.0 [+10.0, +10.0], p<0.001 | +0.0 [+0.0, +0.0], p=1.000 |"
+    assert row in md_chosen.split("## A: iid")[1].split("## ")[0]
+    assert "Chosen comparisons" not in md
+    data = json.loads((tmp_path / "chosen" / "summary.json").read_text())
+    assert data["comparisons"]["A"]["rcsr - fedavg"]["global"]["diff"] == 10.0
+    assert set(data["comparisons"]["A"]["rcsr - fedavg"]["personalised"]) == {
+        "all",
+        "paired",
+        "image-only",
+        "text-only",
+    }
     # a fresh clone: the same archive gives the same results.md, byte for byte
     again = write_report(suite, archive, tmp_path / "again", "cmd").read_text()
     assert again == md

@@ -221,6 +221,7 @@ def summary(suite: Suite, data: dict[str, list[MethodCells]]) -> dict:
         }
 
     settings: dict[str, dict] = {}
+    comparisons: dict[str, dict] = {}
     for name, rows in data.items():
         ref = next((m for m in rows if m.name == suite.reference), None)
         methods = {}
@@ -240,13 +241,32 @@ def summary(suite: Suite, data: dict[str, list[MethodCells]]) -> dict:
                 entry["vs_reference"] = vs
             methods[m.name] = entry
         settings[name] = methods
-    return {
+        by_name = {m.name: m for m in rows}
+        for a_name, b_name in suite.comparisons:
+            a, b = by_name.get(a_name), by_name.get(b_name)
+            if a is None or b is None:
+                continue
+            entry = {}
+            if a.has_global and b.has_global:
+                entry["global"] = versus(a.final("global"), b.final("global"))
+            if not (a.pooled or b.pooled):
+                entry["personalised"] = {
+                    g or "all": versus(
+                        a.final("personalized", "rsum", g), b.final("personalized", "rsum", g)
+                    )
+                    for g in (None, *GROUPS)
+                }
+            comparisons.setdefault(name, {})[f"{a_name} - {b_name}"] = entry
+    out = {
         "suite": suite.name,
         "reference": suite.reference,
         "diff": "reference minus method, paired by seed (95% t interval, paired t-test p)",
         "metric": "rsum of the last round",
         "settings": settings,
     }
+    if suite.comparisons:
+        out["comparisons"] = comparisons  # "a - b": a minus b, paired by seed
+    return out
 
 
 def write_report(
@@ -314,6 +334,7 @@ def write_report(
         lines += _setting_table(rows)
         if reference is not None:
             lines += _comparison_table(rows, reference.name)
+        lines += _chosen_comparisons_table(rows, suite.comparisons)
         lines += _unimodal_weight_table(rows)
         lines += _update_alignment_table(rows)
 
@@ -540,6 +561,37 @@ def _comparison_table(rows: list[MethodCells], reference: str) -> list[str]:
         )
         pers = "—" if m.pooled else paired(ref.final("personalized"), m.final("personalized"))
         lines.append(f"| {m.label} | {glob} | {pers} |")
+    return [*lines, ""]
+
+
+def _chosen_comparisons_table(
+    rows: list[MethodCells], pairs: Sequence[tuple[str, str]]
+) -> list[str]:
+    """The suite's ``comparisons``: each method against the baseline that has the same
+    tools (e.g. personal adapters), on global rsum and each personalised group."""
+    by_name = {m.name: m for m in rows}
+    present = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+    if not present:
+        return []
+    lines = [
+        "Chosen comparisons (the suite's `comparisons`), first minus second, paired by seed: "
+        "mean difference [95% t interval], paired t-test p.",
+        "",
+        "| comparison | Δ global rsum | Δ pers. all | Δ pers. paired | Δ pers. image-only "
+        "| Δ pers. text-only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in present:
+        glob = (
+            paired(a.final("global"), b.final("global")) if a.has_global and b.has_global else "—"
+        )
+        pers = [
+            "—"
+            if a.pooled or b.pooled
+            else paired(a.final("personalized", "rsum", g), b.final("personalized", "rsum", g))
+            for g in (None, *GROUPS)
+        ]
+        lines.append(f"| {a.label} − {b.label} | {glob} | {' | '.join(pers)} |")
     return [*lines, ""]
 
 

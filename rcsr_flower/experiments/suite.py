@@ -47,6 +47,7 @@ SUITE_KEYS = {
     "num-supernodes",
     "timeout",
     "reference",
+    "comparisons",
     "config",
     "settings",
     "methods",
@@ -109,6 +110,8 @@ class Suite:
     config: dict[str, Any]
     settings: tuple[Setting, ...]
     methods: tuple[Method, ...]
+    # further pairs (a, b) the report compares as a − b: a method against its fair baseline
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -145,6 +148,16 @@ class Suite:
         reference = str(raw.get("reference", "rcsr"))
         if "reference" in raw and reference not in {m.name for m in methods}:
             raise SuiteError(f"{where}: 'reference' = {reference!r} names no [methods.X]")
+        comparisons = raw.get("comparisons", [])
+        names = {m.name for m in methods}
+        if not isinstance(comparisons, list) or not all(
+            isinstance(c, list) and len(c) == 2 and set(c) <= names and c[0] != c[1]
+            for c in comparisons
+        ):
+            raise SuiteError(
+                f"{where}: 'comparisons' = {comparisons!r}: a list of [method, baseline] "
+                'pairs of two different [methods.X] names, e.g. [["rcsr", "fedavg"]]'
+            )
         return cls(
             name=path.stem,
             path=path,
@@ -156,6 +169,7 @@ class Suite:
             config=_config(raw, where),
             settings=settings,
             methods=methods,
+            comparisons=tuple((str(a), str(b)) for a, b in comparisons),
         )
 
     @classmethod
