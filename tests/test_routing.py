@@ -343,17 +343,11 @@ def test_the_routing_library_imports_nothing_of_the_retrieval_app():
     """``rcsr_flower.routing`` is the task-agnostic core other tasks build on: it may
     import only itself, and the second app (examples/label-routing) only it."""
     root = Path(__file__).resolve().parents[1]
-    outside = {
-        f"{path.relative_to(root)}: {name}"
-        for path in sorted((root / "rcsr_flower" / "routing").rglob("*.py"))
-        for name in _rcsr_imports(path)
-        if not name.startswith("rcsr_flower.routing")
-    }
-    assert not outside, outside
-    example = {
-        f"{path.relative_to(root)}: {name}"
-        for path in sorted((root / "examples" / "label-routing").rglob("*.py"))
-        for name in _rcsr_imports(path)
-        if not name.startswith("rcsr_flower.routing")
-    }
-    assert not example, example
+    for folder in (root / "rcsr_flower" / "routing", root / "examples" / "label-routing"):
+        outside = {
+            f"{path.relative_to(root)}: {name}"
+            for path in sorted(folder.rglob("*.py"))
+            for name in _rcsr_imports(path)
+            if not name.startswith("rcsr_flower.routing")
+        }
+        assert not outside, outside
