@@ -141,6 +141,42 @@ def test_suite_cells_and_overrides(tmp_path):
     assert suite.reference == "rcsr"
 
 
+def test_a_method_limited_to_some_settings_has_cells_there_only(tmp_path):
+    ablation = (
+        '[methods.ablation]\nsettings = ["B"]\nconfig = { strategy = "rcsr", router = false }'
+    )
+    suite = Suite.load(write_suite(tmp_path, ablation))
+    assert [c.id for c in suite.cells(None, "ablation")] == [
+        "B/ablation/seed-0",
+        "B/ablation/seed-1",
+    ]
+    assert [c.id for c in suite.cells(None, "A/*/seed-0")] == [
+        "A/fedavg/seed-0",
+        "A/rcsr/seed-0",
+        "A/local/seed-0",
+    ]
+    method = suite.method("ablation")
+    assert method.runs_in("B") and not method.runs_in("A")
+    assert not suite.method("central").runs_in("A")  # a pooled method's cells are its own
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ('["C"]', r"\[methods.x\]: 'settings' names no \[settings.C\]; have: A, B"),
+        ("[]", r"'settings' must be a list of setting names, got \[\]"),
+        ('"B"', r"'settings' must be a list of setting names, got 'B'"),
+    ],
+)
+def test_a_methods_settings_must_name_settings_of_the_suite(tmp_path, settings, message):
+    extra = f'[methods.x]\nsettings = {settings}\nconfig = {{ strategy = "rcsr" }}'
+    with pytest.raises(SuiteError, match=message):
+        Suite.load(write_suite(tmp_path, extra))
+    pooled = '[methods.y]\npooled = true\nsettings = ["A"]'
+    with pytest.raises(SuiteError, match="a pooled method has no settings; drop 'settings'"):
+        Suite.load(write_suite(tmp_path, pooled))
+
+
 @pytest.mark.parametrize(
     "comparisons", ['[["rcsr", "nope"]]', '[["rcsr", "rcsr"]]', '[["rcsr"]]', '"rcsr"']
 )
@@ -197,7 +233,23 @@ def test_the_shipped_suites_are_valid():
         "S3",
         "S4",
     }
-    assert len(embedded.cells()) == (len(embedded.methods) - 1) * 4 * 3 + 3
+    # a twin or an ablation runs where it differs or is judged; every other method everywhere
+    runs = {m.name: m.settings for m in embedded.methods if m.settings is not None}
+    assert set(runs) == {
+        "fedavg",
+        "fedavg-paired",
+        "fedper",
+        "rcsr-personal-unimodal",
+        "rcsr-ce",
+        "rcsr-ce-personal",
+        "rcsr-no-router",
+        "rcsr-no-minimax",
+        "rcsr-no-anchoring",
+        "rcsr-no-tower",
+    }
+    assert all(set(s) <= {"S3", "S4"} and "S4" in s for s in runs.values())
+    everywhere = len(embedded.methods) - 1 - len(runs)
+    assert len(embedded.cells()) == 3 * (4 * everywhere + sum(len(s) for s in runs.values()) + 1)
     embedded.check(ROOT, embedded.cells())
     assert {m.name for m in embedded.methods} == {
         "fedavg",

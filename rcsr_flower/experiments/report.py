@@ -160,6 +160,8 @@ def collect(
     for setting in suite.settings:
         rows = []
         for method in suite.methods:
+            if not (method.pooled or method.runs_in(setting.name)):
+                continue
             where = POOLED if method.pooled else setting.name
             runs = {}
             for seed in suite.seeds:
@@ -417,6 +419,14 @@ def _reading_notes(suite: Suite, data: dict[str, list[MethodCells]]) -> list[str
             "training data, with no setting applied, and are repeated in every setting's "
             "table; their personalised columns are empty: one client, whose local test "
             "split is a tenth of all data, is not comparable with the clients' splits.",
+            "",
+        ]
+    limited = [m for m in suite.methods if m.settings is not None and m.name in methods]
+    if limited:
+        notes += [
+            'Some methods run in some settings only (a "—" in their row elsewhere): '
+            + "; ".join(f"{m.label} in {', '.join(m.settings)}" for m in limited)
+            + ". Their notes say why.",
             "",
         ]
     notes += [m.note.strip() + "\n" for m in suite.methods if m.note.strip() and m.name in methods]

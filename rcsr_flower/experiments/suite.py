@@ -19,6 +19,11 @@
     label = "FedAvg"
     config = { strategy = "fedavg" }
 
+    [methods.rcsr-no-router]
+    label = "RCSR − router"
+    settings = ["S4"]            # only these settings' cells (ablations on the headline)
+    config = { strategy = "rcsr", router = false }
+
     [methods.centralised]
     label = "centralised (pooled data, 1 node)"
     pooled = true                # one cell per seed, shown in every setting's table
@@ -26,7 +31,10 @@
     config = { partitioning = "iid", missing-rate = 0.0, ... }
 
 A cell's run config is the suite's ``config``, then its setting's, then its method's
-(later wins), then ``seed``, ``run-name`` and ``output-dir``. A ``pooled`` method gets
+(later wins), then ``seed``, ``run-name`` and ``output-dir``. A method with ``settings``
+has cells in those settings only (the report shows "—" elsewhere and its note says why:
+an ablation run where it is judged, a variant that equals another where no client
+misses a modality). A ``pooled`` method gets
 no setting's config: its cell lives under the setting name ``pooled``. Everything is
 checked against the one run-config schema (``rcsr_flower.config``) before any cell
 runs: a key the config does not know stops the suite with one line naming it.
@@ -53,7 +61,7 @@ SUITE_KEYS = {
     "methods",
 }
 SETTING_KEYS = {"label", "config"}
-METHOD_KEYS = {"label", "config", "pooled", "num-supernodes", "note"}
+METHOD_KEYS = {"label", "config", "pooled", "num-supernodes", "note", "settings"}
 # set by the runner for each cell; a suite may not set them
 RESERVED = {"seed", "run-name", "output-dir", "resume-from"}
 
@@ -77,6 +85,11 @@ class Method:
     pooled: bool = False
     num_supernodes: int | None = None
     note: str = ""
+    settings: tuple[str, ...] | None = None  # None: every setting
+
+    def runs_in(self, setting: str) -> bool:
+        """Whether the method has cells in ``setting`` (a pooled method: in none)."""
+        return not self.pooled and (self.settings is None or setting in self.settings)
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Suite:
                 bool(m.get("pooled", False)),
                 int(m["num-supernodes"]) if "num-supernodes" in m else None,
                 str(m.get("note", "")),
+                _method_settings(m, {s.name for s in settings}, f"{where} [methods.{name}]"),
             )
             for name, m in _tables(raw, "methods", METHOD_KEYS, where).items()
         )
@@ -199,7 +213,7 @@ class Suite:
         out = []
         for setting in (*self.settings, None):
             for method in self.methods:
-                if (setting is None) != method.pooled:
+                if not (method.pooled if setting is None else method.runs_in(setting.name)):
                     continue
                 for seed in seeds:
                     overrides = {
@@ -260,6 +274,21 @@ def _tables(raw: dict, key: str, allowed: set[str], where: str) -> dict[str, dic
             raise SuiteError(f"{where}: [{key}.{name}]: a name may not contain '/'")
         _known(table, allowed, f"{where} [{key}.{name}]")
     return tables
+
+
+def _method_settings(table: dict, known: set[str], where: str) -> tuple[str, ...] | None:
+    if "settings" not in table:
+        return None
+    names = table["settings"]
+    if table.get("pooled", False):
+        raise SuiteError(f"{where}: a pooled method has no settings; drop 'settings'")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SuiteError(f"{where}: 'settings' must be a list of setting names, got {names!r}")
+    unknown = sorted(set(names) - known)
+    if unknown:
+        have = ", ".join(sorted(known))
+        raise SuiteError(f"{where}: 'settings' names no [settings.{unknown[0]}]; have: {have}")
+    return tuple(names)
 
 
 def _config(table: dict, where: str) -> dict[str, Any]:
