@@ -12,6 +12,13 @@ preprocessing the node's data (and, with a worker, starting it).
 
     .venv/bin/python benchmarks/deploy_messages.py -c '{"num-server-rounds": 3}'
 
+Across a network (``--modes node_worker slow_link``, as root): ``slow_link`` puts the
+SuperLink, the user and every SuperNode on hosts of their own
+(``rcsr_flower.runtime.netns``), each node's link to the SuperLink ``--link-delay-ms``
+each way and ``--link-rate-mbit`` (``rcsr_flower.runtime.slowlink``); the server's wait
+for a train round's replies (``train_wait_s``) minus loopback's is what the link costs
+a round, which is what ``round-timeout`` must leave room for.
+
 Ends with one JSON line: per mode, the median seconds (received → reply sent) of the
 train and evaluate messages after a node's first loading message, of that first message,
 and of Flower's dispatch. The work itself is the same in both modes; the difference is
@@ -68,9 +75,16 @@ def messages(log: str) -> list[dict]:
     return [m for m in out if "total" in m and "dispatch" in m]
 
 
-def run_mode(args, idle: float, root: Path) -> list[dict]:
+def run_mode(args, mode: str, root: Path) -> list[dict]:
     from rcsr_flower.runtime.deploy import LocalDeployment
+    from rcsr_flower.runtime.netns import Network
+    from rcsr_flower.runtime.slowlink import Link
 
+    idle, separate = MODES[mode]
+    network = None
+    if separate:
+        hosts = ["superlink", "user", *(f"node-{i}" for i in range(args.num_supernodes))]
+        network = Network(hosts)
     deployment = LocalDeployment(
         app_dir=ROOT,
         root=root / "deploy",
@@ -78,12 +92,16 @@ def run_mode(args, idle: float, root: Path) -> list[dict]:
         node_config={"worker-idle-s": idle},
         run_config={"partitioning": "iid", **json.loads(args.run_config)},
         timeout=3600,
+        network=network,
+        link=Link(args.link_delay_ms / 1000, args.link_rate_mbit * 1e6 / 8) if separate else None,
     )
     try:
         deployment.start()
         result = deployment.run("messages", root / "outputs")
     finally:
         deployment.stop()
+        if network is not None:
+            network.close()
     if result["status"] != "completed":
         raise SystemExit(f"the run failed: {result.get('error')}")
     rows = []
@@ -114,7 +132,8 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-MODES = {"per_process": 0.0, "node_worker": 600.0}  # worker-idle-s
+# mode -> (worker-idle-s, on separate hosts behind the slow link)
+MODES = {"per_process": (0.0, False), "node_worker": (600.0, False), "slow_link": (600.0, True)}
 
 
 def clients_train(run_dir: Path) -> list[float]:
@@ -127,6 +146,18 @@ def clients_train(run_dir: Path) -> list[float]:
     ]
 
 
+def server_waits(run_dir: Path) -> dict:
+    """Medians over the trained rounds of the server's wait for the train replies and of
+    the federated evaluation (sending, the clients' work, the replies' way back)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = {}
+    for key, name in (("train_wait", "train_wait_s"), ("federated_evaluate", "evaluate_wait_s")):
+        values = [r["seconds"][key] for r in rows if r["round"] > 0 and key in r.get("seconds", {})]
+        if values:
+            out[name] = round(statistics.median(values), 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-supernodes", type=int, default=2)
@@ -135,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", nargs="+", default=["per_process", "node_worker"], choices=MODES)
     parser.add_argument("--keep", type=Path, help="keep each mode's logs and outputs here")
+    parser.add_argument("--link-delay-ms", type=float, default=100.0, help="slow_link: each way")
+    parser.add_argument("--link-rate-mbit", type=float, default=20.0, help="slow_link: per node")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     figures: dict = {}
     for mode in args.modes:
         with tempfile.TemporaryDirectory(prefix="deploy-messages-") as tmp:
             root = args.keep / mode if args.keep else Path(tmp)
-            rows = run_mode(args, MODES[mode], root)
-            figures[mode] = {"clients_train_s": clients_train(root / "outputs" / "messages")}
+            rows = run_mode(args, mode, root)
+            run_dir = root / "outputs" / "messages"
+            figures[mode] = {"clients_train_s": clients_train(run_dir), **server_waits(run_dir)}
         for r in rows:
             print(
                 json.dumps(
@@ -152,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         figures[mode].update(summary(rows))
         print(json.dumps({"mode": mode, **figures[mode]}), flush=True)
+    if "slow_link" in figures and "node_worker" in figures:
+        figures["link"] = f"{args.link_delay_ms:g} ms each way, {args.link_rate_mbit:g} Mbit/s"
+        for key in ("train_wait_s", "evaluate_wait_s"):
+            extra = figures["slow_link"].get(key, 0) - figures["node_worker"].get(key, 0)
+            figures[f"slow_link_extra_{key}"] = round(extra, 2)
     figures["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
     return 0

@@ -55,6 +55,7 @@ from rcsr_flower.runtime.launch import (
     start_cli,
     write_connection,
 )
+from rcsr_flower.runtime.netns import Network
 from rcsr_flower.runtime.processes import (
     TAG_VAR,
     new_tag,
@@ -65,6 +66,7 @@ from rcsr_flower.runtime.processes import (
     track,
     wait_healthy,
 )
+from rcsr_flower.runtime.slowlink import Link
 
 CONNECTION = "rcsr-deploy"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -299,6 +301,11 @@ class LocalDeployment:
     raw_run_config: list[str] = field(default_factory=list)
     timeout: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)
+    # separate hosts: the SuperLink on host "superlink", the user on "user", SuperNode i on
+    # "node-<i>", each in its own network namespace (rcsr_flower.runtime.netns); None: loopback
+    network: Network | None = None
+    # with a network: every node's link to the SuperLink (a proxy in front of it); None: direct
+    link: Link | None = None
 
     def __post_init__(self) -> None:
         self.app_dir = Path(self.app_dir).resolve()
@@ -308,6 +315,7 @@ class LocalDeployment:
         self.supernodes: list[SuperNode] = []
         self.tls: TlsFiles | None = None
         self.run_proc: LoggedProcess | None = None
+        self.slowlink: LoggedProcess | None = None
         self.tag = new_tag()  # in the environment of every process this deployment starts
 
     @property
@@ -316,8 +324,17 @@ class LocalDeployment:
         return self.root / "user"
 
     @property
+    def host(self) -> str:
+        """The SuperLink's address as nodes and users reach it (its certificate's name)."""
+        return "127.0.0.1" if self.network is None else self.network.address("superlink")
+
+    @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def _on(self, host: str, cmd: list[str]) -> list[str]:
+        """``cmd`` run on ``host`` of the network (unchanged on loopback)."""
+        return cmd if self.network is None else self.network.command(host, cmd)
 
     @property
     def database(self) -> Path:
@@ -333,7 +350,10 @@ class LocalDeployment:
         """SuperLink, user connection, node keys (registered), and all SuperNodes."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.secure:
-            self.tls = write_tls_certificates(self.root / "certificates")
+            # as the guide says: loopback too, which the SuperLink's own SuperExec dials
+            hosts = ("127.0.0.1", "localhost")
+            hosts += () if self.network is None else (self.host,)
+            self.tls = write_tls_certificates(self.root / "certificates", hosts)
         self.start_superlink()
         self.write_connection()
         for i in range(self.num_supernodes):
@@ -346,6 +366,8 @@ class LocalDeployment:
             self.wait_joined(node)
 
     def start_superlink(self) -> None:
+        """The SuperLink (again, after :meth:`kill_superlink`: same database, so the
+        registered nodes stay registered) and, with a slow ``link``, the proxy in front."""
         home = self.root / "superlink"
         home.mkdir(parents=True, exist_ok=True)
         cmd = [flower_executable("flower-superlink")]
@@ -361,9 +383,12 @@ class LocalDeployment:
                 str(self.tls.server_key),
                 "--enable-supernode-auth",
             ]
+        # on separate hosts every interface, as the guide has it; behind a slow link only its
+        # host's loopback, while the proxy takes the host's address
+        bind = "127.0.0.1" if self.network is None or self.link is not None else "0.0.0.0"
         cmd += [
             "--host",
-            "127.0.0.1",
+            bind,
             "--port",
             str(self.port),
             "--database",
@@ -371,14 +396,54 @@ class LocalDeployment:
             "--disable-runtime-dependency-installation",
         ]
         log_file = self.root / "superlink.log"
+        cmd = self._on("superlink", cmd)
         self.superlink = LoggedProcess(cmd, self._env(home), log_file, cwd=home)
+        if self.network is not None and self.link is not None:
+            self.start_slowlink()
         scheme = "http" if self.tls is None else "https"
-        wait_healthy(
-            self.superlink.process,
-            f"{scheme}://{self.address}/health",
-            log_file,
-            cafile=self.tls.ca_cert if self.tls else None,
+        url = f"{scheme}://{self.address}/health"
+        cafile = self.tls.ca_cert if self.tls else None
+
+        def healthy() -> None:
+            assert self.superlink is not None
+            wait_healthy(self.superlink.process, url, log_file, cafile=cafile)
+
+        healthy() if self.network is None else self.network.call("user", healthy)
+
+    def start_slowlink(self) -> None:
+        """The proxy that makes every link to the SuperLink ``link`` (delay, bandwidth),
+        on the SuperLink's host: TLS passes through it, the certificate still matches."""
+        assert self.network is not None and self.link is not None
+        cmd = [
+            sys.executable,
+            "-m",
+            "rcsr_flower.runtime.slowlink",
+            "--listen",
+            self.address,
+            "--upstream",
+            f"127.0.0.1:{self.port}",
+            "--delay-ms",
+            f"{self.link.delay * 1000:g}",
+        ]
+        if self.link.rate is not None:
+            cmd += ["--rate-mbit", f"{self.link.rate * 8 / 1e6:g}"]
+        self.slowlink = LoggedProcess(
+            self._on("superlink", cmd), self._env(self.root), self.root / "slowlink.log"
         )
+        if not self.slowlink.wait_for("slow link listening", 60):
+            raise RuntimeError(f"the slow link did not start; see {self.slowlink.log_file}")
+
+    def kill_superlink(self) -> None:
+        """The SuperLink's machine dies: SIGKILL it and what it started (the ServerApp),
+        and on separate hosts everything on its host (the slow link too). Its disk, the
+        database included, survives; :meth:`start_superlink` starts it again."""
+        assert self.superlink is not None
+        self.superlink.kill()
+        if self.network is not None:
+            self.network.kill_all("superlink")
+            if self.slowlink is not None:
+                self.slowlink.wait(timeout=10)
+                self.slowlink = None
 
     def write_connection(self) -> None:
         """``$FLWR_HOME/config.toml`` of the user: how ``flwr`` reaches the SuperLink."""
@@ -389,7 +454,7 @@ class LocalDeployment:
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """A ``flwr`` CLI command as the user (their ``FLWR_HOME``)."""
         return subprocess.run(
-            [sys.executable, "-m", "flwr.cli.app", *args],
+            self._on("user", [sys.executable, "-m", "flwr.cli.app", *args]),
             env=self._env(self.user_home),
             capture_output=True,
             text=True,
@@ -434,6 +499,7 @@ class LocalDeployment:
             config_args(node_config),
             *extra_args,
         ]
+        cmd = self._on(f"node-{index}", cmd)
         proc = LoggedProcess(cmd, self._env(home), self.root / f"node-{index}.log", cwd=home)
         node = SuperNode(index, port, home, key, proc)
         self.supernodes.append(node)
@@ -489,7 +555,7 @@ class LocalDeployment:
             staged, CONNECTION, self.raw_run_config, overrides, staged_from=self.app_dir
         )
         self.run_proc = LoggedProcess(
-            cmd, self._env(self.user_home), self.root / "run.log", echo=True
+            self._on("user", cmd), self._env(self.user_home), self.root / "run.log", echo=True
         )
         return self.run_proc
 
@@ -512,7 +578,8 @@ class LocalDeployment:
     def stop(self) -> None:
         """Stop every process this deployment started, SuperNodes first, then anything
         left that carries its tag."""
-        for proc in [self.run_proc, *(n.proc for n in self.supernodes), self.superlink]:
+        procs = [self.run_proc, *(n.proc for n in self.supernodes), self.superlink, self.slowlink]
+        for proc in procs:
             if proc is not None:
                 proc.stop()
         stop_tagged(self.tag)
@@ -549,7 +616,22 @@ def main(argv: list[str] | None = None) -> int:
         "--insecure", action="store_true", help="no TLS, no SuperNode authentication"
     )
     parser.add_argument("--node-config", default="", help='extra keys for every node: "k=v ..."')
+    parser.add_argument(
+        "--separate-hosts",
+        action="store_true",
+        help="each process on a host of its own: a network namespace per host, 198.18.0.0/24 "
+        "(root only; rcsr_flower.runtime.netns)",
+    )
+    parser.add_argument(
+        "--link-delay-ms", type=float, default=0.0, help="with --separate-hosts: each way"
+    )
+    parser.add_argument(
+        "--link-rate-mbit", type=float, default=None, help="with --separate-hosts: per node"
+    )
     args = parser.parse_args(argv)
+    slow = args.link_delay_ms > 0 or args.link_rate_mbit is not None
+    if slow and not args.separate_hosts:
+        parser.error("--link-delay-ms and --link-rate-mbit need --separate-hosts")
     try:
         run_name, output_dir = start_cli(args, "deploy")
     except LaunchError as exc:
@@ -566,14 +648,23 @@ def main(argv: list[str] | None = None) -> int:
         raw_run_config=args.run_config,
         timeout=args.timeout,
     )
+    if slow:
+        rate = None if args.link_rate_mbit is None else args.link_rate_mbit * 1e6 / 8
+        deployment.link = Link(args.link_delay_ms / 1000, rate)
+    network = None
     try:
         deployment.check(run_name, output_dir)  # a bad key fails before anything starts
+        if args.separate_hosts:
+            hosts = ["superlink", "user", *(f"node-{i}" for i in range(args.num_supernodes))]
+            deployment.network = network = Network(hosts)
         deployment.start()
         result = deployment.run(run_name, output_dir)
     except Exception as exc:  # ConfigError, or a process that did not start
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:
         deployment.stop()
+        if network is not None:
+            network.close()
     logs = f"{deployment.root}/{{superlink,node-*,run}}.log" if deployment.root.exists() else None
     code = report(result, output_dir / run_name, logs)
     if code == 0:

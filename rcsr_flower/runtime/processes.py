@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -91,6 +92,7 @@ def process_age() -> float | None:
 TAG_VAR = "RCSR_LAUNCH_TAG"
 _LEADERS: dict[str, list[subprocess.Popen]] = {}  # tag -> session leaders started
 _HANDLERS: dict[int, object] = {}  # signal -> the handler ours replaced
+_AT_STOP: list[Callable[[], None]] = []  # what else to undo (a test network's namespaces)
 
 
 def new_tag() -> str:
@@ -232,10 +234,21 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             process.poll()  # reap when we can; a zombie holds nothing
 
 
+def at_stop(fn: Callable[[], None]) -> None:
+    """Also call ``fn`` when :func:`stop_all` runs (at exit, on SIGTERM/SIGINT), after
+    the processes have stopped; ``fn`` must be safe to call twice."""
+    _install_handlers()
+    _AT_STOP.append(fn)
+
+
 def stop_all() -> None:
-    """Stop everything every launcher in this process started."""
+    """Stop everything every launcher in this process started, then undo what was
+    registered with :func:`at_stop`."""
     for tag in list(_LEADERS):
         stop_tagged(tag)
+    while _AT_STOP:
+        with contextlib.suppress(Exception):
+            _AT_STOP.pop()()
 
 
 def _install_handlers() -> None:
