@@ -155,6 +155,7 @@ class RunConfig:
     prox: bool = True
     tower_aggregation: bool = True  # §5 step 5 (ours, revised); every strategy
     aggregate_unimodal: bool = True  # false: only paired clients' updates are averaged
+    server_lr: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     router_hidden: int = field(default=128, metadata=_range(1))
     router_heads: int = field(default=4, metadata=_range(1))

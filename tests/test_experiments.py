@@ -246,6 +246,9 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-minimax",
         "rcsr-no-anchoring",
         "rcsr-no-tower",
+        "fedavg-paired-half-step",
+        "fedavg-tower-half-step",
+        "rcsr-half-step",
     }
     assert all(set(s) <= {"S3", "S4"} and "S4" in s for s in runs.values())
     everywhere = len(embedded.methods) - 1 - len(runs)
@@ -269,6 +272,9 @@ def test_the_shipped_suites_are_valid():
         "rcsr-personal-unimodal",
         "rcsr-ce",
         "rcsr-ce-personal",
+        "fedavg-paired-half-step",
+        "fedavg-tower-half-step",
+        "rcsr-half-step",
     }
 
 

@@ -581,6 +581,24 @@ def test_tower_aggregation_is_plain_aggregation_when_every_client_is_paired():
         assert routed[key].numpy().tobytes() == routed_plain[key].numpy().tobytes(), key
 
 
+def test_a_server_lr_below_one_moves_theta_that_fraction_of_the_way_to_the_average():
+    replies = [modality_reply(n, theta(n), 5 * n, 0, st=stats(n)) for n in (1, 2, 3)]
+    full, _ = fedavg(True).aggregate_train(1, replies)
+    half = fedavg(True)
+    half.options.server_lr = 0.5
+    stepped, _ = half.aggregate_train(1, replies)
+    routed_step, _ = rcsr(router=False, server_lr=0.25).aggregate_train(1, replies)
+    routed_full, _ = rcsr(router=False).aggregate_train(1, replies)
+    for key, start in theta(0).items():
+        start = start.numpy()
+        expected = start + 0.5 * (full[key].numpy() - start)
+        assert stepped[key].numpy().dtype == full[key].numpy().dtype
+        assert np.allclose(stepped[key].numpy(), expected, rtol=0, atol=1e-7), key
+        expected = start + 0.25 * (routed_full[key].numpy() - start)
+        assert np.allclose(routed_step[key].numpy(), expected, rtol=0, atol=1e-7), key
+        assert not np.allclose(stepped[key].numpy(), full[key].numpy()), key  # it moved less
+
+
 def test_a_zero_text_update_of_an_image_only_client_does_not_slow_the_text_tower():
     paired = [modality_reply(1, theta(1), 10, 0), modality_reply(3, theta(3), 7, 0)]
     image_only = modality_reply(2, image_only_theta(2), 30, 1)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from rcsr_flower.routing.task import ClientReport, ParameterGroups, ReplyError, RoutedTask
@@ -163,6 +163,19 @@ def updates_of(
 def sample_weights(reports: list[ClientReport]) -> torch.Tensor:
     n = torch.tensor([float(r.num_examples) for r in reports])
     return n / n.sum()
+
+
+def server_step(current: ArrayRecord, averaged: ArrayRecord, lr: float) -> ArrayRecord:
+    """``θ <- θ + lr (θ̄ − θ)``: the server moves ``lr`` of the way to the average. At
+    ``lr = 1`` it is the average itself (FedAvg); below 1 it shortens every round's step
+    alike, whatever the clients sent, which is what zero updates do to one tower only."""
+    if lr == 1.0:
+        return averaged
+    out = {}
+    for key in averaged:
+        theta = current[key].numpy()
+        out[key] = Array((theta + lr * (averaged[key].numpy() - theta)).astype(theta.dtype))
+    return ArrayRecord(out)
 
 
 def aggregate(

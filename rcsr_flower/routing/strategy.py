@@ -46,6 +46,7 @@ from rcsr_flower.routing.aggregation import (
     aggregate,
     last_line,
     sample_weights,
+    server_step,
     unanswered,
     update_geometry,
     updates_of,
@@ -100,6 +101,7 @@ class RoutingOptions:
     tower_aggregation: bool = True  # step 5 group by group (False: Flower's plain FedAvg)
     groups: ParameterGroups | None = None  # the task's parameter groups (its towers); None: one
     aggregate_unimodal: bool = True  # False: replies of partial (unimodal) clients are left out
+    server_lr: float = 1.0  # θ moves this fraction of the way to the round's average
     router_hidden: int = 128  # width of the router's token MLP and attention blocks
     router_heads: int = 4
     router_blocks: int = 2  # self-attention blocks over the round's clients
@@ -473,6 +475,8 @@ class RCSRStrategy(FedAvg):
             router_loss = self._router_step(server_round, tokens, reports)
             weights = {"router": w_router, "minimax": w_minimax, "fused": w}
 
+        if self.current is not None:
+            arrays = server_step(self.current, arrays, self.options.server_lr)
         # 8. record (with where each update pointed: the diagnosis, not the method)
         record.update(
             skipped=False,

@@ -237,6 +237,7 @@ def _run_federation(
             tower_aggregation=cfg.tower_aggregation,
             groups=TOWER_GROUPS,
             aggregate_unimodal=cfg.aggregate_unimodal,
+            server_lr=cfg.server_lr,
             router_hidden=cfg.router_hidden,
             router_heads=cfg.router_heads,
             router_blocks=cfg.router_blocks,
