@@ -131,6 +131,25 @@ def test_a_slow_link_delays_each_way_throttles_and_passes_every_byte():
         upstream.close()
 
 
+def test_a_slow_link_whose_server_is_down_resets_connections_as_a_bare_host_would():
+    """Not an accepted connection closed cleanly: a SuperNode takes the EOF in its TLS
+    handshake for a TLS error and stops reconnecting for good (Flower 1.42)."""
+    closed = listener("127.0.0.1")
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more
+    proxy = SlowLink(("127.0.0.1", 0), ("127.0.0.1", port), Link(delay=0.01))
+    proxy.start()
+    try:
+        with (
+            socket.create_connection(proxy.listen, timeout=30) as conn,
+            pytest.raises(ConnectionResetError),
+        ):
+            conn.sendall(b"hello")
+            conn.recv(16)
+    finally:
+        proxy.close()
+
+
 INTERRUPTED = textwrap.dedent(
     """
     import subprocess, sys, time

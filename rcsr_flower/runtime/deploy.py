@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,17 +398,27 @@ class LocalDeployment:
         log_file = self.root / "superlink.log"
         cmd = self._on("superlink", cmd)
         self.superlink = LoggedProcess(cmd, self._env(home), log_file, cwd=home)
-        if self.network is not None and self.link is not None:
-            self.start_slowlink()
         scheme = "http" if self.tls is None else "https"
-        url = f"{scheme}://{self.address}/health"
         cafile = self.tls.ca_cert if self.tls else None
 
-        def healthy() -> None:
-            assert self.superlink is not None
-            wait_healthy(self.superlink.process, url, log_file, cafile=cafile)
+        def healthy(address: str) -> Callable[[], None]:
+            def wait() -> None:
+                assert self.superlink is not None
+                url = f"{scheme}://{address}/health"
+                wait_healthy(self.superlink.process, url, log_file, cafile=cafile)
 
-        healthy() if self.network is None else self.network.call("user", healthy)
+            return wait
+
+        if self.network is None:
+            healthy(self.address)()
+            return
+        if self.link is not None:
+            # the proxy listens only once the SuperLink answers behind it: a proxy that
+            # accepted while the SuperLink was down would close connections mid-handshake,
+            # and a SuperNode gives up for good after a TLS error (docs/deployment.md)
+            self.network.call("superlink", healthy(f"127.0.0.1:{self.port}"))
+            self.start_slowlink()
+        self.network.call("user", healthy(self.address))  # as nodes and users reach it
 
     def start_slowlink(self) -> None:
         """The proxy that makes every link to the SuperLink ``link`` (delay, bandwidth),

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -112,7 +114,10 @@ class SlowLink:
         peer = str(client_w.get_extra_info("peername")[0])
         try:
             server_r, server_w = await asyncio.open_connection(*self.upstream)
-        except OSError:  # the server is down: the client sees its connection close
+        except OSError:  # the server is down: reset, as a host with nothing listening does
+            sock = client_w.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client_w.close()
             return
         self.connections += 1
