@@ -3,10 +3,13 @@
 ``docs/deployment.md`` runs the same pieces on separate machines; this launcher runs them
 on loopback, exactly as there (each process with its own ``FLWR_HOME``, port and log, TLS
 and SuperNode authentication on by default), so the deployment path is exercised by the
-tests and can be tried on one machine first:
+tests and can be tried on one machine first. With ``network`` (``--separate-hosts``, as
+root) every process runs on a host of its own instead (``rcsr_flower.runtime.netns``),
+optionally behind slow links (``rcsr_flower.runtime.slowlink``):
 
-1. writes a CA, a server certificate for 127.0.0.1/localhost and one EC key per node
-   (OpenSSH format), unless ``--insecure``;
+1. writes a CA, a server certificate for 127.0.0.1/localhost (and the SuperLink's
+   address on separate hosts) and one EC key per node (OpenSSH format), unless
+   ``--insecure``;
 2. starts ``flower-superlink`` (runtime dependency installation off, SuperNode auth on);
 3. registers each node's public key with ``flwr supernode register``;
 4. starts ``flower-supernode`` i with ``--node-config "partition-id=i num-partitions=N
