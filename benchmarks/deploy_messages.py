@@ -77,14 +77,13 @@ def messages(log: str) -> list[dict]:
 
 def run_mode(args, mode: str, root: Path) -> list[dict]:
     from rcsr_flower.runtime.deploy import LocalDeployment
-    from rcsr_flower.runtime.netns import Network
+    from rcsr_flower.runtime.netns import Network, deployment_hosts
     from rcsr_flower.runtime.slowlink import Link
 
     idle, separate = MODES[mode]
     network = None
     if separate:
-        hosts = ["superlink", "user", *(f"node-{i}" for i in range(args.num_supernodes))]
-        network = Network(hosts)
+        network = Network(deployment_hosts(args.num_supernodes))
     deployment = LocalDeployment(
         app_dir=ROOT,
         root=root / "deploy",

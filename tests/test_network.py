@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 
 from rcsr_flower.runtime.deploy import LocalDeployment
-from rcsr_flower.runtime.netns import Network, NetworkError, namespaces, ours, unavailable
+from rcsr_flower.runtime.netns import (
+    Network,
+    NetworkError,
+    deployment_hosts,
+    namespaces,
+    ours,
+    unavailable,
+)
 from rcsr_flower.runtime.slowlink import Link, SlowLink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,8 +228,20 @@ def small_run(embedded_assets, **extra) -> dict[str, object]:
     }
 
 
-def hosts(num_supernodes: int) -> list[str]:
-    return ["superlink", "user", *(f"node-{i}" for i in range(num_supernodes))]
+def on_hosts(tmp_path: Path, run_config: dict, link: Link | None = None):
+    """Two SuperNodes, the SuperLink and the user each on a host of their own."""
+    network = Network(deployment_hosts(2))
+    deployment = LocalDeployment(
+        app_dir=ROOT,
+        root=tmp_path / "hosts",
+        num_supernodes=2,
+        num_partitions=NUM_PARTITIONS,
+        run_config=run_config,
+        timeout=1800,
+        network=network,
+        link=link,
+    )
+    return network, deployment
 
 
 def rows(out: Path, name: str) -> list[dict]:
@@ -304,17 +323,7 @@ def test_slow_links_change_no_number_and_a_superlink_that_dies_is_resumed_bit_id
         loopback.stop()
     assert reference["status"] == "completed", reference.get("error")
 
-    network = Network(hosts(2))
-    deployment = LocalDeployment(
-        app_dir=ROOT,
-        root=tmp_path / "hosts",
-        num_supernodes=2,
-        num_partitions=NUM_PARTITIONS,
-        run_config=run_config,
-        timeout=1800,
-        network=network,
-        link=Link(delay=0.1, rate=20e6 / 8),
-    )
+    network, deployment = on_hosts(tmp_path, run_config, Link(delay=0.1, rate=20e6 / 8))
     try:
         deployment.start()
         slow = deployment.run("slow", outputs)
@@ -365,16 +374,7 @@ def test_a_cut_link_rejoins_and_a_link_cut_for_good_ends_the_run(tmp_path, embed
         embedded_assets, **{"personal-adapters": True, "personal-unimodal": True}
     )
     outputs = tmp_path / "outputs"
-    network = Network(hosts(2))
-    deployment = LocalDeployment(
-        app_dir=ROOT,
-        root=tmp_path / "hosts",
-        num_supernodes=2,
-        num_partitions=NUM_PARTITIONS,
-        run_config=run_config,
-        timeout=1800,
-        network=network,
-    )
+    network, deployment = on_hosts(tmp_path, run_config)
     try:
         deployment.start()
         victim = deployment.supernodes[1]

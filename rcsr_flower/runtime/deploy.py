@@ -58,7 +58,7 @@ from rcsr_flower.runtime.launch import (
     start_cli,
     write_connection,
 )
-from rcsr_flower.runtime.netns import Network
+from rcsr_flower.runtime.netns import Network, deployment_hosts
 from rcsr_flower.runtime.processes import (
     TAG_VAR,
     new_tag,
@@ -668,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment.check(run_name, output_dir)  # a bad key fails before anything starts
         if args.separate_hosts:
-            hosts = ["superlink", "user", *(f"node-{i}" for i in range(args.num_supernodes))]
-            deployment.network = network = Network(hosts)
+            deployment.network = network = Network(deployment_hosts(args.num_supernodes))
         deployment.start()
         result = deployment.run(run_name, output_dir)
     except Exception as exc:  # ConfigError, or a process that did not start

@@ -163,6 +163,11 @@ def call_in(namespace: str, fn: Callable[[], T]) -> T:
     return value
 
 
+def deployment_hosts(num_supernodes: int) -> list[str]:
+    """The hosts ``LocalDeployment`` runs on: the SuperLink, the user, ``node-<i>``."""
+    return ["superlink", "user", *(f"node-{i}" for i in range(num_supernodes))]
+
+
 class Network:
     """Hosts with an address each, on one bridge; :meth:`close` removes everything.
 
