@@ -247,8 +247,6 @@ def test_the_shipped_suites_are_valid():
         "rcsr-no-anchoring",
         "rcsr-no-tower",
         "fedavg-paired-half-step",
-        "fedavg-tower-half-step",
-        "rcsr-half-step",
     }
     assert all(set(s) <= {"S3", "S4"} and "S4" in s for s in runs.values())
     everywhere = len(embedded.methods) - 1 - len(runs)
