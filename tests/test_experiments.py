@@ -244,7 +244,6 @@ def test_the_shipped_suites_are_valid():
         "rcsr-ce-personal",
         "rcsr-no-router",
         "rcsr-no-minimax",
-        "rcsr-no-anchoring",
         "rcsr-no-tower",
         "fedavg-paired-half-step",
     }
