@@ -57,12 +57,49 @@ if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's che
 log = logging.getLogger(__name__)
 
 PARTITION_VERSION = 2  # 2: partition-sizes = "equal" fills each client in turn
+MIN_TRAIN_PAIRS = 2  # a client's contrastive loss needs two pairs; with one it sits out
+
+
+def check_population(cfg: RunConfig, num_items: int, split_items: int, num_clients: int) -> None:
+    """Refuse a partition that leaves clients nothing to train on, before building it.
+
+    ``num_items`` training items (after ``train-max-items``) of ``split_items`` in the
+    split, over ``num_clients``: each client needs ``MIN_TRAIN_PAIRS`` items to train on,
+    plus one held out when ``local-test-fraction`` > 0. Below that on average some clients
+    certainly get nothing, which a federation of 1,000 clients on the default 750 items
+    would otherwise find out as 250 empty nodes. The error names the settings that fix it.
+    """
+    per_client = MIN_TRAIN_PAIRS + (cfg.local_test_fraction > 0)
+    needed = per_client * num_clients
+    if num_items >= needed:
+        return
+    given = (
+        f"train-max-items = {cfg.train_max_items} gives"
+        if cfg.train_max_items
+        else f"the training split's {num_items} items give"
+    )
+    fixes = []
+    if needed <= split_items:
+        fixes.append(f"set train-max-items >= {needed} (0 = all {split_items} of the split)")
+    elif cfg.embedded:
+        fixes.append(
+            f"set embedded-train-items >= {needed} (a larger embedded corpus, built beside "
+            f"the default one) and train-max-items >= {needed} or 0"
+        )
+    fixes.append(f"run at most {num_items // per_client} clients")
+    raise ConfigError(
+        f"{given} {num_clients} clients {num_items / num_clients:.3g} training items each, "
+        f"and each needs at least {per_client} ({MIN_TRAIN_PAIRS} to train on"
+        f"{', 1 held out for its local test split' if per_client > MIN_TRAIN_PAIRS else ''}): "
+        + ", or ".join(fixes)
+    )
 
 
 def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
     """``(source, image_root, fmt)`` for the run's dataset; ``embedded`` -> built corpus."""
     if cfg.embedded:
-        return str(ensure_assets(cfg.cache_dir or None).corpus_json), None, "karpathy"
+        assets = ensure_assets(cfg.cache_dir or None, train_items=cfg.embedded_train_items)
+        return str(assets.corpus_json), None, "karpathy"
     return cfg.dataset, (cfg.data_dir or None), cfg.dataset_format
 
 
@@ -218,6 +255,10 @@ def load_partition(
         if path.is_file():
             return Partition.from_json(path)
         train = train if train is not None else open_split(cfg, "train")
+        split_items = len(train)
+        if cfg.train_max_items and len(train) == cfg.train_max_items:
+            split_items = len(open_split(cfg, "train", capped=False))
+        check_population(cfg, len(train), split_items, num_partitions)
         embeddings = labels = None
         if cfg.partitioning == "dirichlet" and cfg.partition_attribute != KMEANS:
             try:
@@ -262,6 +303,15 @@ def _top_up(
             f"local-test-items = {cfg.local_test_size} draws from the training items past "
             f"train-max-items, and the training split has no more than its {len(train)}: "
             "set a smaller train-max-items or local-test-items = 0"
+        )
+    needed = sum(max(0, cfg.local_test_size - len(c.test)) for c in partition.clients if c.train)
+    if needed > len(pool):
+        raise ConfigError(
+            f"local-test-items = {cfg.local_test_size} tops up {partition.num_partitions} "
+            f"clients' local test splits with {needed} training items past train-max-items, "
+            f"and the split has {len(pool)} of them: set local-test-items = 0 (the held-out "
+            f"part alone) or lower, a smaller train-max-items"
+            + (", or a larger embedded-train-items" if cfg.embedded else "")
         )
     key = cfg.partition_attribute
     try:
