@@ -251,6 +251,59 @@ def command(args: argparse.Namespace, tmp: Path) -> list[str]:
     return cmd
 
 
+@dataclass
+class Watched:
+    """What :func:`watch` saw of one command's run."""
+
+    peak: Sample  # the sample of the largest PSS sum
+    role_peak: dict[str, int]  # each role's own peak PSS over the run
+    peak_rss: int
+    samples: int
+    seconds: float
+    code: int  # the command's exit code
+
+
+def watch(cmd: list[str], env: dict[str, str], every: float = 1.0, cwd: Path = ROOT) -> Watched:
+    """Run ``cmd`` and sample its processes' memory every ``every`` s until it exits
+    (:func:`sample`), with a progress line every 15 samples; Ctrl-C stops the command,
+    whose launcher then stops what it started."""
+    tags: set[str] = set()
+    peak: Sample | None = None
+    role_peak: dict[str, int] = {}
+    peak_rss = samples = 0
+    start = time.monotonic()
+    child = subprocess.Popen(cmd, cwd=cwd, env=env)
+    try:
+        while child.poll() is None:
+            s = sample(child.pid, tags, time.monotonic() - start)
+            samples += 1
+            total = s.total()
+            peak_rss = max(peak_rss, s.total("rss"))
+            for r, v in s.by_role().items():
+                role_peak[r] = max(role_peak.get(r, 0), v)
+            if peak is None or total > peak.total():
+                peak = s
+            if samples % 15 == 1:
+                print(
+                    f"[memory] {s.t:6.0f} s: {gb(total):.2f} GB PSS in {len(s.rows)} "
+                    f"processes (peak {gb(peak.total()):.2f} GB)",
+                    flush=True,
+                )
+            time.sleep(max(0.0, every - (time.monotonic() - start - s.t)))
+    except KeyboardInterrupt:
+        child.terminate()  # the launcher stops what it started
+        child.wait()
+        raise
+    return Watched(
+        peak or Sample(0.0, []),
+        role_peak,
+        peak_rss,
+        samples,
+        time.monotonic() - start,
+        child.returncode,
+    )
+
+
 def gb(n: float) -> float:
     return round(n / GB, 3)
 
@@ -282,39 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rcsr-memory-"))
     cmd = command(args, tmp)
     print(f"[memory] $ {' '.join(cmd)}", flush=True)
-    tags: set[str] = set()
-    peak: Sample | None = None
-    role_peak: dict[str, int] = {}
-    peak_rss = samples = 0
-    start = time.monotonic()
-    child = subprocess.Popen(cmd, cwd=ROOT, env=env)
     try:
-        while child.poll() is None:
-            s = sample(child.pid, tags, time.monotonic() - start)
-            samples += 1
-            total = s.total()
-            peak_rss = max(peak_rss, s.total("rss"))
-            for r, v in s.by_role().items():
-                role_peak[r] = max(role_peak.get(r, 0), v)
-            if peak is None or total > peak.total():
-                peak = s
-            if samples % 15 == 1:
-                print(
-                    f"[memory] {s.t:6.0f} s: {gb(total):.2f} GB PSS in {len(s.rows)} "
-                    f"processes (peak {gb(peak.total()):.2f} GB)",
-                    flush=True,
-                )
-            time.sleep(max(0.0, args.every - (time.monotonic() - start - s.t)))
-    except KeyboardInterrupt:
-        child.terminate()  # the launcher stops what it started
-        child.wait()
-        raise
+        watched = watch(cmd, env, args.every)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.monotonic() - start
-    code = child.returncode
+    peak, role_peak, peak_rss = watched.peak, watched.role_peak, watched.peak_rss
+    samples, seconds, code = watched.samples, watched.seconds, watched.code
 
-    peak = peak or Sample(0.0, [])
     print(f"[memory] peak sample at {peak.t:.0f} s: {gb(peak.total()):.2f} GB PSS", flush=True)
     for pid, r, m, cmdline in sorted(peak.rows, key=lambda row: -row[2]["pss"]):
         print(

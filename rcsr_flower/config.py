@@ -72,6 +72,7 @@ EMBEDDED = "embedded"
 """``model-name`` and ``dataset`` of the project's own tiny CLIP and corpus (``assets``)."""
 EMBEDDED_CONTENT = "color"
 EMBEDDED_LOCAL_TEST = 50  # local-test-items = "auto" on the embedded benchmark
+EMBEDDED_TRAIN_ITEMS = 6000  # the embedded corpus's own training items (CorpusSpec().n_train)
 """The embedded corpus's content groups for ``partition-by = "auto"``: the object colour,
 the attribute its captions and the frozen tiny CLIP depend on most (docs/algorithm.md)."""
 
@@ -91,6 +92,16 @@ class RunConfig:
     cache_dir: str = ""
     eval_max_images: int = field(default=1000, metadata=_range(0))
     train_max_items: int = field(default=750, metadata=_range(0))
+    # the embedded corpus's training items: its own 6000, or more for many clients (the
+    # same corpus with items appended: embedded.corpus.ExtendedCorpusSpec)
+    embedded_train_items: int = field(
+        default=EMBEDDED_TRAIN_ITEMS,
+        metadata={
+            **_range(EMBEDDED_TRAIN_ITEMS),
+            "fix": "the embedded corpus has its 6000 training items or more; to train "
+            "on fewer, set train-max-items",
+        },
+    )
     loader_workers: int = field(default=0, metadata=_range(0))
     data_cache_gb: float = field(default=4.0, metadata=_range(0.0))
     # partition (§1)
@@ -226,6 +237,12 @@ class RunConfig:
             raise ConfigError(
                 f"run-config 'local-test-items' = {self.local_test_items!r}: allowed values "
                 "are 'auto' or a number of items >= 0, e.g. 50"
+            )
+        if self.embedded_train_items != EMBEDDED_TRAIN_ITEMS and not self.embedded:
+            raise ConfigError(
+                f"run-config 'embedded-train-items' = {self.embedded_train_items} sizes the "
+                f"embedded corpus, and dataset = {self.dataset!r}: leave it at "
+                f"{EMBEDDED_TRAIN_ITEMS} (cap another dataset with train-max-items)"
             )
         for key in _NON_EMPTY:
             if not getattr(self, key.replace("-", "_")).strip():

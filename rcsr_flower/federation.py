@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,29 +59,91 @@ if TYPE_CHECKING:  # torch is imported where a backbone runs: the launcher's che
 log = logging.getLogger(__name__)
 
 PARTITION_VERSION = 2  # 2: partition-sizes = "equal" fills each client in turn
+MIN_TRAIN_PAIRS = 2  # a client's contrastive loss needs two pairs; with one it sits out
+
+
+def check_population(cfg: RunConfig, num_items: int, split_items: int, num_clients: int) -> None:
+    """Refuse a partition that leaves clients nothing to train on, before building it.
+
+    ``num_items`` training items (after ``train-max-items``) of ``split_items`` in the
+    split, over ``num_clients``: each client needs ``MIN_TRAIN_PAIRS`` items to train on,
+    plus one held out when ``local-test-fraction`` > 0. Below that on average some clients
+    certainly get nothing, which a federation of 1,000 clients on the default 750 items
+    would otherwise find out as 250 empty nodes. The error names the settings that fix it.
+    """
+    per_client = MIN_TRAIN_PAIRS + (cfg.local_test_fraction > 0)
+    needed = per_client * num_clients
+    if num_items >= needed:
+        return
+    given = (
+        f"train-max-items = {cfg.train_max_items} gives"
+        if cfg.train_max_items
+        else f"the training split's {num_items} items give"
+    )
+    fixes = []
+    if needed <= split_items:
+        fixes.append(f"set train-max-items >= {needed} (0 = all {split_items} of the split)")
+    elif cfg.embedded:
+        fixes.append(
+            f"set embedded-train-items >= {needed} (a larger embedded corpus, built beside "
+            f"the default one) and train-max-items >= {needed} or 0"
+        )
+    fixes.append(f"run at most {num_items // per_client} clients")
+    raise ConfigError(
+        f"{given} {num_clients} clients {num_items / num_clients:.3g} training items each, "
+        f"and each needs at least {per_client} ({MIN_TRAIN_PAIRS} to train on"
+        f"{', 1 held out for its local test split' if per_client > MIN_TRAIN_PAIRS else ''}): "
+        + ", or ".join(fixes)
+    )
 
 
 def dataset_source(cfg: RunConfig) -> tuple[str, str | None, str]:
     """``(source, image_root, fmt)`` for the run's dataset; ``embedded`` -> built corpus."""
     if cfg.embedded:
-        return str(ensure_assets(cfg.cache_dir or None).corpus_json), None, "karpathy"
+        assets = ensure_assets(cfg.cache_dir or None, train_items=cfg.embedded_train_items)
+        return str(assets.corpus_json), None, "karpathy"
     return cfg.dataset, (cfg.data_dir or None), cfg.dataset_format
+
+
+# Datasets this process opened, newest last: a simulation worker serves many clients,
+# and each client's first message would otherwise read and check the whole dataset file
+# again (1.3 s for the embedded corpus's JSON on a loaded 2-core machine: minutes of the
+# query round of 1,000 clients). Keyed by the file's size and time, so a changed file is
+# read again; a handful of entries (splits of one run) bound the memory.
+_OPENED: OrderedDict[tuple, ImageCaptionDataset] = OrderedDict()
+_OPENED_MAX = 4
+_OPENED_LOCK = threading.Lock()
 
 
 def open_split(cfg: RunConfig, split: str, *, capped: bool = True) -> ImageCaptionDataset:
     """One split of the run's dataset; the training split capped at ``train-max-items``
     (its first N items, before partitioning: every node cuts the same items) unless
-    ``capped`` is false (the items past the cap feed ``local-test-items``)."""
+    ``capped`` is false (the items past the cap feed ``local-test-items``). Opened once
+    per process while the dataset's file stays the same (``_OPENED``)."""
     source, image_root, fmt = dataset_source(cfg)
-    dataset = open_dataset(
-        source,
-        split,
-        fmt=fmt,
-        image_root=image_root,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column,
-        split_column=cfg.split_column or None,
-    )
+    columns = (cfg.image_column, cfg.caption_column, cfg.split_column)
+    path = Path(source)
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    key = (str(source), image_root, fmt, columns, split, stamp)
+    with _OPENED_LOCK:
+        dataset = _OPENED.get(key) if stamp is not None else None
+        if dataset is not None:
+            _OPENED.move_to_end(key)
+    if dataset is None:
+        dataset = open_dataset(
+            source,
+            split,
+            fmt=fmt,
+            image_root=image_root,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column,
+            split_column=cfg.split_column or None,
+        )
+        if stamp is not None:  # a directory (HF dataset) has no one stamp: not kept
+            with _OPENED_LOCK:
+                _OPENED[key] = dataset
+                while len(_OPENED) > _OPENED_MAX:
+                    _OPENED.popitem(last=False)
     if capped and split == "train" and cfg.train_max_items and len(dataset) > cfg.train_max_items:
         dataset = dataset.subset(range(cfg.train_max_items))
     return dataset
@@ -217,36 +281,53 @@ def load_partition(
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return Partition.from_json(path)
-        train = train if train is not None else open_split(cfg, "train")
-        embeddings = labels = None
-        if cfg.partitioning == "dirichlet" and cfg.partition_attribute != KMEANS:
-            try:
-                labels = content_labels(
-                    [train.attributes(i) for i in range(len(train))], cfg.partition_attribute
-                )
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        elif cfg.partitioning == "dirichlet":
-            log.info("embedding %d training items for the semantic partition", len(train))
-            embeddings = caption_embeddings(backbone, train)
-        partition = make_partition(
-            embeddings,
-            len(train),
-            num_partitions,
-            partitioning=cfg.partitioning,
-            num_clusters=cfg.partition_clusters,
-            alpha=cfg.alpha,
-            missing_rate=cfg.missing_rate,
-            local_test_fraction=cfg.local_test_fraction,
-            seed=cfg.seed,
-            labels=labels,
-            equal_sizes=cfg.partition_sizes == "equal",
-        )
-        if cfg.local_test_size:
-            partition = _top_up(cfg, partition, train, labels is not None)
+        partition = build_partition(cfg, backbone, num_partitions, train)
         path.parent.mkdir(parents=True, exist_ok=True)
         partition.to_json(path)
         os.chmod(path, 0o644)
+    return partition
+
+
+def build_partition(
+    cfg: RunConfig,
+    backbone: Backbone | None,
+    num_partitions: int,
+    train: ImageCaptionDataset | None = None,
+) -> Partition:
+    """Compute the run's partition (no cache): what :func:`load_partition` computes once
+    and keeps, and what ``benchmarks/scale.py`` times. ``backbone`` embeds the captions
+    for ``partition-by = "kmeans"`` only."""
+    train = train if train is not None else open_split(cfg, "train")
+    split_items = len(train)
+    if cfg.train_max_items and len(train) == cfg.train_max_items:
+        split_items = len(open_split(cfg, "train", capped=False))
+    check_population(cfg, len(train), split_items, num_partitions)
+    embeddings = labels = None
+    if cfg.partitioning == "dirichlet" and cfg.partition_attribute != KMEANS:
+        try:
+            labels = content_labels(
+                [train.attributes(i) for i in range(len(train))], cfg.partition_attribute
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    elif cfg.partitioning == "dirichlet":
+        log.info("embedding %d training items for the semantic partition", len(train))
+        embeddings = caption_embeddings(backbone, train)
+    partition = make_partition(
+        embeddings,
+        len(train),
+        num_partitions,
+        partitioning=cfg.partitioning,
+        num_clusters=cfg.partition_clusters,
+        alpha=cfg.alpha,
+        missing_rate=cfg.missing_rate,
+        local_test_fraction=cfg.local_test_fraction,
+        seed=cfg.seed,
+        labels=labels,
+        equal_sizes=cfg.partition_sizes == "equal",
+    )
+    if cfg.local_test_size:
+        partition = _top_up(cfg, partition, train, labels is not None)
     return partition
 
 
@@ -262,6 +343,15 @@ def _top_up(
             f"local-test-items = {cfg.local_test_size} draws from the training items past "
             f"train-max-items, and the training split has no more than its {len(train)}: "
             "set a smaller train-max-items or local-test-items = 0"
+        )
+    needed = sum(max(0, cfg.local_test_size - len(c.test)) for c in partition.clients if c.train)
+    if needed > len(pool):
+        raise ConfigError(
+            f"local-test-items = {cfg.local_test_size} tops up {partition.num_partitions} "
+            f"clients' local test splits with {needed} training items past train-max-items, "
+            f"and the split has {len(pool)} of them: set local-test-items = 0 (the held-out "
+            f"part alone) or lower, a smaller train-max-items"
+            + (", or a larger embedded-train-items" if cfg.embedded else "")
         )
     key = cfg.partition_attribute
     try:

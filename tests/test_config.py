@@ -93,6 +93,16 @@ def test_every_spec_hyperparameter_is_configurable():
         ({"resume-from": 3}, "'resume-from' = 3 has type int; expected str"),
         ({"fault-injection": "raise:0"}, "'fault-injection' = 'raise:0': bad item 'raise:0'"),
         ({"fault-injection": "nan:1@0"}, "rounds start at 1"),
+        (
+            {"embedded-train-items": 5000},
+            "'embedded-train-items' = 5000 is out of range: allowed [6000, inf); the "
+            "embedded corpus has its 6000 training items or more; to train on fewer, set "
+            "train-max-items",
+        ),
+        (
+            {"embedded-train-items": 12000, "dataset": "/data/flickr30k.json"},
+            "'embedded-train-items' = 12000 sizes the embedded corpus",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(overrides, message):

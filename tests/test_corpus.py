@@ -288,3 +288,40 @@ def test_replaces_partial_or_other_spec_corpus_but_not_foreign_data(tmp_path: Pa
     with pytest.raises(FileExistsError):
         generate_corpus(foreign, tiny, workers=1)
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+# --- a larger corpus for many clients --------------------------------------------------------
+
+
+def test_extended_corpus_keeps_the_default_items_and_appends_training_items(tmp_path: Path):
+    """``embedded-train-items`` > 6000: the default corpus's items at the same indices,
+    byte for byte (its first training items, val and test split), and the extra training
+    items after its test split, read back by the Karpathy reader as training items after
+    the first ones; the default spec and the shipped backbone's recipe are untouched."""
+    from dataclasses import asdict
+
+    from rcsr_flower.data.datasets import open_dataset
+    from rcsr_flower.embedded.corpus import ExtendedCorpusSpec, target_spec
+    from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
+
+    assert target_spec(6000) == CorpusSpec() and "extra_train" not in asdict(CorpusSpec())
+    assert "extra_train" not in json.dumps(asdict(TinyClipRecipe()))
+    big = target_spec(6400)
+    assert isinstance(big, ExtendedCorpusSpec) and big.n_total == 7900
+    base = CorpusSpec()
+    for i in (0, 5999, 6000, 6499, 6500, 7499):  # train, val and test of the default corpus
+        assert corpus._make_item(big, i, None) == corpus._make_item(base, i, None)
+    assert [big.split_of(i) for i in (7499, 7500, 7899)] == ["test", "train", "train"]
+    with pytest.raises(ValueError, match="at least 6000 training items"):
+        target_spec(5999)
+
+    small = SMALL
+    extended = ExtendedCorpusSpec(n_train=40, n_val=5, n_test=10, extra_train=6)
+    path = generate_corpus(tmp_path / "big", extended, workers=1)
+    train = open_dataset(path, "train")
+    plain = open_dataset(generate_corpus(tmp_path / "small", small, workers=1), "train")
+    assert len(train) == 46 and [train.captions(i) for i in range(40)] == [
+        plain.captions(i) for i in range(40)
+    ]
+    assert len(open_dataset(path, "test")) == 10
+    assert json.loads(path.read_text())["spec"]["extra_train"] == 6

@@ -49,13 +49,27 @@ repository."""
 SHIPPED_SHA256 = "832e2620edbbe384eb09a2546f01a1da8e03cdec23d25d1c998af54d86a574b0"
 
 
+DEFAULT_TRAIN_ITEMS = 6000  # CorpusSpec().n_train, the target corpus's training items
+
+
 @dataclass(frozen=True)
 class EmbeddedAssets:
+    """Where one version's assets live; ``train_items`` picks the target corpus: the
+    default one (``corpus/``) or a larger one for many clients beside it
+    (``corpus-train<N>/``, ``corpus.ExtendedCorpusSpec``), built on demand."""
+
     root: Path
+    train_items: int = DEFAULT_TRAIN_ITEMS
+
+    @property
+    def corpus_dir(self) -> Path:
+        if self.train_items == DEFAULT_TRAIN_ITEMS:
+            return self.root / "corpus"
+        return self.root / f"corpus-train{self.train_items}"
 
     @property
     def corpus_json(self) -> Path:
-        return self.root / "corpus" / "dataset.json"
+        return self.corpus_dir / "dataset.json"
 
     @property
     def pretrain_corpus_json(self) -> Path:
@@ -83,9 +97,11 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "rcsr-flower"
 
 
-def embedded_assets(cache_dir: str | os.PathLike | None = None) -> EmbeddedAssets:
+def embedded_assets(
+    cache_dir: str | os.PathLike | None = None, train_items: int = DEFAULT_TRAIN_ITEMS
+) -> EmbeddedAssets:
     """Where this version's embedded assets are (or will be) in the cache; builds nothing."""
-    return EmbeddedAssets(cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}")
+    return EmbeddedAssets(cache_root(cache_dir) / f"embedded-{ASSETS_VERSION}", train_items)
 
 
 @contextlib.contextmanager
@@ -110,21 +126,26 @@ def ensure_assets(
     force: bool = False,
     in_process: bool = False,
     pretrain: bool = False,
+    train_items: int = DEFAULT_TRAIN_ITEMS,
 ) -> EmbeddedAssets:
     """Return the embedded assets, building whatever is missing (under a lock).
 
     The build runs in a child interpreter unless ``in_process`` (the CLI itself). The
     backbone is the shipped one, checked by SHA-256; one that fails the check is a
     :class:`ShippedBackboneError`, unless ``pretrain`` asks to pretrain one here instead.
+    ``train_items`` (run-config ``embedded-train-items``): the target corpus with that many
+    training items, the default one or a larger one built beside it.
     """
-    assets = embedded_assets(cache_dir)
+    assets = embedded_assets(cache_dir, train_items)
     if assets.complete and not force:
         return assets
     if not in_process:
         # Build in a fresh interpreter: the caller may be a ServerApp or a Ray actor whose
         # threads, signal handlers and connections must not be forked by the build's pool.
         try:
-            _build_in_subprocess(assets.root.parent, force=force, pretrain=pretrain)
+            _build_in_subprocess(
+                assets.root.parent, force=force, pretrain=pretrain, train_items=train_items
+            )
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(
                 f"building the embedded assets in {assets.root} failed (exit {exc.returncode}; "
@@ -152,7 +173,9 @@ def load_model(name_or_path: str, device=None, cache_dir: str | os.PathLike | No
     return load_backbone(name_or_path, device)
 
 
-def _build_in_subprocess(cache_dir: Path, *, force: bool, pretrain: bool = False) -> None:
+def _build_in_subprocess(
+    cache_dir: Path, *, force: bool, pretrain: bool = False, train_items: int = DEFAULT_TRAIN_ITEMS
+) -> None:
     package_parent = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
@@ -172,17 +195,19 @@ def _build_in_subprocess(cache_dir: Path, *, force: bool, pretrain: bool = False
         cmd.append("--force")
     if pretrain:
         cmd.append("--pretrain")
+    if train_items != DEFAULT_TRAIN_ITEMS:
+        cmd += ["--train-items", str(train_items)]
     subprocess.run(cmd, env=env, check=True)
 
 
 def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> None:
-    from rcsr_flower.embedded.corpus import CorpusSpec, generate_corpus
+    from rcsr_flower.embedded.corpus import CorpusSpec, generate_corpus, target_spec
     from rcsr_flower.embedded.pretrain import pretrain_tiny_clip
     from rcsr_flower.embedded.tiny_clip import TinyClipRecipe
 
     assets.root.mkdir(parents=True, exist_ok=True)
     if force:
-        for sub in ("corpus", "pretrain-corpus", "tiny-clip"):
+        for sub in ("corpus", "pretrain-corpus", "tiny-clip", assets.corpus_dir.name):
             shutil.rmtree(assets.root / sub, ignore_errors=True)
     recipe = TinyClipRecipe()
     needs_backbone = not (assets.backbone_dir / _DONE).is_file()
@@ -195,8 +220,8 @@ def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> No
             "into the cache with `python -m rcsr_flower.embedded.assets build --pretrain` (about "
             "an hour on 2 CPU cores)"
         )
-    log.info("building embedded target corpus in %s", assets.root / "corpus")
-    generate_corpus(assets.root / "corpus", CorpusSpec())
+    log.info("building embedded target corpus in %s", assets.corpus_dir)
+    generate_corpus(assets.corpus_dir, target_spec(assets.train_items))
     if needs_backbone:
         tmp = assets.root / "tiny-clip.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,8 +232,11 @@ def _build(assets: EmbeddedAssets, *, force: bool, pretrain: bool = False) -> No
             log.warning("not using the shipped tiny CLIP (%s): pretraining it here", problem)
             log.info("building pretrain corpus in %s", assets.root / "pretrain-corpus")
             generate_corpus(assets.root / "pretrain-corpus", recipe.corpus)
+            # the recipe's tokenizer learns the default target corpus's words, whichever
+            # corpus this build is for
+            target = generate_corpus(assets.root / "corpus", CorpusSpec())
             log.info("pretraining the embedded tiny CLIP (one-time, about an hour on 2 cores)")
-            pretrain_tiny_clip(tmp, assets.pretrain_corpus_json, recipe, assets.corpus_json)
+            pretrain_tiny_clip(tmp, assets.pretrain_corpus_json, recipe, target)
         shutil.rmtree(assets.backbone_dir, ignore_errors=True)
         os.replace(tmp, assets.backbone_dir)
         log.info("tiny CLIP ready: %s", json.dumps(assets.pretrain_report()["pretrain_test"]))
@@ -318,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="build: pretrain the tiny CLIP here when the shipped one fails its check",
     )
+    parser.add_argument(
+        "--train-items",
+        type=int,
+        default=DEFAULT_TRAIN_ITEMS,
+        help="build/path: the target corpus with this many training items (run-config "
+        "embedded-train-items; default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="info: one JSON object on stdout")
     parser.add_argument(
         "--out",
@@ -328,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.command == "path":
-        print(embedded_assets(args.cache_dir).root)
+        print(embedded_assets(args.cache_dir, args.train_items).root)
         return 0
     if args.command == "pretrain":
         report = pretrain_shipped_backbone(args.out, args.cache_dir)
@@ -341,13 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         try:
             assets = ensure_assets(
-                args.cache_dir, force=args.force, in_process=True, pretrain=args.pretrain
+                args.cache_dir,
+                force=args.force,
+                in_process=True,
+                pretrain=args.pretrain,
+                train_items=args.train_items,
             )
         except ShippedBackboneError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
-        assets = embedded_assets(args.cache_dir)
+        assets = embedded_assets(args.cache_dir, args.train_items)
         if not assets.complete:
             print(
                 f"not built yet: {assets.root} (run `python -m rcsr_flower.embedded.assets build`)"

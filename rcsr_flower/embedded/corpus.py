@@ -33,7 +33,8 @@ Domain shift, pretrain vs target (same attribute *value* vocabulary in both):
 Layout is Karpathy's JSON (as for Flickr30K/COCO): ``dataset.json`` plus ``images/NNNNNN.png``;
 image ``i`` of the corpus has ``imgid = i`` and sentence ids ``i * captions_per_image + j``.
 Splits are contiguous and in fixed order: the first ``n_train`` images are train, then
-``n_val`` val, then ``n_test`` test (images are i.i.d., so no shuffling is needed).
+``n_val`` val, then ``n_test`` test (images are i.i.d., so no shuffling is needed); a larger
+corpus for many clients (:class:`ExtendedCorpusSpec`) appends more training images after those.
 
 Everything about image ``i`` is drawn from ``SeedSequence([seed, domain_code, i])``, never from
 global state, so the same spec gives byte-identical files for any number of workers.
@@ -68,9 +69,11 @@ __all__ = [
     "OBJECT_RGB",
     "SYNONYMS",
     "CorpusSpec",
+    "ExtendedCorpusSpec",
     "caption_mentions",
     "generate_corpus",
     "parse_caption",
+    "target_spec",
     "tokenize",
 ]
 
@@ -306,6 +309,46 @@ class CorpusSpec:
         if index < self.n_train:
             return "train"
         return "val" if index < self.n_train + self.n_val else "test"
+
+
+@dataclass(frozen=True)
+class ExtendedCorpusSpec(CorpusSpec):
+    """A corpus with ``extra_train`` more training items, appended after the test split.
+
+    Why after it: items are drawn per index, so the first ``n_train`` training items, the
+    val and the test split stay exactly those of the same :class:`CorpusSpec` (byte for
+    byte): a federation of many clients trains on more items of the same distribution
+    and is evaluated on the very test split the default corpus's runs were. A subclass,
+    not a field of ``CorpusSpec``, because ``asdict(CorpusSpec())`` is stored in every
+    built corpus and in the shipped backbone's recipe, which must not change.
+    """
+
+    extra_train: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.extra_train < 0:
+            raise ValueError(f"extra_train must be >= 0, not {self.extra_train}")
+
+    @property
+    def n_total(self) -> int:
+        return super().n_total + self.extra_train
+
+    def split_of(self, index: int) -> str:
+        return "train" if index >= super().n_total else super().split_of(index)
+
+
+def target_spec(train_items: int) -> CorpusSpec:
+    """The embedded target corpus with ``train_items`` training items: ``CorpusSpec()``
+    for its own 6,000, else that corpus with the rest appended (:class:`ExtendedCorpusSpec`)."""
+    base = CorpusSpec()
+    if train_items < base.n_train:
+        raise ValueError(
+            f"the embedded corpus has at least {base.n_train} training items, not {train_items}"
+        )
+    if train_items == base.n_train:
+        return base
+    return ExtendedCorpusSpec(extra_train=train_items - base.n_train)
 
 
 _DOMAIN_CODE = {"target": 0, "pretrain": 1}

@@ -21,6 +21,8 @@ from typing import Any
 from flwr.serverapp import Grid
 from flwr.supercore import log as flwr_log
 
+from rcsr_flower.routing.inbox import index_inbox
+
 PULL_INTERVAL = 0.2  # seconds between a deployed ServerApp's pulls for replies
 
 
@@ -65,7 +67,8 @@ class PromptGrid(GridLayer):
 def prompt_grid(grid: Grid, wire: Callable[[Grid], Any] | None = None) -> Grid:
     """``grid`` as Flower handed it to a ServerApp: Flower's ``HttpGrid`` (a deployment)
     in a :class:`PromptGrid`, any other grid as it is (the simulation's in-memory grid
-    pulls every 0.1 s already, and no message of it crosses a wire). ``wire`` wraps the
+    pulls every 0.1 s already, and no message of it crosses a wire; its state's messages
+    are indexed by node, ``rcsr_flower.routing.inbox``). ``wire`` wraps the
     deployed grid first, for what the app does to messages on the wire (the retrieval
     app: ``rcsr_flower.server.grid.PackingGrid``)."""
     try:
@@ -73,6 +76,7 @@ def prompt_grid(grid: Grid, wire: Callable[[Grid], Any] | None = None) -> Grid:
     except ImportError:  # a Flower that moved it: its grid as it is
         return grid
     if not isinstance(grid, HttpGrid):
+        index_inbox(grid)  # a simulation's: delivering costs the round, not the population
         return grid
     inner = wire(grid) if wire is not None else grid
     flwr_log(  # Flower's logger: on the run's console with the strategy's lines

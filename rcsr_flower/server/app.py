@@ -93,6 +93,17 @@ def personal_collapse_warning(cfg: RunConfig, nodes: list[dict]) -> str | None:
     )
 
 
+PROBLEMS_SHOWN = 10  # a partition problem of 1,000 clients is one line, not 1,000
+
+
+def log_problems(problems: list[str], shown: int = PROBLEMS_SHOWN) -> None:
+    """The first ``shown`` of the partition's problems, then how many more there are."""
+    for problem in problems[:shown]:
+        log.warning("partition: %s", problem)
+    if len(problems) > shown:
+        log.warning("partition: %d more like these", len(problems) - shown)
+
+
 def bootstrap_bank(nodes: list[dict], cfg: RunConfig) -> PrototypeBank:
     """§3: count-weighted k-means over the paired clients' group centroids."""
     groups = [n["groups"] for n in nodes if "groups" in n]
@@ -182,10 +193,8 @@ def _run_federation(
         partition = load_partition(cfg, backbone, num_partitions)
         partition.to_json(out / "partition.json")
         log.info("partition (%d clients):\n%s", num_partitions, partition.summary())
-        for problem in partition.problems(cfg.batch_size):
-            log.warning("partition: %s", problem)
-        for problem in partition_mismatches(partition, nodes):
-            log.warning("partition: %s", problem)
+        log_problems(partition.problems(cfg.batch_size))
+        log_problems(partition_mismatches(partition, nodes))
 
     task = None
     if cfg.routed:
