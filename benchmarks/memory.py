@@ -246,6 +246,7 @@ def command(args: argparse.Namespace, tmp: Path) -> list[str]:
         ]  # fmt: skip
     cmd = [sys.executable, "-m", "rcsr_flower.runtime.launch", "--app-dir", "."]
     cmd += ["--flwr-home", ".flwr", "--num-supernodes", str(args.num_supernodes)]
+    cmd += ["--cpus-per-client", str(args.cpus_per_client)]
     for raw in args.run_config:
         cmd += ["-c", raw]
     return cmd
@@ -318,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         help='run-config overrides for the launcher, e.g. -c "num-server-rounds=2"',
     )
     parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument(
+        "--cpus-per-client",
+        type=int,
+        default=1,
+        help="CPUs of a Ray actor: the machine's CPUs / this many actors (default run: 1)",
+    )
     parser.add_argument(
         "--suite-cell",
         nargs="?",

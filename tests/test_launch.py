@@ -349,6 +349,14 @@ def test_flower_processes_wait_passively_unless_told_otherwise(tmp_path, monkeyp
     assert flower_env(tmp_path)["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_flower_processes_keep_two_malloc_arenas_unless_told_otherwise(tmp_path, monkeypatch):
+    """glibc's per-thread arenas held 0.5 GB of the ServerApp's memory (docs/development.md)."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert flower_env(tmp_path)["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert flower_env(tmp_path)["MALLOC_ARENA_MAX"] == "8"
+
+
 def test_flower_processes_start_their_own_ray_unless_told_otherwise(tmp_path, monkeypatch):
     """Without an address Ray joins the cluster in <ray temp dir>/ray_current_cluster,
     anyone's or a dead one's (the stale case runs in test_example_app.py)."""

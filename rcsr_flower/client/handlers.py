@@ -35,6 +35,7 @@ from rcsr_flower.config import NodeConfig, RunConfig
 from rcsr_flower.embedded.assets import cache_root, load_model
 from rcsr_flower.faults import before_training, corrupt_reply
 from rcsr_flower.federation import node_data
+from rcsr_flower.heap import releasing_freed_memory
 from rcsr_flower.modality import Modality
 from rcsr_flower.retrieval.evaluation import evaluate_retrieval
 from rcsr_flower.retrieval.prototypes import PrototypeBank
@@ -450,4 +451,9 @@ def evaluate_reply(content: RecordDict, context: Context) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
-REPLIES = {"query": query_reply, "train": train_reply, "evaluate": evaluate_reply}
+# each followed by giving what the message freed back to the system (rcsr_flower.heap): a
+# Ray actor serves many clients, and its heaps would otherwise stay at the largest one's
+REPLIES = {
+    kind: releasing_freed_memory(fn)
+    for kind, fn in {"query": query_reply, "train": train_reply, "evaluate": evaluate_reply}.items()
+}

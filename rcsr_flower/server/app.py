@@ -36,6 +36,7 @@ from rcsr_flower.federation import (
     partition_mismatches,
     reported_partition,
 )
+from rcsr_flower.heap import releasing_freed_memory
 from rcsr_flower.modality import Modality
 from rcsr_flower.retrieval.evaluation import SplitTensors, evaluate_retrieval, preprocess_split
 from rcsr_flower.retrieval.metrics import summary_table
@@ -224,6 +225,7 @@ def _run_federation(
         else None
     )
 
+    @releasing_freed_memory  # the evaluation's tensors, freed, back to the system
     def evaluate(arrays: ArrayRecord) -> dict:
         template.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         return evaluate_retrieval(
