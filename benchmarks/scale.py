@@ -144,10 +144,14 @@ def run_population(args: argparse.Namespace, clients: int, corpus: int, out: Pat
 
 
 def comparison(small: dict, large: dict) -> dict:
-    """The largest population against the smallest, and the goals."""
+    """The largest population against the smallest, and the goals; with both
+    populations' own figures (the line a record keeps), each round's phases and memory by
+    process among them, so the record says where a difference comes from."""
     ratio = large["seconds_per_round"] / small["seconds_per_round"]
+    keep = ("seconds_per_round", "phases", "peak_pss_gb", "peak_by_process_gb", "load_avg_1m")
     return {
         "clients": [small["clients"], large["clients"]],
+        "by_population": {str(r["clients"]): {k: r[k] for k in keep} for r in (small, large)},
         "seconds_per_round_ratio": round(ratio, 3),
         "peak_pss_gb": [small["peak_pss_gb"], large["peak_pss_gb"]],
         "peak_pss_ratio": round(large["peak_pss_gb"] / small["peak_pss_gb"], 3),

@@ -79,6 +79,18 @@ def test_client_data_is_preprocessed_once_per_node(embedded_assets, backbone, mo
     assert same(first, second) and first.train.pixels is not None
 
 
+def test_data_not_remembered_stays_on_disk_only(embedded_assets, backbone, monkeypatch):
+    """The query round asks every node once: a simulation worker must not keep all their
+    data, only the round's participants'."""
+    cfg = RunConfig(partitioning="iid", cache_dir=str(embedded_assets.root.parent))
+    monkeypatch.setattr(client_data, "_DATA_CACHE", OrderedDict())
+    queried = load_client_data(cfg, backbone, 1, 20, remember=False)
+    assert not client_data._DATA_CACHE  # nothing kept in the process
+    assert client_cache_path(cfg, backbone, partition_key(cfg, backbone, 20), 1).is_file()
+    trained = load_client_data(cfg, backbone, 1, 20)  # its round: read back, then kept
+    assert same(queried, trained) and len(client_data._DATA_CACHE) == 1
+
+
 def test_train_max_items_caps_the_split_every_client_draws_from(
     embedded_assets, backbone, monkeypatch
 ):

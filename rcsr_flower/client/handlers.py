@@ -209,8 +209,9 @@ class ClientNode:
         return self.adapters()
 
 
-def setup(run_config, node_config) -> ClientNode:
-    """Config, backbone and data for this node (cached per process).
+def setup(run_config, node_config, *, keep_data: bool = True) -> ClientNode:
+    """Config, backbone and data for this node (cached per process; the data not when
+    ``keep_data`` is false: :func:`load_client_data`'s ``remember``).
 
     Data locations come from the run config, overridden by the node's ``node_config``
     in deployment (``dataset``, ``data-dir``, ``shard``, ...: ``config.NodeConfig``).
@@ -223,7 +224,13 @@ def setup(run_config, node_config) -> ClientNode:
     backbone = load_model(cfg.model_name, cache_dir=cfg.cache_dir or None)
     loaded = time.perf_counter()
     data = load_client_data(
-        cfg, backbone, partition_id, num_partitions, shard=source.shard, modality=source.modality
+        cfg,
+        backbone,
+        partition_id,
+        num_partitions,
+        shard=source.shard,
+        modality=source.modality,
+        remember=keep_data,
     )
     global _STARTUP_LOGGED
     if not _STARTUP_LOGGED:  # once per process: in a deployment, once per message
@@ -425,7 +432,10 @@ def query_reply(content: RecordDict, context: Context) -> RecordDict:
     light = light_query(context.run_config, context.node_config, config)
     if light is not None:  # no backbone, no data
         return RecordDict({"metrics": MetricRecord(light)})
-    out = handle_query(setup(context.run_config, context.node_config), config)
+    # every node answers the query round once: its data is not kept in the worker (a
+    # simulation worker serves many clients), only on the node's disk for its first round
+    node = setup(context.run_config, context.node_config, keep_data=False)
+    out = handle_query(node, config)
     reply = RecordDict({"metrics": MetricRecord(out["describe"])})
     if "groups" in out:
         reply["groups"] = ArrayRecord(out["groups"])
