@@ -416,3 +416,32 @@ def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch
     monkeypatch.setenv("RAY_ADDRESS", "local")
     own = SimulationLauncher(app_dir=ROOT, flwr_home=tmp_path / "flwr")
     assert not own.ray_head and own._env()["RAY_ADDRESS"] == "local"
+
+
+def test_launchers_sharing_a_flower_home_keep_their_own_connections(tmp_path):
+    """Two suite runners in one checkout share `.flwr/experiments/<suite>`: each launcher
+    names its own SuperLink in config.toml, and stopping one leaves the other's entry (a
+    rewritten file once sent a runner's next run to the other's stopped SuperLink)."""
+    import tomllib
+
+    from rcsr_flower.runtime.launch import write_connection
+
+    def table() -> dict:
+        return tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
+
+    first = SimulationLauncher(app_dir=ROOT, flwr_home=tmp_path)
+    second = SimulationLauncher(app_dir=ROOT, flwr_home=tmp_path)
+    assert first.connection != second.connection
+    write_connection(tmp_path, first.connection, "127.0.0.1:1001")
+    write_connection(tmp_path, second.connection, "127.0.0.1:1002")
+    assert table()[first.connection] == {"address": "127.0.0.1:1001", "insecure": True}
+    assert table()[second.connection]["address"] == "127.0.0.1:1002"
+    assert table()["default"] == second.connection
+    second.stop()  # nothing started: stopping removes only its entry
+    assert second.connection not in table() and table()["default"] == first.connection
+    write_connection(tmp_path, "tls", "10.0.0.1:9093", tmp_path / "ca.crt")
+    assert table()["tls"] == {
+        "address": "10.0.0.1:9093",
+        "root-certificates": str(tmp_path / "ca.crt"),
+    }
+    assert table()[first.connection]["address"] == "127.0.0.1:1001"

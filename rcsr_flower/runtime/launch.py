@@ -23,6 +23,7 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -77,17 +78,39 @@ def config_args(values: Mapping[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
-def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None = None) -> None:
+def write_connection(
+    flwr_home: Path, name: str, address: str | None, ca_cert: Path | None = None
+) -> None:
     """``$FLWR_HOME/config.toml``: how ``flwr`` reaches the SuperLink ``name`` (TLS with
-    ``ca_cert``, else insecure)."""
-    security = (
-        "insecure = true" if ca_cert is None else f"root-certificates = {toml_value(str(ca_cert))}"
-    )
+    ``ca_cert``, else insecure), the default; ``address`` None removes ``name``.
+
+    The other connections in the file stay: launchers that share a Flower home (two suite
+    runners in one checkout) each name their own SuperLink, and one that rewrote the file
+    sent the other's next run to its SuperLink, or to none once it had stopped."""
+    import tomllib
+
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n'
-        f'[superlink.{name}]\naddress = "{address}"\n{security}\n'
-    )
+    path = flwr_home / "config.toml"
+    with open(flwr_home / "config.toml.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = tomllib.loads(path.read_text()).get("superlink", {}) if path.exists() else {}
+        except tomllib.TOMLDecodeError:
+            table = {}
+        others = {k: v for k, v in table.items() if isinstance(v, dict) and k != name}
+        if address is not None:
+            security = {"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True}
+            others[name] = {"address": address, **security}
+        default = name if address is not None else table.get("default")
+        if default not in others:
+            default = next(iter(others), None)
+        lines = ["[superlink]"] + ([f"default = {toml_value(default)}"] if default else [])
+        for key, entry in others.items():
+            lines += ["", f"[superlink.{key}]"]
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+        tmp = path.with_name(f"config.toml.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
 
 
 def flwr_run_command(
@@ -358,6 +381,8 @@ class SimulationLauncher:
         self.ray_port = free_port() if self.ray_head else None
         self._checked: dict[str, object] | None = None  # the overrides check() accepted
         self.tag = new_tag()  # in the environment of every process this launcher starts
+        # its own entry in $FLWR_HOME/config.toml, which other launchers may share
+        self.connection = f"{CONNECTION}-{self.tag[:12]}"
         self.own_app = is_this_app(self.app_dir)  # else: no schema, no data to prepare
 
     # ------------------------------------------------------------------ environment
@@ -389,7 +414,7 @@ class SimulationLauncher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}")
+        write_connection(self.flwr_home, self.connection, f"127.0.0.1:{self.port}")
         if self.ray_head:  # first: it comes up while the SuperLink does
             self._start_ray_head()
         log_file = self.flwr_home / "superlink.log"
@@ -457,6 +482,7 @@ class SimulationLauncher:
         self.process = self.ray_process = None
         self.ray_ready_file.unlink(missing_ok=True)
         remove_database(self.database)
+        write_connection(self.flwr_home, self.connection, None)
 
     def check(self, run_name: str, output_dir: Path) -> dict[str, object]:
         """Validate the run config and build what the run needs (:func:`prepare_run`);
@@ -498,7 +524,7 @@ class SimulationLauncher:
                 stage_app(
                     self.app_dir, Path(staged)
                 ),  # the FAB's files only (rcsr_flower.runtime.fab)
-                CONNECTION,
+                self.connection,
                 self.raw_run_config,
                 overrides,
                 "--federation-config",
