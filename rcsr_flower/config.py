@@ -157,7 +157,10 @@ class RunConfig:
     )
     router: bool = True
     minimax: bool = True
-    anchoring: bool = True
+    # prototype anchoring (unimodal clients' loss, L_proto on paired ones): off by default,
+    # because anchored updates carry nothing the paired clients share and cost the global
+    # model where clients do not drift (docs/algorithm.md, "Anchoring off by default")
+    anchoring: bool = False
     personal_adapters: bool = False
     # unimodal clients keep personal adapters too (RCSR only): they have no pairs to
     # personalise the alignment with, only anchoring, and measured it lowers their own

@@ -131,7 +131,7 @@ def test_personal_adapters_on_unimodal_clients_with_anchoring_are_warned_about()
         {"partition-id": i, "modality": Modality(m).code}
         for i, m in enumerate(["paired", "image-only", "paired", "text-only"])
     ]
-    cfg = RunConfig(personal_adapters=True, personal_unimodal=True)
+    cfg = RunConfig(personal_adapters=True, personal_unimodal=True, anchoring=True)
     warning = server.personal_collapse_warning(cfg, nodes)
     assert warning is not None and "partitions [1, 3]" in warning
     assert "personal-unimodal=false" in warning
@@ -140,7 +140,7 @@ def test_personal_adapters_on_unimodal_clients_with_anchoring_are_warned_about()
         (cfg, paired),
         (cfg.replace(anchoring=False), nodes),
         (RunConfig(personal_adapters=False), nodes),
-        (RunConfig(personal_adapters=True), nodes),  # unimodal clients keep none
+        (RunConfig(personal_adapters=True, anchoring=True), nodes),  # unimodal: none
         (RunConfig(strategy="fedper"), nodes),  # personal adapters, no anchoring
     ]:
         assert server.personal_collapse_warning(quiet_cfg, quiet_nodes) is None
