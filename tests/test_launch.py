@@ -285,7 +285,7 @@ def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_pa
     import subprocess
     import time
 
-    from rcsr_flower.runtime.launch import CONNECTION, flwr_run_command
+    from rcsr_flower.runtime.launch import flwr_run_command
     from rcsr_flower.runtime.processes import stop_tagged, tagged_pids
 
     def superexecs(tag: str) -> list[int]:
@@ -313,7 +313,7 @@ def test_a_run_left_by_a_killed_launcher_is_not_started_again_by_the_next(tmp_pa
         for pid in superexecs(first.tag):
             os.kill(pid, signal.SIGKILL)
         options = ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
-        cmd = flwr_run_command(app, CONNECTION, [], {}, *options, quote=False)
+        cmd = flwr_run_command(app, first.connection, [], {}, *options, quote=False)
         submit = subprocess.Popen(
             cmd, env=first._env(), stdout=subprocess.DEVNULL, start_new_session=True
         )

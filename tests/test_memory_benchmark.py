@@ -141,11 +141,16 @@ def test_roles_come_from_command_lines(cmdline, expected):
 
 def test_the_commands_are_make_runs_and_a_suite_cell_in_a_temporary_root(tmp_path):
     args = memory.argparse.Namespace(
-        suite_cell=None, suite="embedded", num_supernodes=10, run_config=["num-server-rounds=2"]
+        suite_cell=None,
+        suite="embedded",
+        num_supernodes=10,
+        cpus_per_client=1,
+        run_config=["num-server-rounds=2"],
     )
     cmd = memory.command(args, tmp_path)
     assert cmd[1:] == ["-m", "rcsr_flower.runtime.launch", "--app-dir", ".", "--flwr-home",
-                       ".flwr", "--num-supernodes", "10", "-c", "num-server-rounds=2"]  # fmt: skip
+                       ".flwr", "--num-supernodes", "10", "--cpus-per-client", "1",
+                       "-c", "num-server-rounds=2"]  # fmt: skip
     args.suite_cell = "S4/rcsr/seed-0"
     cmd = memory.command(args, tmp_path)
     assert cmd[1:7] == ["-m", "rcsr_flower.experiments", "run", "--suite", "embedded", "--only"]
