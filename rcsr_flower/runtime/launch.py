@@ -89,8 +89,10 @@ def write_connection(
     sent the other's next run to its SuperLink, or to none once it had stopped."""
     import tomllib
 
-    flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
+    if address is None and not path.exists():
+        return  # nothing to remove (and no home to create: nothing was started there)
+    flwr_home.mkdir(parents=True, exist_ok=True)
     with open(flwr_home / "config.toml.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
