@@ -23,7 +23,6 @@ to. This launcher, used by ``make run`` and the tests, avoids both:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -89,12 +88,12 @@ def write_connection(
     sent the other's next run to its SuperLink, or to none once it had stopped."""
     import tomllib
 
+    from rcsr_flower.embedded.assets import file_lock
+
     path = flwr_home / "config.toml"
     if address is None and not path.exists():
         return  # nothing to remove (and no home to create: nothing was started there)
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    with open(flwr_home / "config.toml.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(flwr_home / "config.toml.lock"):
         try:
             table = tomllib.loads(path.read_text()).get("superlink", {}) if path.exists() else {}
         except tomllib.TOMLDecodeError:
