@@ -547,9 +547,10 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     for cell in suite.cells():
         base = {"rcsr": 110.0, "fedavg": 100.0, "local": 90.0, "central": 150.0}[cell.method]
         fake_run(cell.directory(source), cell.overrides, base=base)
-        (cell.directory(source) / "provenance.json").write_text(
-            json.dumps({"commit": "abc1234567", "machine": "2-core test CPU"})
-        )
+        info = {"commit": "abc1234567", "machine": "2-core test CPU"}
+        if cell.method == "rcsr":  # runs of older code recorded no load
+            info["load_avg_1m"] = {"start": 0.5 + cell.seed, "end": 4.0}
+        (cell.directory(source) / "provenance.json").write_text(json.dumps(info))
     shutil.rmtree(suite.cells([1], "B/local")[0].directory(source))  # a missing cell
     archive = tmp_path / "docs" / "cells"
     copied = archive_cells(suite, source, archive)
@@ -572,6 +573,9 @@ def test_report_tables_figures_and_a_byte_identical_rerun_from_the_archive(tmp_p
     assert str(tmp_path) not in md
     assert "Cells: 13 of 14 completed" in md and "`B/local` (seed 1)" in md
     assert "- machine: `2-core test CPU`" in md and "- commit: `abc1234567`" in md
+    # the load of the runs that recorded one (older runs did not), lowest to highest
+    recorded = sum(c.method == "rcsr" for c in suite.cells())
+    assert f"end): 0.5–4.0 ({recorded} of 13 runs)" in md
     table = md.split("## A: iid")[1].split("## ")[0]
     main_table = table.split("minus each method")[0]
     rows = {

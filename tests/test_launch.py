@@ -118,7 +118,10 @@ def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
         run.complete()
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["machine"] == provenance.machine() and "CPU" in result["machine"]
+    assert set(result["load_avg_1m"]) == {"start", "end"}  # what else the machine ran
+    assert all(v >= 0 for v in result["load_avg_1m"].values())
     result["machine"] = "8-core test CPU, 1× test GPU"
+    result["load_avg_1m"] = {"start": 0.5, "end": 3.25}
     (tmp_path / "r" / "result.json").write_text(json.dumps(result))
     code = (
         "import sys; from pathlib import Path; from rcsr_flower.routing import provenance; "
@@ -131,8 +134,10 @@ def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
     written = json.loads((tmp_path / "r" / "provenance.json").read_text())
     assert written["machine"] == "8-core test CPU, 1× test GPU" and written["commit"]
+    assert written["load_avg_1m"] == {"start": 0.5, "end": 3.25}
     (tmp_path / "r" / "result.json").write_text('{"status": "completed"}')  # another app's
-    assert provenance.record(tmp_path / "r", ROOT)["machine"] == provenance.machine()
+    other = provenance.record(tmp_path / "r", ROOT)
+    assert other["machine"] == provenance.machine() and "load_avg_1m" not in other
 
 
 def test_launcher_names_missing_data_before_starting_anything(cfg, tmp_path):

@@ -159,7 +159,31 @@ def footer_line(configs: Sequence[Mapping], provenances: Sequence[Mapping], what
         f"{what} · backbone: {distinct(backbone_name(c) for c in configs)} · data: {data} · "
         f"protocol: {distinct(c.get('eval-protocol') for c in configs)}\n"
         f"machine: {distinct(p.get('machine') for p in provenances)} · "
-        f"commit: {distinct(p.get('commit') for p in provenances)}"
+        f"commit: {distinct(p.get('commit') for p in provenances)} · "
+        f"load: {load_range(provenances)}"
+    )
+
+
+def load_range(provenances: Sequence[Mapping]) -> str:
+    """The 1-minute load averages at the runs' starts and ends, lowest to highest, and
+    how many runs recorded one (older runs did not): what the machine was also doing."""
+    values = [
+        float(v)
+        for p in provenances
+        if isinstance(p.get("load_avg_1m"), Mapping)
+        for v in p["load_avg_1m"].values()
+        if isinstance(v, int | float)
+    ]
+    recorded = sum(isinstance(p.get("load_avg_1m"), Mapping) for p in provenances)
+    if not values:
+        return "not recorded"
+    span = (
+        f"{min(values):.1f}"
+        if min(values) == max(values)
+        else f"{min(values):.1f}–{max(values):.1f}"
+    )
+    return (
+        span if recorded == len(provenances) else f"{span} ({recorded} of {len(provenances)} runs)"
     )
 
 
@@ -191,11 +215,13 @@ def colour_map(labels: Sequence[str]) -> dict[str, tuple]:
 
 LEGEND_WIDTH = 3.3  # inches at the right of a figure with a legend
 FOOTER_HEIGHT = 0.45  # inches at the bottom for the provenance footer
+PANEL_TITLE_CHARS = 75  # a curves panel's title wraps here (fontsize 9 over 5 inches)
 
 
-def _layout(fig, handles, names, title: str, below: float = 0.5) -> None:
+def _layout(fig, handles, names, title: str, below: float = 0.5, above: float = 0.0) -> None:
     """Title on top, legend at the right, footer room at the bottom (sizes in inches, so
-    a figure with many methods or panels keeps its proportions)."""
+    a figure with many methods or panels keeps its proportions); ``above``: inches more
+    under the title, for top panels whose titles wrap."""
     width, height = fig.get_size_inches()
     if title:
         title = textwrap.fill(title, int(width * 9))
@@ -212,7 +238,7 @@ def _layout(fig, handles, names, title: str, below: float = 0.5) -> None:
     fig.subplots_adjust(
         left=0.75 / width,
         right=1 - LEGEND_WIDTH / width,
-        top=1 - (0.55 + 0.2 * title.count("\n") if title else 0.35) / height,
+        top=1 - ((0.55 + 0.2 * title.count("\n") if title else 0.35) + above) / height,
         bottom=(FOOTER_HEIGHT + below) / height,
         hspace=0.5,
         wspace=0.22,
@@ -258,7 +284,8 @@ def plot_curves(
             if len(seeds) > 1:
                 lo, hi = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
                 ax.fill_between(rounds, lo, hi, color=colours[label], alpha=0.15, lw=0)
-        ax.set_title(panel_title, fontsize=9)
+        # wrapped to the panel's width, so a long title runs into neither panel nor legend
+        ax.set_title(textwrap.fill(panel_title, PANEL_TITLE_CHARS), fontsize=9)
         ax.set_xlabel("round (0 = zero-shot)", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=8)
@@ -266,7 +293,9 @@ def plot_curves(
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    _layout(fig, *_legend_entries(list(axes.flat)[: len(panels)]), title)
+    top_lines = max(len(textwrap.wrap(t, PANEL_TITLE_CHARS)) for t, _ in panels[:cols])
+    handles = _legend_entries(list(axes.flat)[: len(panels)])
+    _layout(fig, *handles, title, above=0.15 * (top_lines - 1))
     return _save(fig, path, footer)
 
 

@@ -379,7 +379,7 @@ def _provenance_lines(configs: list[dict], provenances: list[dict]) -> list[str]
             f"`{v}` ({values.count(v)} cell{'s' if values.count(v) > 1 else ''})" for v in distinct
         )
 
-    from rcsr_flower.experiments.plot import backbone_name
+    from rcsr_flower.experiments.plot import backbone_name, load_range
 
     return [
         f"- backbone: {counted([backbone_name(c) for c in configs])}",
@@ -390,6 +390,7 @@ def _provenance_lines(configs: list[dict], provenances: list[dict]) -> list[str]
         f"- rounds: {counted([str(c.get('num-server-rounds')) for c in configs])}",
         f"- machine: {counted([p.get('machine', '?') for p in provenances])}",
         f"- commit: {counted([p.get('commit', '?') for p in provenances])}",
+        f"- load (1-minute average at each run's start and end): {load_range(provenances)}",
         "",
     ]
 

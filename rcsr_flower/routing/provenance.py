@@ -61,25 +61,29 @@ def machine() -> str:
     )
 
 
-def record(run_dir: Path, repo: Path) -> dict[str, str]:
+def record(run_dir: Path, repo: Path) -> dict:
     """Write ``run_dir/provenance.json`` (commit of ``repo``, machine) and return it.
 
     The machine is the one the ServerApp put in ``result.json`` (``RoutedRun.complete``)
-    where there is one, so a launcher never imports torch for it; else this process's."""
-    info = {"commit": commit(repo), "machine": _reported_machine(run_dir) or machine()}
+    where there is one, so a launcher never imports torch for it; else this process's.
+    The machine's load at the run's start and end (``load_avg_1m``) comes from there too:
+    a figure's seconds mean little without it."""
+    reported = _reported(run_dir)
+    name = reported.get("machine")
+    info: dict = {
+        "commit": commit(repo),
+        "machine": name if isinstance(name, str) and name else machine(),
+    }
+    if isinstance(reported.get("load_avg_1m"), dict):
+        info["load_avg_1m"] = reported["load_avg_1m"]
     if run_dir.is_dir():
         (run_dir / FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def _reported_machine(run_dir: Path) -> str | None:
+def _reported(run_dir: Path) -> dict:
     try:
-        value = json.loads((run_dir / "result.json").read_text()).get("machine")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) and value else None
-
-
-def read(run_dir: Path) -> dict[str, str] | None:
-    path = run_dir / FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+        value = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
