@@ -3,7 +3,9 @@ the one it builds from the app directory itself, without walking ignored trees."
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
@@ -29,6 +31,10 @@ def test_same_files_as_flowers_filter_with_negations_symlinks_and_ignored_trees(
     app = tmp_path / "app"
     _write(app / ".gitignore", "big/\nlogs/\n!logs/keep.py\n*.tmp\nnested/ignored/\n")
     _write(app / "pyproject.toml", (ROOT / "pyproject.toml").read_text())
+    # the project's fab-include names these types and its fab-exclude leaves docs/ out
+    _write(app / "README.md")
+    _write(app / "pkg" / "config.json", "{}")
+    _write(app / "docs" / "cells" / "metrics.json", "{}")
     _write(app / "pkg" / "mod.py")
     _write(app / "pkg" / "scratch.tmp")
     _write(app / "nested" / "ignored" / "a.py")
@@ -48,6 +54,9 @@ def test_same_files_as_flowers_filter_with_negations_symlinks_and_ignored_trees(
     for rel in got:
         assert (staged / rel).read_bytes() == (app / rel).read_bytes()
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+        names = fab.namelist()
+    assert "pkg/config.json" in names and not any(n.startswith("docs/") for n in names)
 
 
 def test_the_printed_command_names_the_app_and_the_run_uses_the_staged_copy(tmp_path, capsys):
