@@ -207,9 +207,14 @@ def _save(fig, path: Path, footer: str) -> Path:
 
 
 def colour_map(labels: Sequence[str]) -> dict[str, tuple]:
-    """One colour per label, stable in the label order (tab10, then tab20's light ones)."""
+    """One colour per label, stable in the label order (tab10, tab20's light ones, then
+    Dark2: 28 before a colour repeats, which a suite of 22 methods needs)."""
     plt = _pyplot()
-    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20").colors[1::2]]
+    palette = [
+        *plt.get_cmap("tab10").colors,
+        *plt.get_cmap("tab20").colors[1::2],
+        *plt.get_cmap("Dark2").colors,
+    ]
     return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
