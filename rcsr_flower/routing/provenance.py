@@ -61,6 +61,15 @@ def machine() -> str:
     )
 
 
+def load_1m() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): what else the
+    machine was doing while a run's seconds were measured."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def record(run_dir: Path, repo: Path) -> dict:
     """Write ``run_dir/provenance.json`` (commit of ``repo``, machine) and return it.
 

@@ -82,7 +82,7 @@ class RoutedRun:
             str(run_config.get("output-dir", "outputs")), str(run_config.get("run-name", ""))
         )
         self.started = time.time()
-        self.load_at_start = _load_1m()  # what else ran: the seconds need it to be read
+        self.load_at_start = provenance.load_1m()  # what else ran: the seconds need it to be read
         self.arrays_file = arrays_file
         self.state_file = state_file
         self.config: dict[str, Any] | None = None
@@ -268,7 +268,7 @@ class RoutedRun:
             "rounds": (self.config or {}).get("num-server-rounds"),
             "resumed_after_round": self.resume.round if self.resume is not None else None,
             "machine": provenance.machine(),
-            "load_avg_1m": {"start": self.load_at_start, "end": _load_1m()},
+            "load_avg_1m": {"start": self.load_at_start, "end": provenance.load_1m()},
             **extra,
         }
         write_json(self.out / "result.json", self.result)
@@ -284,14 +284,6 @@ class RoutedRun:
         }
         write_json(self.out / "result.json", self.result)
         return self.result
-
-
-def _load_1m() -> float | None:
-    """The machine's 1-minute load average (None where the OS has none)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _config_record(config: ConfigRecord | Mapping[str, Any] | None) -> ConfigRecord:
