@@ -164,6 +164,9 @@ PROGRAMS = {  # the program (a script's or executable's name, or a python -m mod
     "flwr": "flwr run",
     "rcsr_flower.runtime.ray_head": "Ray daemons",
 }
+# the launcher's Ray head once its cluster is up: an interpreter that only waits
+# (rcsr_flower.runtime.ray_head.WAITER, not imported: no deps)
+RAY_HEAD_WAITER = "rcsr-ray-head"
 
 
 def program(cmdline: str) -> str:
@@ -187,6 +190,8 @@ def role(cmdline: str) -> str:
     SuperLink, SuperExec, launcher, flwr run, ... or other."""
     if cmdline.startswith("ray::"):
         return "Ray daemons" if cmdline.startswith(RAY_DAEMON_TITLES) else "Ray actor"
+    if RAY_HEAD_WAITER in cmdline.split():
+        return "Ray daemons"
     name = program(cmdline)
     if name in PROGRAMS:
         return PROGRAMS[name]
@@ -246,7 +251,8 @@ def command(args: argparse.Namespace, tmp: Path) -> list[str]:
         ]  # fmt: skip
     cmd = [sys.executable, "-m", "rcsr_flower.runtime.launch", "--app-dir", "."]
     cmd += ["--flwr-home", ".flwr", "--num-supernodes", str(args.num_supernodes)]
-    cmd += ["--cpus-per-client", str(args.cpus_per_client)]
+    if args.cpus_per_client is not None:
+        cmd += ["--cpus-per-client", str(args.cpus_per_client)]
     for raw in args.run_config:
         cmd += ["-c", raw]
     return cmd
@@ -322,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpus-per-client",
         type=int,
-        default=1,
-        help="CPUs of a Ray actor: the machine's CPUs / this many actors (default run: 1)",
+        default=None,
+        help="CPUs of a Ray actor: the machine's CPUs / this many actors (default: the "
+        "launcher's, as make run)",
     )
     parser.add_argument(
         "--suite-cell",

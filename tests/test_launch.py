@@ -374,10 +374,31 @@ def test_flower_processes_start_their_own_ray_unless_told_otherwise(tmp_path, mo
 
 
 @pytest.mark.slow
+def group_members(pgid: int) -> list[int]:
+    """The pids of process group ``pgid`` (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch):
     """Flower's simulation starts a Ray cluster for every run (4-5 s on 2 cores) and
     stops it at the end, unless RAY_ADDRESS names one: the launcher starts one beside its
-    SuperLink and each run it submits joins it as a Ray job of its own. A cluster that
+    SuperLink and each run it submits joins it as a Ray job of its own. The cluster keeps
+    no driver, no Python that imported Ray and no autoscaler monitor. A cluster that
     died is said before the next run is submitted; stop() leaves none of its processes.
     With RAY_ADDRESS set (``local``: each run its own, Flower's way) it starts none."""
     import json
@@ -385,6 +406,7 @@ def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch
     import signal
 
     from rcsr_flower.runtime.processes import tagged_pids
+    from rcsr_flower.runtime.ray_head import WAITER
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     launcher = SimulationLauncher(
@@ -405,8 +427,13 @@ def test_a_launchers_runs_share_the_ray_cluster_it_started(tmp_path, monkeypatch
         info = json.loads(launcher.ray_ready_file.read_text())
         assert info["gcs_address"].endswith(f":{launcher.ray_port}")
         drivers = sorted((Path(info["session_dir"]) / "logs").glob("python-core-driver-*"))
-        assert len(drivers) == 3, drivers  # the cluster's own, then one job per run
+        assert len(drivers) == 2, drivers  # one job per run; the cluster has no driver
         assert launcher.alive()
+        # the head waits in a bare interpreter, and the group holds no autoscaler monitor
+        head = launcher.ray_process.pid
+        assert WAITER.encode() in Path(f"/proc/{head}/cmdline").read_bytes().split(b"\0")
+        group = [p for p in group_members(head) if p != head]
+        assert group and not any("autoscaler" in cmdline(p) for p in group), group
         os.killpg(launcher.ray_process.pid, signal.SIGKILL)
         launcher.ray_process.wait(timeout=30)
         assert not launcher.alive()  # the experiment runner starts the launcher again

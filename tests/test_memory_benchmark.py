@@ -118,6 +118,8 @@ SITE = f"{VENV}/lib/python3.11/site-packages"
         (f"{SITE}/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray", "Ray daemons"),
         (f"{VENV}/bin/python -u {SITE}/ray/_private/log_monitor.py --logs-dir=/x", "Ray daemons"),
         (f"{VENV}/bin/python -m rcsr_flower.runtime.ray_head /x/ray-head.json", "Ray daemons"),
+        (f"{VENV}/bin/python -S -c import signal; signal.pause() rcsr-ray-head /x/r.json",
+         "Ray daemons"),
         (
             f"{VENV}/bin/python {VENV}/bin/flower-superlink --insecure --simulation "
             "--isolation subprocess --log-file /x/.flwr/superlink.log",
@@ -144,13 +146,15 @@ def test_the_commands_are_make_runs_and_a_suite_cell_in_a_temporary_root(tmp_pat
         suite_cell=None,
         suite="embedded",
         num_supernodes=10,
-        cpus_per_client=1,
+        cpus_per_client=None,
         run_config=["num-server-rounds=2"],
     )
-    cmd = memory.command(args, tmp_path)
+    cmd = memory.command(args, tmp_path)  # make run's, with the launcher's actors
     assert cmd[1:] == ["-m", "rcsr_flower.runtime.launch", "--app-dir", ".", "--flwr-home",
-                       ".flwr", "--num-supernodes", "10", "--cpus-per-client", "1",
-                       "-c", "num-server-rounds=2"]  # fmt: skip
+                       ".flwr", "--num-supernodes", "10", "-c", "num-server-rounds=2"]  # fmt: skip
+    args.cpus_per_client = 1
+    cmd = memory.command(args, tmp_path)
+    assert cmd[9:] == ["--cpus-per-client", "1", "-c", "num-server-rounds=2"]
     args.suite_cell = "S4/rcsr/seed-0"
     cmd = memory.command(args, tmp_path)
     assert cmd[1:7] == ["-m", "rcsr_flower.experiments", "run", "--suite", "embedded", "--only"]
