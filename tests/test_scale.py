@@ -162,6 +162,34 @@ def test_the_indexed_inbox_delivers_what_flowers_state_does(monkeypatch):
             state.get_message_ins(node, limit=1)
     assert time.perf_counter() - started < 1.0  # unindexed: 9 s here, loaded
 
+    # between rounds almost every node has nothing stored: a pass over them takes no
+    # lock (Flower's takes it, and reads the clock, once per node, 10 passes a second)
+    state, grid, nodes = _state_with_nodes(1000)
+    assert index_inbox(grid)
+    counting = CountingLock(state.lock)
+    state.lock = counting
+    one = Message(RecordDict(), dst_node_id=nodes[7], message_type=MessageType.QUERY)
+    grid.push_messages([one])
+    counting.taken = 0
+    assert [[m.metadata.message_id for m in state.get_message_ins(n, limit=1)] for n in nodes] == [
+        [one.metadata.message_id] if n == nodes[7] else [] for n in nodes
+    ]
+    assert 0 < counting.taken < 10  # the one node's message only; without: 1,000 and more
+
+
+class CountingLock:
+    """A lock that counts how often it was taken."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.taken = lock, 0
+
+    def __enter__(self):
+        self.taken += 1
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
 
 # ------------------------------------------------------------------ 1,000 clients, one round
 THOUSAND = 1000

