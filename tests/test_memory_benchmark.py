@@ -118,8 +118,10 @@ SITE = f"{VENV}/lib/python3.11/site-packages"
         (f"{SITE}/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray", "Ray daemons"),
         (f"{VENV}/bin/python -u {SITE}/ray/_private/log_monitor.py --logs-dir=/x", "Ray daemons"),
         (f"{VENV}/bin/python -m rcsr_flower.runtime.ray_head /x/ray-head.json", "Ray daemons"),
-        (f"{VENV}/bin/python -S -c import signal; signal.pause() rcsr-ray-head /x/r.json",
-         "Ray daemons"),
+        (
+            f"{VENV}/bin/python -S -c import signal; signal.pause() rcsr-ray-head /x/r.json",
+            "Ray daemons",
+        ),
         (
             f"{VENV}/bin/python {VENV}/bin/flower-superlink --insecure --simulation "
             "--isolation subprocess --log-file /x/.flwr/superlink.log",
