@@ -22,13 +22,15 @@ shared with processes outside the run (another run of the same interpreter) coun
 their share. The breakdown is by role (command line, :func:`role`): the roles' PSS in the
 sample of the peak sum, and each role's own peak over the run. GB are 10^9 bytes.
 
-    .venv/bin/python benchmarks/memory.py [-c "num-server-rounds=2"]
+    .venv/bin/python benchmarks/memory.py [-c "num-server-rounds=2"] [--repeat 3]
     .venv/bin/python benchmarks/memory.py --suite-cell [S4/rcsr/seed-0]
 
 Prints the processes of the peak sample, then one JSON line: {"peak_pss_gb",
 "peak_rss_gb", "by_process" (role -> GB at the peak), "peak_by_role_gb", "seconds",
 "samples", "exit_code" (the launcher's; the script exits non-zero with it),
-"load_avg_1m", ...}.
+"load_avg_1m" (before and after), ...}. With ``--repeat N`` the command runs N times
+one after another and the line is the median run's (by peak), with every run's peak,
+seconds and load under "runs".
 """
 
 from __future__ import annotations
@@ -341,21 +343,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--suite", default="embedded")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs, one after another; the line is the median's"
+    )
     args = parser.parse_args(argv)
     if args.suite_cell and args.run_config:
         parser.error("-c is for the default run; a suite cell takes its suite's config")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # Makefile
+    runs = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"[memory] run {i + 1} of {args.repeat}", flush=True)
+        runs.append(measure(args, env))
+        if runs[-1]["exit_code"] != 0:
+            break  # a failed run: its code, no median of what did not run
+    line = median_run(runs)
+    print(json.dumps(line))
+    code = line["exit_code"]
+    return 0 if code == 0 else code if 0 < code < 256 else 1  # < 0: killed by a signal
+
+
+def measure(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """One run of the command, watched: the processes of its peak sample (printed) and
+    its figures."""
     tmp = Path(tempfile.mkdtemp(prefix="rcsr-memory-"))
     cmd = command(args, tmp)
     print(f"[memory] $ {' '.join(cmd)}", flush=True)
+    before = os.getloadavg()[0]
     try:
         watched = watch(cmd, env, args.every)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    peak, role_peak, peak_rss = watched.peak, watched.role_peak, watched.peak_rss
-    samples, seconds, code = watched.samples, watched.seconds, watched.code
-
+    peak, role_peak = watched.peak, watched.role_peak
     print(f"[memory] peak sample at {peak.t:.0f} s: {gb(peak.total()):.2f} GB PSS", flush=True)
     for pid, r, m, cmdline in sorted(peak.rows, key=lambda row: -row[2]["pss"]):
         print(
@@ -365,24 +385,37 @@ def main(argv: list[str] | None = None) -> int:
         )
     order = sorted(role_peak, key=lambda r: -role_peak[r])
     at_peak = peak.by_role()
-    print(
-        json.dumps(
-            {
-                "peak_pss_gb": gb(peak.total()),
-                "peak_rss_gb": gb(peak_rss),
-                "peak_uss_gb": gb(peak.total("uss")),  # private pages of the peak sample
-                "by_process": {r: gb(at_peak[r]) for r in order if r in at_peak},
-                "processes_at_peak": {r: peak.counts()[r] for r in order if r in at_peak},
-                "peak_by_role_gb": {r: gb(role_peak[r]) for r in order},
-                "peak_at_s": round(peak.t, 1),
-                "seconds": round(seconds, 1),
-                "samples": samples,
-                "exit_code": code,
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
-    return 0 if code == 0 else code if 0 < code < 256 else 1  # < 0: killed by a signal
+    return {
+        "peak_pss_gb": gb(peak.total()),
+        "peak_rss_gb": gb(watched.peak_rss),
+        "peak_uss_gb": gb(peak.total("uss")),  # private pages of the peak sample
+        "by_process": {r: gb(at_peak[r]) for r in order if r in at_peak},
+        "processes_at_peak": {r: peak.counts()[r] for r in order if r in at_peak},
+        "peak_by_role_gb": {r: gb(role_peak[r]) for r in order},
+        "peak_at_s": round(peak.t, 1),
+        "seconds": round(watched.seconds, 1),
+        "samples": watched.samples,
+        "exit_code": watched.code,
+        "load_avg_1m": {"before": round(before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The figures of the run whose peak is the median (the lower middle of an even
+    count: a run that happened, not an average of two), and, of more than one, every
+    run's peak, seconds and load, so that the spread and the machine's state stay with
+    the figure."""
+    if len(runs) == 1:
+        return runs[0]
+    ranked = sorted(runs, key=lambda r: r["peak_pss_gb"])
+    line = dict(ranked[(len(ranked) - 1) // 2])
+    line["repeat"] = len(runs)
+    line["runs"] = [
+        {k: r[k] for k in ("peak_pss_gb", "seconds", "exit_code", "load_avg_1m")} for r in runs
+    ]
+    failed = [r["exit_code"] for r in runs if r["exit_code"] != 0]
+    line["exit_code"] = failed[0] if failed else 0
+    return line
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ does. Per population it prints one JSON line:
 
 The last line compares the largest population with the smallest: the ratio of their
 seconds per round and of their peak memory, and whether they meet the goals (per-round
-time at most 1.2×, peak at most 2.5 GB).
+time at most 1.2×, peak at most 2.5 GB). ``--repeat N`` runs the populations N times,
+interleaved (100, 1000, 100, 1000, ...), and compares their median runs.
 
-    python benchmarks/scale.py --clients 100 1000 [--participants 10] [--rounds 2] [-c "..."]
+    python benchmarks/scale.py --clients 100 1000 [--participants 10] [--rounds 2]
+                               [--repeat 3] [-c "..."]
 """
 
 from __future__ import annotations
@@ -143,13 +145,24 @@ def run_population(args: argparse.Namespace, clients: int, corpus: int, out: Pat
     return figures
 
 
-def comparison(small: dict, large: dict) -> dict:
+def comparison(results: list[dict]) -> dict:
     """The largest population against the smallest, and the goals; with both
     populations' own figures (the line a record keeps), each round's phases and memory by
-    process among them, so the record says where a difference comes from."""
+    process among them, so the record says where a difference comes from.
+
+    Of repeated runs (``--repeat``, the populations interleaved so that a change in the
+    machine's load falls on both), each population's figure is its median run's (by
+    seconds per round; the lower middle of an even count), the ratio is that of the
+    medians, and every run's seconds, peak and load are kept beside it."""
+    by: dict[int, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["clients"], []).append(r)
+    populations = sorted(by)
+    median = {c: median_run(by[c]) for c in populations}
+    small, large = median[populations[0]], median[populations[-1]]
     ratio = large["seconds_per_round"] / small["seconds_per_round"]
     keep = ("seconds_per_round", "phases", "peak_pss_gb", "peak_by_process_gb", "load_avg_1m")
-    return {
+    line = {
         "clients": [small["clients"], large["clients"]],
         "by_population": {str(r["clients"]): {k: r[k] for k in keep} for r in (small, large)},
         "seconds_per_round_ratio": round(ratio, 3),
@@ -160,6 +173,23 @@ def comparison(small: dict, large: dict) -> dict:
         "memory_goal_met": large["peak_pss_gb"] <= GOAL_PEAK_GB,
         "goals": {"seconds_per_round_ratio": GOAL_ROUND_RATIO, "peak_pss_gb": GOAL_PEAK_GB},
     }
+    repeat = len(by[populations[0]])
+    if repeat > 1:
+        line["repeat"] = repeat
+        line["runs"] = {
+            str(c): [
+                {k: r[k] for k in ("seconds_per_round", "peak_pss_gb", "load_avg_1m")}
+                for r in by[c]
+            ]
+            for c in (populations[0], populations[-1])
+        }
+    return line
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of the median seconds per round (the lower middle of an even count)."""
+    ranked = sorted(runs, key=lambda r: r["seconds_per_round"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items-per-client", type=int, default=8)
     parser.add_argument("--local-test-items", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=3600.0, help="per population")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each population, interleaved"
+    )
     parser.add_argument(
         "-c",
         "--run-config",
@@ -182,15 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     corpus = corpus_items(populations[-1], args.items_per_client, args.local_test_items)
     results = []
     with tempfile.TemporaryDirectory(prefix="rcsr-scale-") as tmp:
-        for clients in populations:
-            figures = run_population(args, clients, corpus, Path(tmp) / str(clients))
-            print(json.dumps(figures), flush=True)
-            results.append(figures)
-    if any(r["exit_code"] != 0 for r in results):
-        print("[scale] a run failed: no comparison", file=sys.stderr)
-        return 1
-    if len(results) > 1:
-        print(json.dumps(comparison(results[0], results[-1])), flush=True)
+        for i in range(args.repeat):  # interleaved: 100, 1000, 100, 1000, ...
+            for clients in populations:
+                out = Path(tmp) / f"{clients}-{i}"
+                figures = run_population(args, clients, corpus, out)
+                print(json.dumps(figures), flush=True)
+                results.append(figures)
+                if figures["exit_code"] != 0:
+                    print("[scale] a run failed: no comparison", file=sys.stderr)
+                    return 1
+    if len(populations) > 1:
+        print(json.dumps(comparison(results)), flush=True)
     return 0
 
 

@@ -174,3 +174,29 @@ def test_main_samples_the_command_until_it_exits_and_reports_its_exit_code(monke
     assert out["by_process"]["other"] == out["peak_pss_gb"]
     assert out["peak_by_role_gb"]["other"] >= 0.04
     assert {"seconds", "load_avg_1m", "processes_at_peak"} <= set(out)
+
+
+def test_repeated_runs_give_the_median_run_with_every_runs_peak_and_load(monkeypatch, capsys):
+    """``--repeat N``: the line is the run of the median peak (one that happened), and
+    every run's peak, seconds and load come with it; a failed run ends the series."""
+
+    def figures(peak: float, code: int = 0) -> dict:
+        load = {"before": peak, "after": peak}
+        return {"peak_pss_gb": peak, "seconds": 1.0, "exit_code": code, "load_avg_1m": load}
+
+    line = memory.median_run([figures(2.3), figures(2.1), figures(2.2)])
+    assert line["peak_pss_gb"] == 2.2 and line["repeat"] == 3 and line["exit_code"] == 0
+    assert [r["peak_pss_gb"] for r in line["runs"]] == [2.3, 2.1, 2.2]
+    assert memory.median_run([figures(2.0), figures(1.0)])["peak_pss_gb"] == 1.0
+    assert memory.median_run([figures(2.0)]) == figures(2.0)  # one run: its own line
+
+    code = 'import time; x = "x" * 20_000_000; time.sleep(1.2)'
+    monkeypatch.setattr(memory, "command", lambda args, tmp: [sys.executable, "-c", code])
+    assert memory.main(["--every", "0.3", "--repeat", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["repeat"] == 2 and len(out["runs"]) == 2 and out["peak_pss_gb"] >= 0.015
+    assert set(out["runs"][0]["load_avg_1m"]) == {"before", "after"}
+    failing = [sys.executable, "-c", "raise SystemExit(4)"]
+    monkeypatch.setattr(memory, "command", lambda args, tmp: failing)
+    assert memory.main(["--every", "0.3", "--repeat", "3"]) == 4
+    assert "runs" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -3,6 +3,7 @@ to fix them, and a round of 1,000 simulated clients costs what its participants 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import time
@@ -246,3 +247,39 @@ def test_a_round_of_a_thousand_clients_costs_its_participants(tmp_path, embedded
     for row in rows:  # round 0 (zero-shot) and round 1: 10 clients evaluated, not 1,000
         assert row["personalized"]["clients"] == PARTICIPANTS
     print(f"1,000 clients, one round: {time.perf_counter() - started:.0f} s")
+
+
+def test_the_scale_comparison_takes_each_populations_median_run():
+    """``benchmarks/scale.py --repeat``: each population's figure is its median run's,
+    the ratio that of the medians, and every run's seconds, peak and load stay beside
+    them; one run a population is compared as it is."""
+    spec = importlib.util.spec_from_file_location("scale_bench", ROOT / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+
+    def run(clients: int, seconds: float, peak: float) -> dict:
+        return {
+            "clients": clients,
+            "seconds_per_round": seconds,
+            "phases": {"train_wait": seconds / 2},
+            "peak_pss_gb": peak,
+            "peak_by_process_gb": {"ServerApp": peak / 3},
+            "partition_build_s": clients / 1000,
+            "load_avg_1m": {"before": 1.0, "after": 2.0},
+        }
+
+    runs = [run(100, 6.0, 2.2), run(1000, 7.0, 2.3), run(100, 5.0, 2.1)]
+    runs += [run(1000, 9.0, 2.45), run(100, 5.5, 2.2), run(1000, 6.5, 2.6)]
+    line = scale.comparison(runs)
+    assert line["by_population"]["100"]["seconds_per_round"] == 5.5
+    assert line["by_population"]["1000"]["seconds_per_round"] == 7.0
+    assert line["seconds_per_round_ratio"] == round(7.0 / 5.5, 3) and not line["round_goal_met"]
+    assert line["peak_pss_gb"] == [2.2, 2.3] and line["memory_goal_met"]  # the median runs'
+    assert line["repeat"] == 3 and [r["peak_pss_gb"] for r in line["runs"]["1000"]] == [
+        2.3,
+        2.45,
+        2.6,
+    ]
+    single = scale.comparison([run(100, 5.0, 2.0), run(1000, 5.5, 2.1)])
+    assert single["seconds_per_round_ratio"] == 1.1 and single["round_goal_met"]
+    assert "repeat" not in single
