@@ -86,6 +86,10 @@ def round_figures(run_dir: Path) -> dict:
     return {
         "seconds_per_round": round(statistics.mean(phases["round"]), 2),
         "round_seconds": phases["round"],
+        "phases_by_round": [
+            {k: round(v, 2) for k, v in r["seconds"].items() if isinstance(v, int | float)}
+            for r in rounds
+        ],
         "phases": {k: round(statistics.mean(v), 2) for k, v in phases.items() if k != "round"},
         "trained": [len(r.get("weights", {})) for r in rounds],
         "evaluated": [r.get("personalized", {}).get("clients", 0) for r in rounds],
