@@ -188,10 +188,14 @@ def value(v: object) -> str:
 
 
 def rows(figures: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested objects flattened to dotted keys."""
+    """Nested objects flattened to dotted keys; a list of objects (repeated runs, rounds)
+    turned into one list per key, so that ``runs: [{"peak": 2.1}, {"peak": 2.2}]`` reads
+    ``runs.peak | [2.1, 2.2]`` instead of a cut-off JSON string."""
     out = []
     for key, v in figures.items():
         key = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            v = {k: [x.get(k) for x in v] for k in dict.fromkeys(k for x in v for k in x)}
         if isinstance(v, dict) and v:
             out += rows(v, key)
         else:

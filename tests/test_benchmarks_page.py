@@ -102,7 +102,16 @@ def test_the_page_shows_records_and_lists_unrecorded_benchmarks_with_their_comma
         "command": "python benchmarks/prefix_cache.py --device cuda",
         "record": "python -m benchmarks record prefix_cache --name prefix_cache-cuda -- "
         "--device cuda",
-        "figures": {"ratio": 3.14159, "eval_same": True, "rows": {"a": 1, "b": None}},
+        "figures": {
+            "ratio": 3.14159,
+            "eval_same": True,
+            "rows": {"a": 1, "b": None},
+            "runs": [
+                {"peak": 2.1, "load": {"before": 1.0}},
+                {"peak": 2.2, "load": {"before": 3.0}},
+            ],
+            "rounds": [{"train": 1.5}, {"train": 2.5, "evaluate": 0.5}],
+        },
         "commit": "0123456789",
         "machine": "16-core test CPU, 1× test GPU",
         "load": {"before": 0.5, "after": 1.25},
@@ -123,6 +132,9 @@ def test_the_page_shows_records_and_lists_unrecorded_benchmarks_with_their_comma
         "| eval_same | true |",
         "| rows.a | 1 |",
         "| rows.b | — |",
+        "| runs.peak | [2.1, 2.2] |",  # repeated runs: a list per figure
+        "| runs.load.before | [1, 3] |",
+        "| rounds.evaluate | [—, 0.5] |",  # a key one of them lacks
     ):
         assert text in recorded, text
     assert "2000" not in page  # the timestamp stays in the record
