@@ -25,7 +25,7 @@ time at most 1.2×, peak at most 2.5 GB). ``--repeat N`` runs the populations N 
 interleaved (100, 1000, 100, 1000, ...), and compares their median runs.
 
     python benchmarks/scale.py --clients 100 1000 [--participants 10] [--rounds 2]
-                               [--repeat 3] [-c "..."]
+                               [--repeat 3] [--cpus-per-client N] [-c "..."]
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ def run_population(args: argparse.Namespace, clients: int, corpus: int, out: Pat
     cmd = [sys.executable, "-m", "rcsr_flower.runtime.launch", "--app-dir", "."]
     cmd += ["--flwr-home", str(out / "flwr"), "--num-supernodes", str(clients)]
     cmd += ["--timeout", str(args.timeout)]
+    if args.cpus_per_client is not None:
+        cmd += ["--cpus-per-client", str(args.cpus_per_client)]
     for raw in args.run_config:
         cmd += ["-c", raw]
     cmd += ["-c", " ".join(f"{k}={json.dumps(v)}" for k, v in given.items())]
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="per population")
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each population, interleaved"
+    )
+    parser.add_argument(
+        "--cpus-per-client", type=int, default=None, help="a Ray actor's CPUs (the launcher's)"
     )
     parser.add_argument(
         "-c",
