@@ -167,7 +167,8 @@ def comparison(results: list[dict]) -> dict:
     median = {c: median_run(by[c]) for c in populations}
     small, large = median[populations[0]], median[populations[-1]]
     ratio = large["seconds_per_round"] / small["seconds_per_round"]
-    keep = ("seconds_per_round", "phases", "peak_pss_gb", "peak_by_process_gb", "load_avg_1m")
+    keep = ("seconds_per_round", "round_seconds", "phases", "phases_by_round", "peak_pss_gb")
+    keep += ("peak_by_process_gb", "load_avg_1m")
     line = {
         "clients": [small["clients"], large["clients"]],
         "by_population": {str(r["clients"]): {k: r[k] for k in keep} for r in (small, large)},
@@ -184,7 +185,10 @@ def comparison(results: list[dict]) -> dict:
         line["repeat"] = repeat
         line["runs"] = {
             str(c): [
-                {k: r[k] for k in ("seconds_per_round", "peak_pss_gb", "load_avg_1m")}
+                {
+                    k: r[k]
+                    for k in ("seconds_per_round", "round_seconds", "peak_pss_gb", "load_avg_1m")
+                }
                 for r in by[c]
             ]
             for c in (populations[0], populations[-1])

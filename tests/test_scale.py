@@ -261,7 +261,9 @@ def test_the_scale_comparison_takes_each_populations_median_run():
         return {
             "clients": clients,
             "seconds_per_round": seconds,
+            "round_seconds": [seconds],
             "phases": {"train_wait": seconds / 2},
+            "phases_by_round": [{"train_wait": seconds / 2}],
             "peak_pss_gb": peak,
             "peak_by_process_gb": {"ServerApp": peak / 3},
             "partition_build_s": clients / 1000,
