@@ -946,3 +946,27 @@ def test_compare_tells_a_changed_round_from_float_noise(tmp_path, capsys):
     assert "round 1.global.rsum: 339.7 vs 340.0" in out and "round 1.skipped: True" in out
     assert main(["compare", str(write("short", rows[:1])), str(ref)]) == 1
     assert main(["compare", str(tmp_path / "none"), str(ref)]) == 2
+
+
+def test_asking_a_cell_whether_it_can_resume_imports_no_torch(tmp_path):
+    """The suite runner asks every cell's checkpoint (``latest.json``) whether it can
+    resume, and then only waits for its launcher: importing torch for that question held
+    0.15 GB in the runner for the whole suite."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "cell" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    latest = {"format": 1, "round": 2, "config": {"num-server-rounds": 5}}
+    (ckpt / "latest.json").write_text(json.dumps(latest))
+    code = (
+        "import sys, types; from pathlib import Path; "
+        "from rcsr_flower.experiments.runner import inspect_cell; "
+        "cell = types.SimpleNamespace(overrides={}); "
+        f"print(inspect_cell(cell, Path({str(tmp_path / 'cell')!r}), {{}})[0], "
+        "'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "resume False", out.stdout + out.stderr

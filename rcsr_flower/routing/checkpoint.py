@@ -25,15 +25,18 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from rcsr_flower.routing.errors import ConfigError
 from rcsr_flower.routing.outputs import durable_replace, resolve_output_path
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import ArrayRecord
+
+# torch, numpy, safetensors and Flower are imported where tensors are read or written:
+# an experiment runner asks every cell's latest.json (read_latest) whether it can resume,
+# and importing torch for that held 0.15 GB in the runner for the whole suite
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoint"
@@ -69,6 +72,9 @@ class Checkpoint:
 # ---------------------------------------------------------------------------- RNG
 def capture_rng() -> tuple[dict, torch.Tensor]:
     """Python, numpy and torch global RNG states as JSON + one uint8 tensor."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
@@ -80,6 +86,9 @@ def capture_rng() -> tuple[dict, torch.Tensor]:
 
 def restore_rng(ckpt: Checkpoint) -> None:
     """Put the global RNGs where they were when the checkpoint was taken."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = ckpt.rng["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = ckpt.rng["numpy"]
@@ -100,6 +109,8 @@ def save_checkpoint(
     num_clients: int,
 ) -> Path:
     """Write the state after ``server_round``; returns the checkpoint directory."""
+    from safetensors.torch import save_file
+
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     strategy_tensors, strategy_meta = strategy_state
@@ -155,6 +166,9 @@ def read_latest(run_dir: Path) -> dict | None:
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The last complete checkpoint of ``run_dir``, verified; None when there is none."""
+    from flwr.app import ArrayRecord
+    from safetensors.torch import load_file
+
     latest = read_latest(run_dir)
     if latest is None:
         return None
