@@ -4,8 +4,13 @@ message identity for building ``Message`` objects outside the runtime."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +26,20 @@ def pytest_collection_modifyitems(config, items):
     first and the fast ones fill in around them, instead of one worker meeting a
     five-minute deployment test last while the other has nothing left to do."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def fresh_python():
+    """Run code in a fresh interpreter in the repository; its printed lines. What a
+    process imports (torch or not) can only be seen from one that has imported nothing
+    yet, which the test process is not."""
+
+    def run(code: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.strip().splitlines()
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -948,13 +948,10 @@ def test_compare_tells_a_changed_round_from_float_noise(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "none"), str(ref)]) == 2
 
 
-def test_asking_a_cell_whether_it_can_resume_imports_no_torch(tmp_path):
+def test_asking_a_cell_whether_it_can_resume_imports_no_torch(tmp_path, fresh_python):
     """The suite runner asks every cell's checkpoint (``latest.json``) whether it can
     resume, and then only waits for its launcher: importing torch for that question held
     0.15 GB in the runner for the whole suite."""
-    import subprocess
-    import sys
-
     ckpt = tmp_path / "cell" / "checkpoint"
     ckpt.mkdir(parents=True)
     latest = {"format": 1, "round": 2, "config": {"num-server-rounds": 5}}
@@ -966,7 +963,5 @@ def test_asking_a_cell_whether_it_can_resume_imports_no_torch(tmp_path):
         f"print(inspect_cell(cell, Path({str(tmp_path / 'cell')!r}), {{}})[0], "
         "'torch' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "resume False", out.stdout + out.stderr
+    lines = fresh_python(code)
+    assert lines[-1] == "resume False", lines

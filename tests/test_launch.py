@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +77,7 @@ def test_prepare_partition_returns_the_file_a_first_run_wrote(cfg, tmp_path, mon
     assert path == federation.partition_file(first, 3)  # what every process of the run reads
 
 
-def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path):
+def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path, fresh_python):
     """The launcher's check runs before anything else starts: with the partition cached,
     it needs no backbone, so no torch (1.4 s of its 2.6 s here when it imported it)."""
     prepare_partition(cfg, 3)
@@ -98,13 +96,11 @@ def test_checking_a_prepared_run_imports_no_torch(cfg, tmp_path):
         f"l.check('r', Path({str(tmp_path / 'out')!r})); "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout + out.stderr
+    lines = fresh_python(code)
+    assert lines[-1] == "False False", lines
 
 
-def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
+def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path, fresh_python):
     """``provenance.json`` is written after every run: the machine line comes from the
     ServerApp's ``result.json`` (``RoutedRun.complete`` puts it there), so the launcher
     never imports torch for it (1.2 s at the end of every run); a ServerApp that wrote
@@ -128,10 +124,8 @@ def test_provenance_takes_the_servers_machine_and_imports_no_torch(tmp_path):
         f"print(provenance.record(Path({str(tmp_path / 'r')!r}), Path({str(ROOT)!r}))); "
         "print('torch' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+    lines = fresh_python(code)
+    assert lines[-1] == "False", lines
     written = json.loads((tmp_path / "r" / "provenance.json").read_text())
     assert written["machine"] == "8-core test CPU, 1× test GPU" and written["commit"]
     assert written["load_avg_1m"] == {"start": 0.5, "end": 3.25}

@@ -302,13 +302,10 @@ def test_bad_settings_get_errors_that_say_what_to_do(home):
         worker_home()
 
 
-def test_the_clientapp_module_does_not_import_torch():
+def test_the_clientapp_module_does_not_import_torch(fresh_python):
     """A deployed ClientApp with a worker never needs torch itself."""
     code = "import sys; import client_app; print('torch' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+    assert fresh_python(code) == ["False"]
 
 
 def test_worker_keys_differ_per_supernode_and_node_config():
