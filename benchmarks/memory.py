@@ -400,15 +400,20 @@ def measure(args: argparse.Namespace, env: dict[str, str]) -> dict:
     }
 
 
+def median_of(runs: list[dict], key: str) -> dict:
+    """The run whose ``key`` is the median: the lower middle of an even count, so a run
+    that happened, not an average of two."""
+    ranked = sorted(runs, key=lambda r: r[key])
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def median_run(runs: list[dict]) -> dict:
-    """The figures of the run whose peak is the median (the lower middle of an even
-    count: a run that happened, not an average of two), and, of more than one, every
-    run's peak, seconds and load, so that the spread and the machine's state stay with
-    the figure."""
+    """The figures of the run whose peak is the median (:func:`median_of`), and, of more
+    than one, every run's peak, seconds and load, so that the spread and the machine's
+    state stay with the figure."""
     if len(runs) == 1:
         return runs[0]
-    ranked = sorted(runs, key=lambda r: r["peak_pss_gb"])
-    line = dict(ranked[(len(ranked) - 1) // 2])
+    line = dict(median_of(runs, "peak_pss_gb"))
     line["repeat"] = len(runs)
     line["runs"] = [
         {k: r[k] for k in ("peak_pss_gb", "seconds", "exit_code", "load_avg_1m")} for r in runs

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import gb, watch  # noqa: E402
+from benchmarks.memory import gb, median_of, watch  # noqa: E402
 
 GOAL_ROUND_RATIO = 1.2  # per-round seconds, largest population / smallest
 GOAL_PEAK_GB = 2.5  # peak PSS of the largest population's run
@@ -164,7 +164,7 @@ def comparison(results: list[dict]) -> dict:
     for r in results:
         by.setdefault(r["clients"], []).append(r)
     populations = sorted(by)
-    median = {c: median_run(by[c]) for c in populations}
+    median = {c: median_of(by[c], "seconds_per_round") for c in populations}
     small, large = median[populations[0]], median[populations[-1]]
     ratio = large["seconds_per_round"] / small["seconds_per_round"]
     keep = ("seconds_per_round", "round_seconds", "phases", "phases_by_round", "peak_pss_gb")
@@ -194,12 +194,6 @@ def comparison(results: list[dict]) -> dict:
             for c in (populations[0], populations[-1])
         }
     return line
-
-
-def median_run(runs: list[dict]) -> dict:
-    """The run of the median seconds per round (the lower middle of an even count)."""
-    ranked = sorted(runs, key=lambda r: r["seconds_per_round"])
-    return ranked[(len(ranked) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
